@@ -1,0 +1,167 @@
+"""Model-family adapters: how the teacher pass embeds a spliced sequence and computes its positions.
+
+The teacher sequence is `[teacher prompt ; completion]` where some prompt positions are *slots* that take
+precomputed embeddings instead of token embeddings: image placeholder tokens for Qwen-VL families (problem image
+and visual thoughts), soft-prefix placeholders for text-only LMs. Each adapter turns
+`(input_ids, attention_mask, slot_mask, slot_embeds)` into the backbone's last hidden states, calling the model's
+own submodules so that ZeRO-3 gathers each weight on use (never the raw embedding matrix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class SlotFeatures:
+    """Precomputed embeddings for the slots of one image (or one soft-prefix VT).
+
+    Shapes: `embeds` `(n_tokens, H)`; `grid_thw` `(3,)` pre-merge patch grid (Qwen-VL only);
+    `deepstack` `(n_levels, n_tokens, H)` (Qwen3-VL only).
+    """
+
+    embeds: torch.Tensor
+    grid_thw: torch.Tensor | None = None
+    deepstack: torch.Tensor | None = None
+
+
+def unwrap_base(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (LoRA layers stay injected in its modules)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class TextLMAdapter:
+    """Causal LMs (Qwen2, Llama, SmolLM2, ...): VTs are soft-prefix embeddings at placeholder positions."""
+
+    family = "text"
+    uses_images = False
+
+    def __init__(self, model: nn.Module):
+        self.config = unwrap_base(model).config
+
+    def hidden_size(self) -> int:
+        return self.config.get_text_config().hidden_size
+
+    def teacher_hidden_states(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        slot_mask: torch.Tensor,
+        slots: list[SlotFeatures],
+    ) -> torch.Tensor:
+        """`(B, L)` ids/masks + slots in row-major slot order -> last hidden states `(B, L, H)`."""
+        base = unwrap_base(model)
+        embeds = base.get_input_embeddings()(input_ids)
+        embeds = _scatter_slots(embeds, slot_mask, slots)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = base.base_model(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
+        return out.last_hidden_state
+
+    def encode_images(self, model, pixel_values, image_grid_thw):  # pragma: no cover - guarded by callers
+        raise ValueError("a text-only LM has no vision tower: give VTs as `vt_text` or as cached embeddings.")
+
+
+class QwenVLAdapter:
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL: image features spliced at `<|image_pad|>` positions, M-RoPE positions from
+    the model's own `get_rope_index` over the spliced sequence, and (Qwen3-VL) deepstack features added at the
+    visual positions of the first decoder layers."""
+
+    family = "qwen_vl"
+    uses_images = True
+
+    def __init__(self, model: nn.Module):
+        base = unwrap_base(model)
+        self.config = base.config
+        self.image_token_id = base.config.image_token_id
+        self.has_deepstack = bool(getattr(base.config.vision_config, "deepstack_visual_indexes", None))
+
+    def hidden_size(self) -> int:
+        return self.config.get_text_config().hidden_size
+
+    @torch.no_grad()
+    def encode_images(self, model: nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
+        """Vision tower + projector. `pixel_values` `(sum patches, D)`, `image_grid_thw` `(n_images, 3)` ->
+        one `SlotFeatures` per image."""
+        inner = unwrap_base(model).model
+        out = inner.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+        per_image = list(out.pooler_output)
+        deep = getattr(out, "deepstack_features", None) if self.has_deepstack else None
+        sizes = [e.shape[0] for e in per_image]
+        deep_split = (
+            list(zip(*[torch.split(level, sizes) for level in deep], strict=True)) if deep else [None] * len(sizes)
+        )
+        return [
+            SlotFeatures(
+                embeds=e, grid_thw=g, deepstack=torch.stack(d) if d is not None else None
+            )
+            for e, g, d in zip(per_image, image_grid_thw, deep_split, strict=True)
+        ]
+
+    def teacher_hidden_states(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        slot_mask: torch.Tensor,
+        slots: list[SlotFeatures],
+    ) -> torch.Tensor:
+        inner = unwrap_base(model).model
+        if not torch.equal(slot_mask, input_ids == self.image_token_id):
+            raise ValueError("Qwen-VL teacher slots must sit exactly on the image placeholder tokens.")
+        embeds = _scatter_slots(inner.get_input_embeddings()(input_ids), slot_mask, slots)
+        grid = torch.stack([s.grid_thw for s in slots]).to(input_ids.device) if slots else None
+        if grid is not None:
+            position_ids, _ = inner.get_rope_index(
+                input_ids, mm_token_type_ids=slot_mask.int(), image_grid_thw=grid, attention_mask=attention_mask
+            )
+        else:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+        extra = {}
+        if self.has_deepstack and slots:
+            if any(s.deepstack is None for s in slots):
+                raise ValueError(
+                    "Qwen3-VL needs deepstack features for every image; this VT cache or encoder did not store them."
+                )
+            deep = torch.cat([s.deepstack for s in slots], dim=1).to(embeds.device, embeds.dtype)
+            extra = {"visual_pos_masks": slot_mask, "deepstack_visual_embeds": list(deep.unbind(0))}
+        out = inner.language_model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            **extra,
+        )
+        return out.last_hidden_state
+
+
+def _scatter_slots(embeds: torch.Tensor, slot_mask: torch.Tensor, slots: list[SlotFeatures]) -> torch.Tensor:
+    n_slots = int(slot_mask.sum())
+    if not slots:
+        if n_slots:
+            raise ValueError(f"{n_slots} slot positions but no slot features were given.")
+        return embeds
+    values = torch.cat([s.embeds for s in slots]).to(embeds.device, embeds.dtype)
+    if values.shape[0] != n_slots:
+        raise ValueError(f"slot features have {values.shape[0]} rows for {n_slots} slot positions.")
+    return embeds.masked_scatter(slot_mask.unsqueeze(-1), values)
+
+
+def get_adapter(model: nn.Module):
+    """Pick the adapter for a (possibly PEFT-wrapped) transformers model."""
+    config = unwrap_base(model).config
+    model_type = getattr(config, "model_type", "")
+    if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        return QwenVLAdapter(model)
+    if getattr(config, "vision_config", None) is not None:
+        raise ValueError(
+            f"model_type {model_type!r} is a vision-language model without a Visual-OPSD adapter; supported: "
+            "qwen2_vl, qwen2_5_vl, qwen3_vl and text-only causal LMs (see docs/models.md)."
+        )
+    return TextLMAdapter(model)

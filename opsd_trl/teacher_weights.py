@@ -1,0 +1,87 @@
+"""Teacher weights for the `ema` and `fixed` teacher modes: a shadow copy of the trainable parameters.
+
+The shadow holds, for each trainable parameter, exactly the piece of it this rank owns: under DeepSpeed ZeRO-3 the
+local partition (`param.ds_tensor`), never a gathered full tensor (small "persistent" parameters, which ZeRO-3 keeps
+whole on every rank, are shadowed whole); otherwise the full tensor. The teacher forward runs inside `swapped()`,
+which exchanges live and shadow values in place, so ZeRO-3 gathers the teacher weights exactly as it gathers the
+policy's. Frozen parameters never change, so the live value is the teacher's value for them.
+
+- `ema`: after each optimizer step, shadow <- decay * shadow + (1 - decay) * policy.
+- `fixed` without PEFT: the shadow is the initial policy and is never updated (one extra copy of the trainable
+  weights, sharded like the model). With PEFT, the fixed teacher is the base model (adapter disabled) instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+def _zero3_available(param: torch.Tensor) -> bool:
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return param.ds_status == ZeroParamStatus.AVAILABLE
+
+
+def _local_view(param: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank owns for `param` (its ZeRO-3 partition, or the parameter itself)."""
+    if hasattr(param, "ds_tensor") and not _zero3_available(param):
+        return param.ds_tensor.data
+    return param.data
+
+
+class ShadowWeights:
+    def __init__(self, model: nn.Module):
+        self.names = [name for name, p in model.named_parameters() if p.requires_grad]
+        if not self.names:
+            raise ValueError("the model has no trainable parameters to shadow.")
+        params = dict(model.named_parameters())
+        self._params = [params[n] for n in self.names]
+        # fp32 so that small EMA increments survive a bf16 policy.
+        self.shadow = [_local_view(p).detach().to(torch.float32, copy=True) for p in self._params]
+
+    @torch.no_grad()
+    def update(self, decay: float) -> None:
+        """shadow <- decay * shadow + (1 - decay) * live, on this rank's pieces."""
+        for s, p in zip(self.shadow, self._params, strict=True):
+            s.mul_(decay).add_(_local_view(p).to(s.dtype), alpha=1.0 - decay)
+
+    @contextlib.contextmanager
+    @torch.no_grad()
+    def swapped(self):
+        """Inside the block the model carries the shadow (teacher) weights; the policy is restored bit-exactly on
+        exit (the live values are stashed, not recovered from the fp32 shadow)."""
+        views = [_local_view(p) for p in self._params]
+        stash = [v.clone() for v in views]
+        for v, s in zip(views, self.shadow, strict=True):
+            v.copy_(s)
+        try:
+            yield
+        finally:
+            for v, saved in zip(views, stash, strict=True):
+                v.copy_(saved)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: s.contiguous() for n, s in zip(self.names, self.shadow, strict=True)}
+
+    def save(self, path: str) -> None:
+        tmp = f"{path}.tmp"
+        save_file(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    def load(self, path: str) -> None:
+        state = load_file(path)
+        missing = [n for n in self.names if n not in state]
+        if missing:
+            raise ValueError(f"teacher shadow file {path} lacks {len(missing)} parameters, e.g. {missing[0]!r}.")
+        for n, s in zip(self.names, self.shadow, strict=True):
+            if state[n].shape != s.shape:
+                raise ValueError(
+                    f"teacher shadow {n!r} in {path} has shape {tuple(state[n].shape)}, expected {tuple(s.shape)} "
+                    "(was the checkpoint written with another number of processes or ZeRO stage?)."
+                )
+            s.copy_(state[n])

@@ -1,0 +1,402 @@
+"""`VisualOPSDTrainer`: one policy as on-policy student and visual-thought-conditioned teacher.
+
+The step (one micro-batch), top to bottom:
+  1. generation (parent, once per generation batch): student prompt -> completion, with image-skip rounds;
+  2. teacher context (once per generation batch): student context + intro + VTs + transition, tokenized with slots
+     for the image / VT embeddings;
+  3. teacher forward, no_grad, under the teacher weights (live | EMA shadow | fixed), *before* the student forward so
+     that swapping weights never touches tensors the student's backward needs;
+  4. student forward on [prompt ; completion] with grad;
+  5. loss on the completion positions (aligned token for token), normalised by completion tokens over the whole
+     gradient-accumulation window; EMA update after each optimizer step (callback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from trl import DistillationTrainer
+from trl.data_utils import prepare_multimodal_messages
+from trl.trainer.utils import pad
+
+from .config import VisualOPSDConfig
+from .generation import build_generator
+from .losses import generalized_jsd, sampled_token_reverse_kl
+from .models.adapters import SlotFeatures, get_adapter, unwrap_base
+from .teacher_context import teacher_messages, tokenize_teacher_prompt
+from .teacher_weights import ShadowWeights
+
+SHADOW_FILE = "teacher_shadow_rank{rank}.safetensors"
+
+
+class _TeacherUpdate(TrainerCallback):
+    """EMA update after each optimizer step (the parent calls `on_step_end` after step, schedule and zero_grad)."""
+
+    def __init__(self, trainer: VisualOPSDTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.args.teacher_mode == "ema":
+            self.trainer.teacher_shadow.update(self.trainer.args.ema_decay)
+
+
+class VisualOPSDTrainer(DistillationTrainer):
+    """Visual-OPSD on top of `trl.DistillationTrainer` (generation, vLLM, PEFT, ZeRO-3, logging are inherited).
+
+    Used like any TRL trainer. The dataset follows the standard layout of `docs/architecture.md`: `id`, `prompt`
+    (chat messages), `images` (problem images), `vt_images` (visual thoughts, teacher only) or `vt_text`, `answer`.
+    No second model is loaded: the teacher is the policy itself (see `teacher_mode`).
+    """
+
+    _tag_names = ["trl", "visual-opsd"]
+    _name = "Visual-OPSD"
+
+    def __init__(
+        self,
+        model,
+        args: VisualOPSDConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        callbacks=None,
+        optimizers=(None, None),
+        peft_config=None,
+        vt_cache=None,
+    ):
+        args = args or VisualOPSDConfig(output_dir="visual-opsd")
+        if not isinstance(args, VisualOPSDConfig):
+            raise TypeError(f"args must be a VisualOPSDConfig, got {type(args).__name__}.")
+        # teacher_model=None: the parent's teacher preparation (a second engine, eval() every step) is bypassed;
+        # this class owns the teacher forward.
+        super().__init__(
+            model=model,
+            teacher_model=None,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            peft_config=peft_config,
+        )
+        self.adapter = get_adapter(self.model)
+        self._peft = hasattr(self.model, "disable_adapter")
+        self.vt_cache = vt_cache
+        if self.vt_cache is None and args.vt_source == "cache":
+            from .vt_cache import VTCache
+
+            self.vt_cache = VTCache(args.vt_cache_dir)
+        if self.vt_cache is not None:
+            self._check_cache()
+        self._shadow: ShadowWeights | None = None
+        self._resume_dir: str | None = None
+        self._generator = None
+        self.add_callback(_TeacherUpdate(self))
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    @property
+    def generator(self):
+        """The student sampler, built on first use: after `accelerator.prepare` has wrapped the model."""
+        if self._generator is None:
+            self._generator = build_generator(
+                self.args, self.model_wrapped, self.processing_class, self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+            )
+            self._generator.eos_token_ids = set(self.eos_token_ids)
+        return self._generator
+
+    def _check_cache(self) -> None:
+        from .vt_cache import check_compatible
+
+        vision_trainable = any(
+            p.requires_grad for n, p in unwrap_base(self.model).named_parameters() if "visual" in n
+        )
+        check_compatible(
+            self.vt_cache,
+            unwrap_base(self.model),
+            self.processing_class,
+            vision_trainable=vision_trainable,
+            allow_trainable_vision=self.args.allow_trainable_vision_with_cache,
+        )
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["id", "prompt", "image", "images", "vt_images", "vt_text"]
+
+    @property
+    def teacher_shadow(self) -> ShadowWeights:
+        """The EMA / fixed teacher weights, created on first use (after DeepSpeed has partitioned the model)."""
+        if self._shadow is None:
+            self._shadow = ShadowWeights(self.model)
+            if self._resume_dir is not None:
+                path = os.path.join(self._resume_dir, SHADOW_FILE.format(rank=self.accelerator.process_index))
+                self._shadow.load(path)
+        return self._shadow
+
+    def _teacher_weights(self, unwrapped):
+        mode = self.args.teacher_mode
+        if mode == "self":
+            return contextlib.nullcontext()
+        if mode == "fixed" and self._peft:
+            return unwrapped.disable_adapter()
+        return self.teacher_shadow.swapped()
+
+    # ----------------------------------------------------------------------------------------------- generation
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
+        if self.use_vllm:  # TRL's vLLM path; image-skip rounds for vLLM go through opsd_trl.generation there
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+        t0 = time.perf_counter()
+        result = self.generator.generate(prompt_ids, images)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["time/generation"].append(time.perf_counter() - t0)
+        self._metrics[mode]["image_skips"].append(sum(result.num_image_skips) / max(len(prompt_ids), 1))
+        return result.completion_ids
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        self._check_samples(inputs)
+        output = super()._generate_and_score_completions(inputs)
+        output.update(self._teacher_batch(inputs, output))
+        mode = "train" if self.model.training else "eval"
+        eos = torch.tensor(
+            [bool(ids) and ids[-1] in self.eos_token_ids for ids in self._completion_lists(output)],
+            dtype=torch.float32, device=self.accelerator.device,
+        )
+        self._metrics[mode]["completions/eos_rate"].append(self.accelerator.gather(eos).mean().item())
+        return output
+
+    @staticmethod
+    def _completion_lists(output) -> list[list[int]]:
+        return [ids[mask.bool()].tolist() for ids, mask in zip(output["completion_ids"], output["completion_mask"],
+                                                                  strict=True)]
+
+    def _check_samples(self, inputs) -> None:
+        for x in inputs:
+            if "id" not in x:
+                raise ValueError("every sample needs an `id` column (the VT cache key and the name used in errors).")
+            n_vt = len(x.get("vt_images") or []) if self.adapter.uses_images else None
+            if (
+                self.args.on_missing_vt == "error"
+                and not x.get("vt_text")
+                and not n_vt
+                and not (self.vt_cache is not None and x["id"] in self.vt_cache)
+            ):
+                raise ValueError(
+                    f"sample {x['id']!r} has no visual thoughts (vt_images / vt_text empty, not in the VT cache); "
+                    "fix the data or set on_missing_vt='no_vt_teacher'."
+                )
+
+    # ----------------------------------------------------------------------------------------------- teacher batch
+    def _vt_slots(self, x) -> list[SlotFeatures] | None:
+        """This sample's VT features from the cache (None when they are encoded online or given as text)."""
+        if self.vt_cache is None:
+            return None
+        if x["id"] not in self.vt_cache:
+            if self.args.on_missing_vt == "error":
+                raise KeyError(f"sample {x['id']!r} is not in the VT cache {self.args.vt_cache_dir}.")
+            return []
+        return self.vt_cache.get(x["id"])
+
+    def _teacher_batch(self, inputs, output) -> dict[str, Any]:
+        """Per sample: teacher prompt ids + slot mask, and VT features (cache) or VT pixels (online)."""
+        args, tok = self.args, self._tokenizer
+        grids = output.get("image_grid_thw")
+        merge = getattr(getattr(self.processing_class, "image_processor", None), "merge_size", 1)
+        n_problem = output.get("num_images") or [0] * len(inputs)
+        grid_offset = 0
+        prompts, masks, vt_slots, vt_pixels, n_vts, truncated = [], [], [], [], [], 0
+        for x, n_img in zip(inputs, n_problem, strict=True):
+            slots = self._vt_slots(x)
+            vt_images = list(x.get("vt_images") or [])
+            if slots is not None:
+                n_all = len(slots)
+            else:
+                n_all = len(vt_images) if self.adapter.uses_images else 0
+            n_vt = min(n_all, args.max_vt_images)
+            truncated += n_all > n_vt
+            pixels = None
+            if slots is not None:
+                slots = slots[:n_vt]
+                vt_tokens = [s.embeds.shape[0] for s in slots]
+            elif n_vt:
+                pixels = self.processing_class.image_processor(images=vt_images[:n_vt], return_tensors="pt")
+                vt_tokens = (pixels["image_grid_thw"].prod(-1) // merge**2).tolist()
+            else:
+                vt_tokens = []
+            problem_tokens = []
+            if grids is not None and n_img:
+                problem_tokens = (grids[grid_offset : grid_offset + n_img].prod(-1) // merge**2).tolist()
+                grid_offset += n_img
+            messages = x["prompt"]
+            if self.adapter.uses_images:
+                messages = prepare_multimodal_messages(messages, images=x.get("images") or [])
+            msgs = teacher_messages(
+                messages, n_vt=n_vt, intro=args.teacher_intro, transition=args.teacher_transition,
+                vt_text=None if self.adapter.uses_images or slots else x.get("vt_text"),
+                as_images=self.adapter.uses_images,
+            )
+            text = self.processing_class.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
+                                                             **self.chat_template_kwargs)
+            prompt = tokenize_teacher_prompt(
+                text, tok,
+                image_token=getattr(self.processing_class, "image_token", None) if self.adapter.uses_images else None,
+                tokens_per_slot=problem_tokens + vt_tokens if self.adapter.uses_images else vt_tokens,
+                placeholder_id=tok.pad_token_id,
+            )
+            if args.max_prompt_length is not None and len(prompt.input_ids) > args.max_prompt_length:
+                raise ValueError(
+                    f"sample {x['id']!r}: teacher prompt has {len(prompt.input_ids)} tokens > max_prompt_length="
+                    f"{args.max_prompt_length}; raise the limit or shorten the prompt / reduce max_vt_images."
+                )
+            prompts.append(prompt.input_ids)
+            masks.append(prompt.slot_mask)
+            vt_slots.append(slots or [])
+            vt_pixels.append(pixels)
+            n_vts.append(n_vt)
+        if truncated:
+            self._metrics["train" if self.model.training else "eval"]["vt/truncated"].append(truncated)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["vt/images_per_sample"].append(sum(n_vts) / len(n_vts))
+        return {
+            "sample_ids": [x["id"] for x in inputs],
+            "teacher_prompt_ids": prompts,
+            "teacher_slot_mask": masks,
+            "vt_slots": vt_slots,
+            "vt_pixels": vt_pixels,
+        }
+
+    # ----------------------------------------------------------------------------------------------- forward passes
+    @torch.no_grad()
+    def _teacher_hidden_states(self, unwrapped, inputs) -> torch.Tensor:
+        """Teacher hidden states on the completion positions, `(B, C, H)`."""
+        device = self.accelerator.device
+        pad_id = self._tokenizer.pad_token_id
+        prompt_ids = pad([torch.tensor(p) for p in inputs["teacher_prompt_ids"]], padding_value=pad_id,
+                         padding_side="left").to(device)
+        prompt_mask = pad([torch.ones(len(p), dtype=torch.long) for p in inputs["teacher_prompt_ids"]],
+                          padding_value=0, padding_side="left").to(device)
+        slot_mask = pad([torch.tensor(m) for m in inputs["teacher_slot_mask"]], padding_value=False,
+                        padding_side="left").to(device)
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        slot_mask = torch.cat([slot_mask, torch.zeros_like(completion_ids, dtype=torch.bool)], dim=1)
+        slots = self._slots_for_batch(unwrapped, inputs)
+        hidden = self.adapter.teacher_hidden_states(unwrapped, input_ids, attention_mask, slot_mask, slots)
+        c = completion_ids.size(1)
+        return hidden[:, -c - 1 : -1, :]
+
+    def _slots_for_batch(self, unwrapped, inputs) -> list[SlotFeatures]:
+        """Row-major slot features: per sample its problem images (encoded now, under the teacher weights), then
+        its VTs (from the cache, or encoded now)."""
+        if not self.adapter.uses_images:
+            return [s for per in inputs["vt_slots"] for s in self._maybe_noise(per)]
+        problem: list[SlotFeatures] = []
+        if inputs.get("pixel_values") is not None:
+            problem = self.adapter.encode_images(unwrapped, inputs["pixel_values"], inputs["image_grid_thw"])
+        counts = inputs.get("num_images") or [0] * len(inputs["vt_slots"])
+        slots, offset = [], 0
+        for n_img, cached, pixels in zip(counts, inputs["vt_slots"], inputs["vt_pixels"], strict=True):
+            slots += problem[offset : offset + n_img]
+            offset += n_img
+            if pixels is not None:
+                cached = self.adapter.encode_images(
+                    unwrapped, pixels["pixel_values"].to(self.accelerator.device), pixels["image_grid_thw"]
+                )
+            slots += self._maybe_noise(cached)
+        return slots
+
+    def _maybe_noise(self, slots: list[SlotFeatures]) -> list[SlotFeatures]:
+        if not self.args.noise_vt:
+            return slots
+        def noise(t):
+            return torch.randn_like(t) * t.std() + t.mean() if t is not None else None
+        return [SlotFeatures(noise(s.embeds), s.grid_thw, noise(s.deepstack)) for s in slots]
+
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        mode = "train" if self.model.training else "eval"
+        t0 = time.perf_counter()
+        with self._teacher_weights(unwrapped_student):
+            teacher_hidden = self._teacher_hidden_states(unwrapped_student, inputs)
+        t1 = time.perf_counter()
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        mm_keys = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
+        student_hidden = self._get_last_hidden_state(
+            unwrapped_student, input_ids, attention_mask, inputs["completion_ids"].size(1),
+            **{k: inputs[k] for k in mm_keys if k in inputs},
+        )
+        t2 = time.perf_counter()
+        lm_head = unwrapped_student.get_output_embeddings()
+        student_logits = student_hidden @ lm_head.weight.t()
+        teacher_logits = (teacher_hidden @ lm_head.weight.t()).detach()
+        mask = inputs["completion_mask"].bool()
+        if not torch.isfinite(teacher_logits).all() or not torch.isfinite(student_logits).all():
+            raise FloatingPointError(
+                f"non-finite logits at step {self.state.global_step} for samples {inputs['sample_ids']}; "
+                "not training on them (check the learning rate, the data and the VT features)."
+            )
+        if self.args.loss_type == "gjsd":
+            loss = generalized_jsd(
+                student_logits, teacher_logits, beta=self.args.beta, top_k=self.args.teacher_top_k,
+                clip=self.args.jsd_clip, temperature=self.args.temperature, mask=mask,
+                num_items_in_batch=num_items_in_batch, chunk_size=self.args.loss_chunk_size,
+            )
+        else:
+            loss = sampled_token_reverse_kl(
+                student_logits, teacher_logits, inputs["completion_ids"], temperature=self.args.temperature,
+                mask=mask, num_items_in_batch=num_items_in_batch, chunk_size=self.args.loss_chunk_size,
+            )
+        self._log_diagnostics(mode, student_logits.detach(), teacher_logits, mask)
+        self._metrics[mode]["time/teacher"].append(t1 - t0)
+        self._metrics[mode]["time/student"].append(t2 - t1)
+        entropy_sum = torch.zeros((), device=student_hidden.device)
+        return loss, entropy_sum, mask.sum()
+
+    @torch.no_grad()
+    def _log_diagnostics(self, mode, student_logits, teacher_logits, mask) -> None:
+        """Full-vocabulary per-token KL(T||S) and entropies, averaged over counted tokens of this micro-batch."""
+        if not mask.any():
+            return
+        s = torch.log_softmax(student_logits[mask].float() / self.args.temperature, -1)
+        t = torch.log_softmax(teacher_logits[mask].float() / self.args.temperature, -1)
+        self._metrics[mode]["kl_teacher_student"].append((t.exp() * (t - s)).sum(-1).mean().item())
+        self._metrics[mode]["entropy/student"].append(-(s.exp() * s).sum(-1).mean().item())
+        self._metrics[mode]["entropy/teacher"].append(-(t.exp() * t).sum(-1).mean().item())
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs=False, num_items_in_batch=num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode].pop("entropy", None)  # replaced by entropy/student and entropy/teacher
+        self._metrics[mode][self.args.loss_type].append(self.accelerator.gather(loss.detach()).mean().item())
+        return (loss, None) if return_outputs else loss
+
+    # ----------------------------------------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self._needs_shadow():
+            folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
+            self.teacher_shadow.save(os.path.join(folder, SHADOW_FILE.format(rank=self.accelerator.process_index)))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._remember_resume(resume_from_checkpoint)
+
+    def _load_rng_state(self, checkpoint):
+        super()._load_rng_state(checkpoint)
+        self._remember_resume(checkpoint)
+
+    def _remember_resume(self, checkpoint) -> None:
+        if checkpoint is not None and self._needs_shadow():
+            self._resume_dir = checkpoint
+            self._shadow = None  # rebuilt and loaded from the checkpoint at first use
+
+    def _needs_shadow(self) -> bool:
+        return self.args.teacher_mode == "ema" or (self.args.teacher_mode == "fixed" and not self._peft)
+
+
+__all__ = ["VisualOPSDConfig", "VisualOPSDTrainer"]

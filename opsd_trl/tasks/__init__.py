@@ -1,0 +1,46 @@
+"""Procedural visual-reasoning tasks with exact scorers, as `datasets.Dataset`s in the standard layout.
+
+    from opsd_trl.tasks import make_dataset, score
+    ds = make_dataset("maze", "train", 1000, size=3, seed=0)
+    ok = score(ds[0]["task"], ds[0]["meta"], "R D")
+
+Splits are disjoint by content (a hash of the maze layout / the jigsaw picture and shuffle), not by seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from datasets import Dataset
+
+from . import jigsaw, maze
+from .common import FEATURES, SPLITS, split_of, to_dataset
+from .vlmevalkit import load_vlmevalkit_tsv
+
+# task name -> (row builder, scorer). A row builder takes (split, n, **params) and returns standard-layout rows.
+TASKS: dict[str, tuple[Callable[..., list[dict]], Callable[..., bool]]] = {
+    "maze": (maze.make_rows, maze.score),
+    "jigsaw": (jigsaw.make_rows, jigsaw.score),
+}
+
+
+def make_dataset(task: str, split: str, n: int, *, seed: int = 0, **params) -> Dataset:
+    """n samples of `task` for `split` ("train" | "validation" | "test"), deterministic in (seed, params).
+
+    Task parameters (keyword only): see `maze.make_rows` (size, hole_prob, min_path_len, max_path_len, cell_px,
+    answer_format, prompt, rules, dedupe, split_fractions) and `jigsaw.make_rows` (rows, cols, piece_px, prompt,
+    dedupe, split_fractions).
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {sorted(TASKS)}")
+    return to_dataset(TASKS[task][0](split, n, seed=seed, **params))
+
+
+def score(task: str, meta: str | dict, completion: str) -> bool:
+    """Exact, judge-free scorer: True iff `completion` solves the sample described by `meta`."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {sorted(TASKS)}")
+    return TASKS[task][1](meta, completion)
+
+
+__all__ = ["FEATURES", "SPLITS", "TASKS", "load_vlmevalkit_tsv", "make_dataset", "score", "split_of"]

@@ -1,0 +1,234 @@
+"""Procedural tasks: determinism, exact scorers, rendered visual thoughts, splits, dataset layout, TSV import."""
+
+import base64
+import io
+import itertools
+import json
+import random
+import time
+
+import pytest
+from datasets import Dataset
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from opsd_trl.tasks import FEATURES, jigsaw, load_vlmevalkit_tsv, make_dataset, maze, score, split_of
+
+DELTA = {"L": (0, -1), "D": (1, 0), "R": (0, 1), "U": (-1, 0)}
+
+
+def reference_simulate(grid, moves, rules):
+    """An independent simulator written from the rules' definitions (VLMEvalKit VSP / gym FrozenLake)."""
+    n = len(grid)
+    pos = next((r, c) for r in range(n) for c in range(n) if grid[r][c] == "S")
+    for m in moves:
+        r, c = pos[0] + DELTA[m][0], pos[1] + DELTA[m][1]
+        if not (0 <= r < n and 0 <= c < n):
+            if rules == "vsp":
+                return False
+            r, c = pos  # gym: bumping into the border leaves the agent in place
+        pos = (r, c)
+        if grid[r][c] == "H":
+            return False
+        if grid[r][c] == "G" and rules == "gym":
+            return True
+    return grid[pos[0]][pos[1]] == "G"
+
+
+def dot_cell(img, size, cell_px):
+    """The cell whose centre pixel has the visual thought's position-dot colour (exactly one)."""
+    cells = [(r, c) for r in range(size) for c in range(size)
+             if img.getpixel((c * cell_px + cell_px // 2, r * cell_px + cell_px // 2)) == maze.DOT]
+    assert len(cells) == 1, cells
+    return cells[0]
+
+
+mazes = st.builds(
+    lambda seed, size, p: maze.generate(random.Random(seed), size, p),
+    st.integers(0, 2**32), st.integers(2, 6), st.floats(0.0, 0.6),
+)
+
+
+# ---------------------------------------------------------------- maze
+
+
+@settings(max_examples=60, deadline=None)
+@given(mazes, st.sampled_from([14, 28, 32]))
+def test_rendered_vt_path_solves_the_maze(drawn, cell_px):
+    m, path = drawn
+    vts = maze.render_vts(m, path, cell_px)
+    assert len(vts) == len(path) >= 1
+    cells = [m.start] + [dot_cell(v, m.size, cell_px) for v in vts]
+    moves = "".join(next(k for k, d in DELTA.items() if (a[0] + d[0], a[1] + d[1]) == b)
+                    for a, b in itertools.pairwise(cells))
+    assert moves == path
+    meta = json.dumps({"grid": list(m.grid)})
+    for rules in ("vsp", "gym"):
+        assert reference_simulate(m.grid, moves, rules)
+        for fmt in maze.ANSWER_FORMATS:
+            assert maze.score(meta, maze.format_answer(moves, fmt), rules=rules)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32), st.floats(0.0, 0.5))
+def test_bfs_is_the_lexicographically_smallest_shortest_path(seed, p):
+    m, path = maze.generate(random.Random(seed), 3, p)
+    for length in range(1, len(path) + 1):
+        solutions = ["".join(s) for s in itertools.product("LDRU", repeat=length)
+                     if reference_simulate(m.grid, s, "vsp")]
+        assert bool(solutions) == (length == len(path))
+    assert solutions[0] == path  # product() enumerates in L < D < R < U order
+
+
+@settings(max_examples=200, deadline=None)
+@given(mazes, st.text("LDRU", max_size=12), st.sampled_from(["vsp", "gym"]))
+def test_random_moves_scored_like_direct_simulation(drawn, moves, rules):
+    m, _ = drawn
+    meta = json.dumps({"grid": list(m.grid), "rules": rules})
+    expected = reference_simulate(m.grid, moves, rules)
+    assert maze.simulate(m.grid, moves, rules) == expected
+    if moves:  # the same moves in every output style the parser accepts
+        for text in (" ".join(moves), maze.format_answer(moves, "numbered"), "\\boxed{" + ",".join(moves) + "}",
+                     f"Let me think. Answer: {' -> '.join(moves)}", moves):
+            assert score("maze", meta, text) == expected, text
+    else:
+        assert score("maze", meta, "") is False
+
+
+def test_rules_differ_where_documented():
+    grid = ["SFG", "FHF", "FFF"]
+    assert maze.simulate(grid, "URR", "gym") and not maze.simulate(grid, "URR", "vsp")  # off-grid: stay vs fail
+    assert maze.simulate(grid, "RRD", "gym") and not maze.simulate(grid, "RRD", "vsp")  # gym stops at the goal
+    assert maze.simulate(grid, "RRDU", "vsp")  # VSP: only the final cell counts
+    assert not maze.simulate(grid, "DR", "vsp") and not maze.simulate(grid, "DR", "gym")  # hole
+
+
+@pytest.mark.parametrize("text,moves", [
+    ("R D", "RD"), ("1 R 2 D", "RD"), ("1. R\n2. D", "RD"), ("RD", "RD"), ("right, down", "RD"),
+    ("Step 1: R then step 2: D", "RD"), ("I think R. The answer is D R", "DR"), ("\\boxed{L, U}", "LU"),
+    ("\x08oxed{L,U}", "LU"), ("Up we go: U. Final answer: R D. Check: D", "RD"), ("R D<|im_end|>", "RD"),
+    ("no moves here", None), ("", None), ("DROP the UNDO", None),
+])
+def test_parse_moves(text, moves):
+    assert maze.parse_moves(text) == moves
+
+
+def test_maze_dataset_layout_and_sizes():
+    ds = make_dataset("maze", "train", 20, size=4, cell_px=28, answer_format="numbered", seed=3)
+    assert isinstance(ds, Dataset) and ds.features == FEATURES and len(ds) == 20
+    assert len(set(ds["id"])) == 20
+    for row in ds:
+        meta = json.loads(row["meta"])
+        assert row["task"] == "maze" and score("maze", row["meta"], row["answer"])
+        assert row["answer"] == maze.format_answer(meta["path"], "numbered")
+        parts = row["prompt"][0]["content"]
+        assert row["prompt"][0]["role"] == "user" and [p["type"] for p in parts] == ["image", "text"]
+        assert all(isinstance(im, Image.Image) and im.size == (112, 112) for im in row["images"] + row["vt_images"])
+        assert len(row["images"]) == 1 and len(row["vt_images"]) == len(meta["path"]) >= 2
+    short = make_dataset("maze", "train", 2, cell_px=14, prompt="short", seed=3)
+    assert short[0]["prompt"][0]["content"][1]["text"] == "solve maze answer"
+    assert short[0]["images"][0].size == (42, 42)
+
+
+def test_determinism_by_seed():
+    a, b = (make_dataset("maze", "train", 30, seed=7) for _ in range(2))
+    assert a["meta"] == b["meta"] and a["answer"] == b["answer"] and a["id"] == b["id"]
+    assert [im.tobytes() for r in a["vt_images"] for im in r] == [im.tobytes() for r in b["vt_images"] for im in r]
+    assert make_dataset("maze", "train", 30, seed=8)["meta"] != a["meta"]
+    j1, j2 = (make_dataset("jigsaw", "test", 5, seed=1) for _ in range(2))
+    assert j1["meta"] == j2["meta"] and [r[0].tobytes() for r in j1["images"]] == [r[0].tobytes() for r in j2["images"]]
+
+
+def grid_key(row):
+    return "/".join(json.loads(row)["grid"])
+
+
+def test_splits_are_disjoint_by_content():
+    keys = {s: {grid_key(m) for m in make_dataset("maze", s, 400, seed=s == "test")["meta"]}
+            for s in ("train", "validation", "test")}
+    assert not (keys["train"] & keys["validation"] or keys["train"] & keys["test"] or keys["validation"] & keys["test"])
+    assert all(split_of(k) == s for s, ks in keys.items() for k in ks)
+    # jigsaw content (picture seed + shuffle) never crosses splits either
+    train, test = (set(make_dataset("jigsaw", s, 50, piece_px=14)["meta"]) for s in ("train", "test"))
+    assert len(train) == len(test) == 50 and not train & test
+
+
+def test_dedupe_within_split():
+    metas = make_dataset("maze", "test", 150, dedupe=True)["meta"]
+    assert len({grid_key(m) for m in metas}) == 150
+    with pytest.raises(ValueError, match="distinct"):  # only ~370 distinct 3x3 test mazes exist
+        make_dataset("maze", "test", 400, dedupe=True)
+
+
+def test_generation_speed():
+    t = time.perf_counter()
+    make_dataset("maze", "train", 1000, seed=0)
+    assert time.perf_counter() - t < 15  # ~1 s alone on one core; generous for a busy CI machine
+
+
+# ---------------------------------------------------------------- jigsaw
+
+
+def test_jigsaw_pieces_reassemble_and_scorer_is_exact():
+    ds = make_dataset("jigsaw", "train", 4, rows=2, cols=3, piece_px=28, seed=2)
+    for row in ds:
+        order, problem, vts = json.loads(row["meta"])["order"], row["images"][0], row["vt_images"]
+        assert problem.size == (84, 56) and len(vts) == 6 and all(v.size == (84, 56) for v in vts)
+        slots = [problem.crop(((s % 3) * 28, (s // 3) * 28, (s % 3 + 1) * 28, (s // 3 + 1) * 28)) for s in range(6)]
+        restored = jigsaw._assemble([slots[o - 1] for o in order], 2, 3, 28)
+        assert restored.tobytes() == vts[-1].tobytes()  # the answer puts every piece back: the full picture
+        assert sorted(order) == list(range(1, 7)) and order != list(range(1, 7))
+        for perm in itertools.permutations(range(1, 7)):
+            assert score("jigsaw", row["meta"], " ".join(map(str, perm))) == (list(perm) == order)
+        assert score("jigsaw", row["meta"], f"Answer: [{', '.join(map(str, order))}]")
+        assert score("jigsaw", row["meta"], "\\boxed{" + ",".join(map(str, order)) + "}")
+        assert not score("jigsaw", row["meta"], " ".join(map(str, order[:-1])))
+        assert not score("jigsaw", row["meta"], " ".join(map(str, order + [1])))
+
+
+def test_jigsaw_partial_assemblies():
+    row = make_dataset("jigsaw", "validation", 1, piece_px=14)[0]
+    full = row["vt_images"][-1]
+    for k, vt in enumerate(row["vt_images"], 1):
+        for pos in range(4):
+            box = ((pos % 2) * 14, (pos // 2) * 14, (pos % 2 + 1) * 14, (pos // 2 + 1) * 14)
+            expected = full.crop(box) if pos < k else Image.new("RGB", (14, 14), jigsaw.EMPTY)
+            assert vt.crop(box).tobytes() == expected.tobytes()
+
+
+# ---------------------------------------------------------------- VLMEvalKit TSV
+
+
+def _b64(img):
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_load_vlmevalkit_tsv(tmp_path):
+    grid = ["SFF", "FHF", "FFG"]
+    img = maze.render(maze.Maze(tuple(grid)))
+    other = Image.new("RGB", (10, 10), (255, 0, 0))
+    rows = [  # columns of VSP_maze_task_main_original.tsv; maze_map as pandas writes a numpy array
+        ("0", _b64(img), "Find the path. Put it in \\boxed{}.", "R,R,D,D", "['SFF' 'FHF' 'FFG']", 3),
+        ("1", "0", "Same maze as row 0 <TEST-IMAGE> go.", "D,D,R,R", "['SFF', 'FHF', 'FFG']", 3),
+        ("2", str([_b64(other), _b64(img)]), "Example <IMAGE-1> then task <TEST-IMAGE>", "", "['SFF','FHF','FFG']", 3),
+    ]
+    path = tmp_path / "VSP.tsv"
+    path.write_text("index\timage\tquestion\tanswer\tmaze_map\tmaze_size\n"
+                    + "".join("\t".join(map(str, r)) + "\n" for r in rows))
+    ds = load_vlmevalkit_tsv(path)
+    assert ds.features == FEATURES and ds["id"] == ["vsp-0", "vsp-1", "vsp-2"]
+    assert [len(r) for r in ds["images"]] == [1, 1, 2] and ds["vt_images"] == [[], [], []]
+    assert ds[1]["images"][0].tobytes() == img.tobytes()  # image reused by index
+    assert [p["type"] for p in ds[0]["prompt"][0]["content"]] == ["image", "text"]
+    assert [p["type"] for p in ds[1]["prompt"][0]["content"]] == ["text", "image", "text"]
+    assert [p["type"] for p in ds[2]["prompt"][0]["content"]] == ["text", "image", "text", "image"]
+    assert ds[2]["images"][0].size == (10, 10) and ds[2]["images"][1].size == (84, 84)
+    for row in ds:
+        assert json.loads(row["meta"])["grid"] == grid and row["task"] == "maze"
+        assert score("maze", row["meta"], "So the answer is \\boxed{R, R, D, D}")
+        assert score("maze", row["meta"], "D D R R")
+        assert not score("maze", row["meta"], "\\boxed{D,R,R,D}")  # through the hole
+        assert not score("maze", row["meta"], "\\boxed{R,R,R,D,D}")  # off the grid fails under VSP rules

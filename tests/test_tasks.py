@@ -232,3 +232,13 @@ def test_load_vlmevalkit_tsv(tmp_path):
         assert score("maze", row["meta"], "D D R R")
         assert not score("maze", row["meta"], "\\boxed{D,R,R,D}")  # through the hole
         assert not score("maze", row["meta"], "\\boxed{R,R,R,D,D}")  # off the grid fails under VSP rules
+
+
+def test_images_survive_save_and_load(tmp_path):
+    from datasets import load_from_disk
+
+    ds = make_dataset("maze", "validation", 5, seed=4)
+    ds.save_to_disk(tmp_path / "maze")
+    back = load_from_disk(tmp_path / "maze")
+    assert back.features == FEATURES and back["meta"] == ds["meta"]
+    assert [im.tobytes() for r in back["vt_images"] for im in r] == [im.tobytes() for r in ds["vt_images"] for im in r]

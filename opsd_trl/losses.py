@@ -19,12 +19,14 @@ import torch.nn.functional as F
 
 __all__ = [
     "compute_dtype",
+    "counted_rows",
     "generalized_jsd",
     "per_token_divergence",
     "reduce_per_token",
     "sampled_token_reverse_kl",
     "teacher_support",
     "validate_divergence_args",
+    "validate_num_items",
 ]
 
 
@@ -44,12 +46,13 @@ def validate_divergence_args(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
-def _validate_reduction_args(num_items_in_batch: int | float | torch.Tensor | None) -> None:
+def validate_num_items(num_items_in_batch: int | float | torch.Tensor | None) -> None:
+    """Raise ``ValueError`` for a non-positive Python number (tensors are not synchronised to check)."""
     if isinstance(num_items_in_batch, (int, float)) and not num_items_in_batch > 0:
         raise ValueError(f"num_items_in_batch must be > 0 or None, got {num_items_in_batch}")
 
 
-def _counted_rows(mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
+def counted_rows(mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
     """Flat indices ``(N,)`` of the counted positions of a ``(B, T)`` mask (all positions when ``mask`` is None)."""
     if mask is None:
         return torch.arange(batch * length, device=device)
@@ -280,8 +283,8 @@ def generalized_jsd(
     validate_divergence_args(
         beta=beta, top_k=top_k, clip=clip, temperature=temperature, vocab_size=vocab, chunk_size=chunk_size
     )
-    _validate_reduction_args(num_items_in_batch)
-    rows = _counted_rows(mask, batch, length, student_logits.device)
+    validate_num_items(num_items_in_batch)
+    rows = counted_rows(mask, batch, length, student_logits.device)
     per_token = _LogitsDivergence.apply(
         student_logits.reshape(-1, vocab),
         teacher_logits.detach().reshape(-1, vocab),
@@ -336,8 +339,8 @@ def sampled_token_reverse_kl(
     validate_divergence_args(
         beta=0.5, top_k=None, clip=None, temperature=temperature, vocab_size=vocab, chunk_size=chunk_size
     )
-    _validate_reduction_args(num_items_in_batch)
-    rows = _counted_rows(mask, batch, length, student_logits.device)
+    validate_num_items(num_items_in_batch)
+    rows = counted_rows(mask, batch, length, student_logits.device)
     dtype = compute_dtype(student_logits.dtype)
     student_flat = student_logits.reshape(-1, vocab)
     teacher_flat = teacher_logits.detach().reshape(-1, vocab)

@@ -86,12 +86,14 @@ class VisualOPSDTrainer(DistillationTrainer):
         )
         self.adapter = get_adapter(self.model)
         self._peft = hasattr(self.model, "disable_adapter")
+        # Any object with `id in cache` and `cache.get(id) -> list[SlotFeatures]` works; a `VTCache` folder is also
+        # checked against the policy (model family, hidden size, vision weights).
         self.vt_cache = vt_cache
-        if self.vt_cache is None and args.vt_source == "cache":
-            from .vt_cache import VTCache
+        from .vt_cache import VTCache
 
+        if self.vt_cache is None and args.vt_source == "cache":
             self.vt_cache = VTCache(args.vt_cache_dir)
-        if self.vt_cache is not None:
+        if isinstance(self.vt_cache, VTCache):
             self._check_cache()
         self._shadow: ShadowWeights | None = None
         self._resume_dir: str | None = None

@@ -1,0 +1,110 @@
+"""The teacher pass (spliced inputs_embeds + explicit positions) equals a plain forward of the full teacher sequence.
+
+The reference builds the teacher sequence independently: the processor expands the image placeholders of the
+rendered teacher prompt and encodes *all* images (problem + VTs) itself, and the model's own forward does the
+splice and the M-RoPE positions.
+"""
+
+import pytest
+import torch
+from trainer_utils import DictVTCache, completion_logits, generation_batch, make_trainer, text_dataset, vl_dataset
+
+from opsd_trl.models.adapters import SlotFeatures
+from opsd_trl.models.tiny import build_tiny_qwen2_5_vl, build_tiny_qwen3_vl, build_tiny_text_lm
+from opsd_trl.teacher_context import teacher_messages
+
+ATOL = 1e-4
+
+
+def reference_vl_logits(model, processor, dataset, batch, args):
+    """Full teacher sequences as input_ids + pixel_values through the model's own forward, one sample at a time."""
+    rows = []
+    for b, sample_id in enumerate(batch["sample_ids"]):
+        x = dataset[[r["id"] for r in dataset].index(sample_id)]
+        msgs = teacher_messages(x["prompt"], n_vt=len(x["vt_images"]), intro=args.teacher_intro,
+                                transition=args.teacher_transition)
+        text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        enc = processor(text=[text], images=[x["images"] + x["vt_images"]], return_tensors="pt")
+        comp = batch["completion_ids"][b][batch["completion_mask"][b].bool()]
+        ids = torch.cat([enc["input_ids"][0], comp]).unsqueeze(0)
+        mm = torch.cat([enc["mm_token_type_ids"][0], torch.zeros_like(comp)]).unsqueeze(0)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=enc["pixel_values"],
+                           image_grid_thw=enc["image_grid_thw"], mm_token_type_ids=mm).logits
+        rows.append(logits[0, -len(comp) - 1 : -1])
+    return rows
+
+
+@pytest.mark.parametrize("builder", [build_tiny_qwen2_5_vl, build_tiny_qwen3_vl], ids=["qwen2.5-vl", "qwen3-vl"])
+def test_vl_teacher_matches_full_forward(builder, tmp_path):
+    model, processor = builder()
+    dataset = vl_dataset(n=2, n_vt=2)
+    trainer = make_trainer(model, processor, dataset, tmp_path, teacher_mode="self", max_completion_length=5)
+    batch = generation_batch(trainer, dataset)
+    ours = completion_logits(trainer, batch)
+    model.eval()
+    ref = reference_vl_logits(model, processor, dataset, batch, trainer.args)
+    for b, ref_rows in enumerate(ref):
+        n = ref_rows.shape[0]
+        torch.testing.assert_close(ours[b, :n], ref_rows, atol=ATOL, rtol=1e-4)
+    # The privileged context must matter, or the comparison proves little.
+    student = completion_logits(trainer, batch, teacher=False)
+    assert (student - ours).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("builder", [build_tiny_qwen2_5_vl, build_tiny_qwen3_vl], ids=["qwen2.5-vl", "qwen3-vl"])
+def test_vl_cached_features_equal_online(builder, tmp_path):
+    """VT features from a cache give the same teacher logits as encoding the VT images online."""
+    model, processor = builder()
+    dataset = vl_dataset(n=2, n_vt=2)
+    online = make_trainer(model, processor, dataset, tmp_path, teacher_mode="self")
+    batch = generation_batch(online, dataset)
+    logits_online = completion_logits(online, batch)
+    entries = {}
+    for x in dataset:
+        pix = processor.image_processor(images=x["vt_images"], return_tensors="pt")
+        entries[x["id"]] = online.adapter.encode_images(model, pix["pixel_values"], pix["image_grid_thw"])
+    cached = make_trainer(model, processor, dataset, tmp_path, teacher_mode="self", vt_cache=DictVTCache(entries))
+    for key in ("vt_slots", "vt_pixels", "teacher_prompt_ids", "teacher_slot_mask"):
+        batch.pop(key)
+    rows = [dataset[i] for i in range(2)]
+    ordered = [rows[[r["id"] for r in rows].index(s)] for s in batch["sample_ids"]]
+    output = {"num_images": batch.get("num_images"), "image_grid_thw": batch.get("image_grid_thw")}
+    batch.update(cached._teacher_batch(ordered, output))
+    assert all(p is None for p in batch["vt_pixels"])
+    torch.testing.assert_close(completion_logits(cached, batch), logits_online, atol=ATOL, rtol=1e-4)
+
+
+def test_text_lm_soft_prefix_matches_token_forward(tmp_path):
+    """Text LM: VT embeddings that are the embeddings of known tokens reproduce a forward over those tokens."""
+    model, tok = build_tiny_text_lm()
+    dataset = text_dataset(n=2)
+    vt_token_ids = {x["id"]: tok(f"<{x['vt_text']}>", add_special_tokens=False)["input_ids"] for x in dataset}
+    emb = model.get_input_embeddings().weight.detach()
+    cache = DictVTCache({k: [SlotFeatures(emb[torch.tensor(v)].clone())] for k, v in vt_token_ids.items()})
+    trainer = make_trainer(model, tok, dataset, tmp_path, teacher_mode="self", vt_cache=cache)
+    batch = generation_batch(trainer, dataset)
+    ours = completion_logits(trainer, batch)
+    model.eval()
+    for b, sample_id in enumerate(batch["sample_ids"]):
+        prompt = list(batch["teacher_prompt_ids"][b])
+        mask = batch["teacher_slot_mask"][b]
+        slot_positions = [i for i, m in enumerate(mask) if m]
+        for pos, tid in zip(slot_positions, vt_token_ids[sample_id], strict=True):
+            prompt[pos] = tid
+        comp = batch["completion_ids"][b][batch["completion_mask"][b].bool()]
+        ids = torch.cat([torch.tensor(prompt), comp]).unsqueeze(0)
+        with torch.no_grad():
+            ref = model(input_ids=ids).logits[0, -len(comp) - 1 : -1]
+        torch.testing.assert_close(ours[b, : len(comp)], ref, atol=ATOL, rtol=1e-4)
+
+
+def test_text_lm_vt_text_in_teacher_prompt(tmp_path):
+    model, tok = build_tiny_text_lm()
+    dataset = text_dataset(n=2)
+    trainer = make_trainer(model, tok, dataset, tmp_path, teacher_mode="self")
+    batch = generation_batch(trainer, dataset)
+    for b, sample_id in enumerate(batch["sample_ids"]):
+        text = tok.decode(batch["teacher_prompt_ids"][b])
+        assert f"think {sample_id[1:]}" in text and trainer.args.teacher_intro in text
+        assert not any(batch["teacher_slot_mask"][b])

@@ -1,0 +1,202 @@
+"""VisualOPSDTrainer behaviour on tiny models: learning, gradients, teacher modes, bad inputs."""
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig
+from trainer_utils import DictVTCache, completion_logits, generation_batch, make_trainer, text_dataset, vl_dataset
+
+from opsd_trl.models.tiny import build_tiny_qwen2_5_vl, build_tiny_text_lm
+
+
+def _move_student_away(trainer):
+    """Freeze the fixed teacher at the current weights, then perturb the student so the two disagree."""
+    trainer.teacher_shadow  # noqa: B018 - the fixed teacher snapshots the weights on first use
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+def _loss(trainer, batch):
+    return trainer.compute_loss(trainer.model, batch, num_items_in_batch=None)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_steps_on_a_fixed_batch_reduce_the_loss(beta, tmp_path):
+    model, tok = build_tiny_text_lm()
+    dataset = text_dataset(n=2)
+    trainer = make_trainer(model, tok, dataset, tmp_path, teacher_mode="fixed", beta=beta, teacher_top_k=None,
+                           jsd_clip=None, max_completion_length=8)
+    batch = generation_batch(trainer, dataset)
+    _move_student_away(trainer)
+    opt = torch.optim.Adam(trainer.model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(6):
+        loss = _loss(trainer, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_vl_loss_decreases_and_gradients_reach_only_trainable(tmp_path):
+    model, processor = build_tiny_qwen2_5_vl()
+    for p in model.model.visual.parameters():
+        p.requires_grad_(False)
+    dataset = vl_dataset(n=2)
+    trainer = make_trainer(model, processor, dataset, tmp_path, teacher_mode="fixed", teacher_top_k=None,
+                           jsd_clip=None, max_completion_length=8)
+    batch = generation_batch(trainer, dataset)
+    _move_student_away(trainer)
+    opt = torch.optim.Adam([p for p in trainer.model.parameters() if p.requires_grad], lr=1e-3)
+    first = None
+    for _ in range(5):
+        opt.zero_grad()
+        loss = _loss(trainer, batch)
+        loss.backward()
+        first = first if first is not None else loss.item()
+        for name, p in trainer.model.named_parameters():
+            if not p.requires_grad:
+                assert p.grad is None, name
+        opt.step()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.model.parameters() if p.requires_grad)
+    assert loss.item() < first
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class _Recorder:
+    """Trainer callback recording the trainable weights after every optimizer step."""
+
+    def __init__(self):
+        self.weights = []
+
+    def __getattr__(self, name):  # TrainerCallback's other events: no-ops
+        return lambda *a, **k: None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.weights.append(_snapshot(model))
+
+
+def _train_and_record(tmp_path, mode, **kw):
+    model, tok = build_tiny_text_lm()
+    dataset = text_dataset(n=4)
+    w0 = _snapshot(model)
+    trainer = make_trainer(model, tok, dataset, tmp_path, teacher_mode=mode, max_steps=2, **kw)
+    recorder = _Recorder()
+    trainer.add_callback(recorder)
+    trainer.train()
+    return trainer, w0, recorder.weights
+
+
+def test_ema_teacher_follows_the_decay_formula(tmp_path):
+    d = 0.8
+    trainer, w0, (w1, w2) = _train_and_record(tmp_path, "ema", ema_decay=d)
+    # Callbacks run in order: the EMA update (added at init) precedes the recorder, both after the optimizer step.
+    shadow = trainer.teacher_shadow.state_dict()
+    for name, w in w0.items():
+        expected = d * (d * w + (1 - d) * w1[name]) + (1 - d) * w2[name]
+        torch.testing.assert_close(shadow[name], expected, atol=1e-6, rtol=1e-6)
+    assert any(not torch.equal(w2[n], w0[n]) for n in w0)
+
+
+def test_ema_teacher_logits_use_the_shadow(tmp_path):
+    trainer, _, _ = _train_and_record(tmp_path, "ema", ema_decay=0.5)
+    dataset = text_dataset(n=4)
+    batch = generation_batch(trainer, dataset)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    with trainer._teacher_weights(model):
+        ema_logits = completion_logits(trainer, batch)
+    reference = copy.deepcopy(model)
+    state = dict(reference.named_parameters())
+    with torch.no_grad():
+        for name, value in trainer.teacher_shadow.state_dict().items():
+            state[name].copy_(value)
+    live_logits = completion_logits(trainer, batch)
+    trainer.model = reference
+    ref_logits = completion_logits(trainer, batch)
+    torch.testing.assert_close(ema_logits, ref_logits, atol=1e-5, rtol=1e-5)
+    assert (ema_logits - live_logits).abs().max() > 1e-4
+
+
+def test_fixed_teacher_never_changes_and_self_tracks(tmp_path):
+    trainer, w0, (_, w2) = _train_and_record(tmp_path, "fixed")
+    for name, value in trainer.teacher_shadow.state_dict().items():
+        assert torch.equal(value, w0[name]), name
+    trainer_self, _, (_, w2_self) = _train_and_record(tmp_path / "self", "self")
+    assert trainer_self._shadow is None  # `self` keeps no copy: the teacher reads the live weights
+    # The live weights after training are what `self` mode's teacher uses: no swap happens.
+    live = _snapshot(trainer_self.model)
+    with trainer_self._teacher_weights(trainer_self.model):
+        assert all(torch.equal(live[n], p) for n, p in _snapshot(trainer_self.model).items())
+
+
+def test_lora_fixed_teacher_is_the_base_model(tmp_path):
+    model, tok = build_tiny_text_lm()
+    base_ref, _ = build_tiny_text_lm()  # same seed: an independent copy of the base weights
+    dataset = text_dataset(n=4)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    trainer = make_trainer(model, tok, dataset, tmp_path, teacher_mode="fixed", peft_config=lora, learning_rate=5e-2)
+    trainer.train()
+    batch = generation_batch(trainer, dataset)
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    with trainer._teacher_weights(peft_model):
+        teacher = completion_logits(trainer, batch)
+    live = completion_logits(trainer, batch)
+    assert (teacher - live).abs().max() > 1e-5, "the adapter did not train, the test would prove nothing"
+    trainer.model = base_ref
+    torch.testing.assert_close(teacher, completion_logits(trainer, batch), atol=1e-5, rtol=1e-5)
+
+
+def test_missing_vt_error_names_the_sample(tmp_path):
+    model, processor = build_tiny_qwen2_5_vl()
+    dataset = vl_dataset(n=2, n_vt=0)
+    trainer = make_trainer(model, processor, dataset, tmp_path)
+    with pytest.raises(ValueError, match="sample 's0'.*no visual thoughts"):
+        generation_batch(trainer, dataset)
+
+
+def test_missing_vt_policy_no_vt_teacher(tmp_path):
+    model, processor = build_tiny_qwen2_5_vl()
+    dataset = vl_dataset(n=2, n_vt=0)
+    trainer = make_trainer(model, processor, dataset, tmp_path, on_missing_vt="no_vt_teacher")
+    batch = generation_batch(trainer, dataset)
+    assert torch.isfinite(_loss(trainer, batch))
+
+
+def test_id_absent_from_cache_names_the_sample(tmp_path):
+    model, tok = build_tiny_text_lm()
+    dataset = text_dataset(n=2)
+    cache = DictVTCache({"t0": []})
+    trainer = make_trainer(model, tok, dataset, tmp_path, vt_cache=cache)
+    with pytest.raises(KeyError, match="sample 't1' is not in the VT cache"):
+        generation_batch(trainer, dataset)
+
+
+def test_extra_vts_are_truncated_and_counted(tmp_path):
+    model, processor = build_tiny_qwen2_5_vl()
+    dataset = vl_dataset(n=2, n_vt=3)
+    trainer = make_trainer(model, processor, dataset, tmp_path, max_vt_images=1)
+    batch = generation_batch(trainer, dataset)
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    for ids in batch["teacher_prompt_ids"]:
+        starts = sum(1 for a, b in zip(ids, ids[1:], strict=False) if b == image_token and a != image_token)
+        assert starts == 2  # the problem image + one VT
+    assert trainer._metrics["train"]["vt/truncated"] == [2]
+
+
+def test_completion_without_eos_is_trained_and_counted(tmp_path):
+    model, tok = build_tiny_text_lm()
+    dataset = text_dataset(n=2)
+    # A 3-token budget on a random model: completions end without EOS.
+    trainer = make_trainer(model, tok, dataset, tmp_path, max_completion_length=3)
+    batch = generation_batch(trainer, dataset)
+    assert batch["completion_mask"].sum() == 6
+    assert trainer._metrics["train"]["completions/eos_rate"] == [0.0]
+    assert _loss(trainer, batch) > 0

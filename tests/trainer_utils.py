@@ -1,0 +1,89 @@
+"""Shared builders for trainer tests: tiny datasets in the standard layout and a trainer factory."""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+from PIL import Image
+
+from opsd_trl import VisualOPSDConfig, VisualOPSDTrainer
+from opsd_trl.models.adapters import SlotFeatures
+
+
+def square(color, size=56) -> Image.Image:
+    img = Image.new("RGB", (size, size), color)
+    # A second colour so that images differ in more than their mean.
+    img.paste((255 - color[0], color[1], 128), (0, 0, size // 2, size // 2))
+    return img
+
+
+def vl_dataset(n=4, n_vt=2) -> Dataset:
+    rows = []
+    for i in range(n):
+        rows.append(
+            dict(
+                id=f"s{i}",
+                prompt=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Which way {i}?"}]}],
+                images=[square((40 * i % 256, 10, 200))],
+                vt_images=[square((10, 30 * (i + k) % 256, 90)) for k in range(n_vt)],
+                answer="R",
+            )
+        )
+    return Dataset.from_list(rows)
+
+
+def text_dataset(n=4) -> Dataset:
+    return Dataset.from_list(
+        [dict(id=f"t{i}", prompt=[{"role": "user", "content": f"Solve {i}+1."}], vt_text=f"think {i}", answer=str(i))
+         for i in range(n)]
+    )
+
+
+class DictVTCache:
+    """A VT cache held in memory (ids -> per-image features), the interface the trainer reads."""
+
+    def __init__(self, entries: dict[str, list[SlotFeatures]]):
+        self.entries = entries
+
+    def __contains__(self, sample_id):
+        return sample_id in self.entries
+
+    def get(self, sample_id):
+        return self.entries[sample_id]
+
+
+def make_config(tmp_path, **overrides) -> VisualOPSDConfig:
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=2, bf16=False,
+        gradient_checkpointing=False, max_completion_length=6, logging_steps=1, report_to=[], learning_rate=1e-3,
+        teacher_top_k=16, save_strategy="no", seed=0, disable_tqdm=True, dataloader_pin_memory=False,
+    )
+    kwargs.update(overrides)
+    return VisualOPSDConfig(**kwargs)
+
+
+def make_trainer(model, processing_class, dataset, tmp_path, peft_config=None, vt_cache=None, **overrides):
+    return VisualOPSDTrainer(
+        model=model, args=make_config(tmp_path, **overrides), train_dataset=dataset,
+        processing_class=processing_class, peft_config=peft_config, vt_cache=vt_cache,
+    )
+
+
+def generation_batch(trainer, dataset):
+    """Run the trainer's own generation + teacher-context step on the first batch, as training would."""
+    trainer.model.train()
+    rows = [dataset[i] for i in range(trainer.args.per_device_train_batch_size)]
+    return trainer._generate_and_score_completions(rows)
+
+
+def completion_logits(trainer, batch, teacher=True) -> torch.Tensor:
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    with torch.no_grad():
+        if teacher:
+            hidden = trainer._teacher_hidden_states(model, batch)
+        else:
+            input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+            mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+            mm = {k: batch[k] for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids") if k in batch}
+            hidden = trainer._get_last_hidden_state(model, input_ids, mask, batch["completion_ids"].size(1), **mm)
+    return hidden @ model.get_output_embeddings().weight.t()

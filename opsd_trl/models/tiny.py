@@ -1,0 +1,301 @@
+"""Tiny models built entirely in code (no downloads): fixtures for tests, benchmarks and the CPU quickstart.
+
+Every builder returns ``(model, processing_class)`` in fp32, random init, deterministic by ``seed``.
+Sizes respect the constraints of the real stack: head_dim 32 (vLLM kernels accept 32/64/...), M-RoPE sections
+summing to head_dim / 2, a vision tower with the family's patch size and a 2x2 merge.
+
+The Qwen-VL processors: transformers' ``Qwen2_5_VLProcessor`` / ``Qwen3VLProcessor`` want a video processor,
+and every video processor imports torchvision, which does not import beside torch 2.13 here. The subclasses
+below drop the video slot, so the processor is just the slow PIL image processor + the tokenizer and keeps the
+parent's image-token expansion and ``mm_token_type_ids``. ``AutoProcessor`` cannot resolve these class names;
+load saved folders with :func:`load_tiny`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from tokenizers import AddedToken, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    GenerationConfig,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2Tokenizer,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+__all__ = [
+    "IMAGE_MARKER",
+    "TinyQwen2_5_VLProcessor",
+    "TinyQwen3VLProcessor",
+    "build_tiny_qwen2_5_vl",
+    "build_tiny_qwen3_vl",
+    "build_tiny_text_lm",
+    "build_tiny_tokenizer",
+    "load_tiny",
+    "save_tiny",
+]
+
+# The literal marker after which a Visual-OPSD student may "draw" a visual thought (image-skip rounds).
+IMAGE_MARKER = "<image_start>"
+
+# Order fixes the ids (after the 256 byte tokens): <|endoftext|> 256, <|im_start|> 257, <|im_end|> 258, ...
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    IMAGE_MARKER,
+]
+
+# Qwen2-VL style: an image part becomes <|vision_start|><|image_pad|><|vision_end|>; the processor then expands
+# the single <|image_pad|> to one token per merged patch. No default system prompt, to keep sequences short.
+CHAT_TEMPLATE = (
+    # One line on purpose: no whitespace control needed, so the "\n" after role and <|im_end|> survive.
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_tokenizer() -> Qwen2Tokenizer:
+    """The real ``Qwen2Tokenizer`` class over a tiny vocabulary: 256 byte tokens and no merges (any text encodes,
+    one token per byte), then the Qwen specials and :data:`IMAGE_MARKER` at fixed ids 256...
+
+    Using Qwen2Tokenizer (NFC + Qwen split regex + byte level), not a bare ``PreTrainedTokenizerFast``, matters:
+    ``AutoTokenizer`` loads a saved ``qwen2`` folder as Qwen2Tokenizer whatever tokenizer_config says, and a
+    different pre-tokenizer would silently change the ids after a save / load round trip.
+    eos = pad = ``<|im_end|>``; no unk token (like Qwen). ``<image_start>`` is a single *non-special* added
+    token so ``decode(..., skip_special_tokens=True)`` keeps it in completion text.
+    """
+    byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet())  # the 256 printable stand-ins for raw bytes
+    vocab = {ch: i for i, ch in enumerate(byte_chars)}
+    vocab.update({t: len(byte_chars) + i for i, t in enumerate(SPECIAL_TOKENS)})
+    tok = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=[],
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        extra_special_tokens=[t for t in SPECIAL_TOKENS if t != IMAGE_MARKER],
+        chat_template=CHAT_TEMPLATE,
+        padding_side="left",  # generation batches pad on the left
+        model_max_length=4096,
+    )
+    tok.add_tokens([AddedToken(IMAGE_MARKER, special=False, normalized=False)])  # keeps its vocab id
+    return tok
+
+
+def _token_ids(tok) -> dict:
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    return {
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|im_end|>"],
+        "bos_token_id": ids["<|endoftext|>"],
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+    }
+
+
+def _finish(model, tok):
+    """fp32, eval mode, and a greedy generation config that stops on <|im_end|>."""
+    ids = _token_ids(tok)
+    model.generation_config = GenerationConfig(
+        eos_token_id=ids["eos_token_id"],
+        pad_token_id=ids["pad_token_id"],
+        bos_token_id=ids["bos_token_id"],
+        do_sample=False,
+        max_new_tokens=16,
+    )
+    return model.float().eval()
+
+
+def build_tiny_text_lm(seed: int = 0) -> tuple[Qwen2ForCausalLM, Qwen2Tokenizer]:
+    """A ~100k-parameter Qwen2 causal LM (hidden 64, 2 layers, 2 heads of dim 32) and its chat tokenizer."""
+    tok = build_tiny_tokenizer()
+    ids = _token_ids(tok)
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        eos_token_id=ids["eos_token_id"],
+        pad_token_id=ids["pad_token_id"],
+        bos_token_id=ids["bos_token_id"],
+        dtype="float32",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    return _finish(model, tok), tok
+
+
+def _image_processor(patch_size: int, mean: list[float], std: list[float]) -> Qwen2VLImageProcessorPil:
+    # Resize every image to between 2x2 and 4x4 merged tokens: 4..16 image tokens keep sequences tiny.
+    factor = patch_size * 2
+    return Qwen2VLImageProcessorPil(
+        patch_size=patch_size,
+        merge_size=2,
+        temporal_patch_size=2,
+        image_mean=mean,
+        image_std=std,
+        size={"shortest_edge": (2 * factor) ** 2, "longest_edge": (4 * factor) ** 2},
+    )
+
+
+class TinyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    """``Qwen2_5_VLProcessor`` without the video slot (its video processor needs torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class TinyQwen3VLProcessor(Qwen3VLProcessor):
+    """``Qwen3VLProcessor`` without the video slot (its video processor needs torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+def _text_config(tok, mrope_section: list[int], **extra) -> dict:
+    ids = _token_ids(tok)
+    return dict(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section, **extra},
+        eos_token_id=ids["eos_token_id"],
+        pad_token_id=ids["pad_token_id"],
+        bos_token_id=ids["bos_token_id"],
+    )
+
+
+def build_tiny_qwen2_5_vl(seed: int = 0) -> tuple[Qwen2_5_VLForConditionalGeneration, TinyQwen2_5_VLProcessor]:
+    """Tiny Qwen2.5-VL: text 2 layers x hidden 128 (4 heads of 32), vision 2 blocks x hidden 64, patch 14."""
+    tok = build_tiny_tokenizer()
+    ids = _token_ids(tok)
+    config = Qwen2_5_VLConfig(
+        # head_dim 32 -> rotary half-dim 16 split over (t, h, w), like the real 128 -> [16, 24, 24].
+        text_config=_text_config(tok, [4, 6, 6]),
+        vision_config=dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
+            fullatt_block_indexes=[1],
+            out_hidden_size=128,
+        ),
+        image_token_id=ids["image_token_id"],
+        video_token_id=ids["video_token_id"],
+        vision_start_token_id=ids["vision_start_token_id"],
+        vision_end_token_id=ids["vision_end_token_id"],
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    clip_mean, clip_std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    processor = TinyQwen2_5_VLProcessor(_image_processor(14, clip_mean, clip_std), tok, chat_template=CHAT_TEMPLATE)
+    return _finish(model, tok), processor
+
+
+def build_tiny_qwen3_vl(seed: int = 0) -> tuple[Qwen3VLForConditionalGeneration, TinyQwen3VLProcessor]:
+    """Tiny Qwen3-VL: text 2 layers x hidden 128 (head_dim 32), vision 2 blocks x hidden 64, patch 16,
+    deepstack features taken after vision block 0."""
+    tok = build_tiny_tokenizer()
+    ids = _token_ids(tok)
+    config = Qwen3VLConfig(
+        # Real: head_dim 128 -> [24, 20, 20] interleaved; scaled to head_dim 32.
+        text_config={**_text_config(tok, [6, 5, 5], mrope_interleaved=True), "head_dim": 32},
+        vision_config=dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=2,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            out_hidden_size=128,
+            num_position_embeddings=256,
+            deepstack_visual_indexes=[0],
+        ),
+        image_token_id=ids["image_token_id"],
+        video_token_id=ids["video_token_id"],
+        vision_start_token_id=ids["vision_start_token_id"],
+        vision_end_token_id=ids["vision_end_token_id"],
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3VLForConditionalGeneration(config)
+    processor = TinyQwen3VLProcessor(_image_processor(16, [0.5] * 3, [0.5] * 3), tok, chat_template=CHAT_TEMPLATE)
+    return _finish(model, tok), processor
+
+
+# --- save / load --------------------------------------------------------------------------------------------
+
+_PROCESSORS = {cls.__name__: cls for cls in (TinyQwen2_5_VLProcessor, TinyQwen3VLProcessor)}
+
+
+def save_tiny(model, processing_class, path: str | os.PathLike) -> str:
+    """Save a tiny model and its tokenizer / processor to ``path`` (a folder) for :func:`load_tiny`."""
+    path = os.fspath(path)
+    model.save_pretrained(path)
+    processing_class.save_pretrained(path)
+    return path
+
+
+def load_tiny(path: str | os.PathLike, **model_kwargs):
+    """Load ``(model, processing_class)`` saved by :func:`save_tiny` (fp32 unless ``dtype`` is given).
+
+    Text LMs come back with ``AutoTokenizer``; tiny VLMs with their torchvision-free processor class, which
+    ``AutoProcessor`` does not know.
+    """
+    path = os.fspath(path)
+    model_kwargs.setdefault("dtype", torch.float32)
+    proc_file = os.path.join(path, "processor_config.json")
+    if os.path.exists(proc_file):
+        with open(proc_file) as f:
+            name = json.load(f).get("processor_class")
+        processing_class = _PROCESSORS[name].from_pretrained(path)
+        model = AutoModelForImageTextToText.from_pretrained(path, **model_kwargs)
+    else:
+        processing_class = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
+    return model.eval(), processing_class

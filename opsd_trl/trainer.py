@@ -20,16 +20,21 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.utils import logging
 from trl import DistillationTrainer
 from trl.data_utils import prepare_multimodal_messages
 from trl.trainer.utils import pad
 
 from .config import VisualOPSDConfig
+from .diagnostics import token_diagnostics
+from .fused_loss import fused_generalized_jsd, unfusable_reason
 from .generation import build_generator
 from .losses import generalized_jsd, sampled_token_reverse_kl
-from .models.adapters import SlotFeatures, get_adapter, unwrap_base
+from .models.adapters import SlotFeatures, get_adapter, head_logits, unwrap_base
 from .teacher_context import teacher_messages, tokenize_teacher_prompt
 from .teacher_weights import ShadowWeights
+
+logger = logging.get_logger(__name__)
 
 SHADOW_FILE = "teacher_shadow_rank{rank}.safetensors"
 
@@ -98,6 +103,7 @@ class VisualOPSDTrainer(DistillationTrainer):
         self._shadow: ShadowWeights | None = None
         self._resume_dir: str | None = None
         self._generator = None
+        self._fuse_ok: bool | None = None
         self.add_callback(_TeacherUpdate(self))
 
     # ----------------------------------------------------------------------------------------------- set-up
@@ -321,9 +327,12 @@ class VisualOPSDTrainer(DistillationTrainer):
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         mode = "train" if self.model.training else "eval"
+        head = unwrapped_student.get_output_embeddings()
         t0 = time.perf_counter()
         with self._teacher_weights(unwrapped_student):
             teacher_hidden = self._teacher_hidden_states(unwrapped_student, inputs)
+            # The EMA / fixed teacher has its own head when the head trains: keep a copy of it for the loss.
+            teacher_head = head.weight.detach().clone() if self._teacher_head_differs(head) else None
         t1 = time.perf_counter()
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
@@ -333,42 +342,58 @@ class VisualOPSDTrainer(DistillationTrainer):
             **{k: inputs[k] for k in mm_keys if k in inputs},
         )
         t2 = time.perf_counter()
-        lm_head = unwrapped_student.get_output_embeddings()
-        student_logits = student_hidden @ lm_head.weight.t()
-        teacher_logits = (teacher_hidden @ lm_head.weight.t()).detach()
         mask = inputs["completion_mask"].bool()
-        if not torch.isfinite(teacher_logits).all() or not torch.isfinite(student_logits).all():
-            raise FloatingPointError(
-                f"non-finite logits at step {self.state.global_step} for samples {inputs['sample_ids']}; "
-                "not training on them (check the learning rate, the data and the VT features)."
-            )
-        if self.args.loss_type == "gjsd":
-            loss = generalized_jsd(
-                student_logits, teacher_logits, beta=self.args.beta, top_k=self.args.teacher_top_k,
-                clip=self.args.jsd_clip, temperature=self.args.temperature, mask=mask,
-                num_items_in_batch=num_items_in_batch, chunk_size=self.args.loss_chunk_size,
+        args = self.args
+        teacher_weight = head.weight if teacher_head is None else teacher_head
+        if args.loss_type == "gjsd" and self._fusable(unwrapped_student):
+            loss, per_token = fused_generalized_jsd(
+                student_hidden, teacher_hidden, head.weight, teacher_lm_head_weight=teacher_head, mask=mask,
+                beta=args.beta, top_k=args.teacher_top_k, clip=args.jsd_clip, temperature=args.temperature,
+                num_items_in_batch=num_items_in_batch, return_per_token=True, chunk_size=args.loss_chunk_size,
             )
         else:
-            loss = sampled_token_reverse_kl(
-                student_logits, teacher_logits, inputs["completion_ids"], temperature=self.args.temperature,
-                mask=mask, num_items_in_batch=num_items_in_batch, chunk_size=self.args.loss_chunk_size,
+            student_logits = head_logits(unwrapped_student, student_hidden)
+            teacher_logits = head_logits(unwrapped_student, teacher_hidden, weight=teacher_weight).detach()
+            common = dict(temperature=args.temperature, mask=mask, num_items_in_batch=num_items_in_batch,
+                          return_per_token=True, chunk_size=args.loss_chunk_size)
+            if args.loss_type == "gjsd":
+                loss, per_token = generalized_jsd(student_logits, teacher_logits, beta=args.beta,
+                                                  top_k=args.teacher_top_k, clip=args.jsd_clip, **common)
+            else:
+                loss, per_token = sampled_token_reverse_kl(student_logits, teacher_logits, inputs["completion_ids"],
+                                                           **common)
+        if not torch.isfinite(per_token[mask]).all() or not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss at step {self.state.global_step} for samples {inputs['sample_ids']}; not training "
+                "on it (check the learning rate, the data and the VT features; see docs/troubleshooting.md)."
             )
-        self._log_diagnostics(mode, student_logits.detach(), teacher_logits, mask)
+        if self._is_logging_step():
+            for key, value in token_diagnostics(
+                student_hidden.detach(), teacher_hidden, head.weight.detach(), teacher_weight.detach(), mask,
+                temperature=args.temperature, chunk_size=args.loss_chunk_size,
+            ).items():
+                self._metrics[mode][key].append(value)
         self._metrics[mode]["time/teacher"].append(t1 - t0)
         self._metrics[mode]["time/student"].append(t2 - t1)
-        entropy_sum = torch.zeros((), device=student_hidden.device)
-        return loss, entropy_sum, mask.sum()
+        return loss, torch.zeros((), device=loss.device), mask.sum()
 
-    @torch.no_grad()
-    def _log_diagnostics(self, mode, student_logits, teacher_logits, mask) -> None:
-        """Full-vocabulary per-token KL(T||S) and entropies, averaged over counted tokens of this micro-batch."""
-        if not mask.any():
-            return
-        s = torch.log_softmax(student_logits[mask].float() / self.args.temperature, -1)
-        t = torch.log_softmax(teacher_logits[mask].float() / self.args.temperature, -1)
-        self._metrics[mode]["kl_teacher_student"].append((t.exp() * (t - s)).sum(-1).mean().item())
-        self._metrics[mode]["entropy/student"].append(-(s.exp() * s).sum(-1).mean().item())
-        self._metrics[mode]["entropy/teacher"].append(-(t.exp() * t).sum(-1).mean().item())
+    def _teacher_head_differs(self, head) -> bool:
+        return self._needs_shadow() and head.weight.requires_grad
+
+    def _fusable(self, model) -> bool:
+        if self._fuse_ok is None:
+            reason = unfusable_reason(model) if self.args.fused_loss else "fused_loss=False"
+            self._fuse_ok = reason is None
+            if reason is not None:
+                logger.warning(f"Visual-OPSD loss: using the logits path ({reason}).")
+        return self._fuse_ok
+
+    def _is_logging_step(self) -> bool:
+        """Diagnostics cost two extra vocabulary projections: compute them only for steps that get logged."""
+        if not self.model.training:
+            return True
+        steps = self.args.logging_steps
+        return (self.state.global_step + 1) % max(int(steps), 1) == 0 or self.state.global_step == 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = super().compute_loss(model, inputs, return_outputs=False, num_items_in_batch=num_items_in_batch)

@@ -200,3 +200,23 @@ def test_completion_without_eos_is_trained_and_counted(tmp_path):
     assert batch["completion_mask"].sum() == 6
     assert trainer._metrics["train"]["completions/eos_rate"] == [0.0]
     assert _loss(trainer, batch) > 0
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "logits"])
+def test_loss_uses_the_teacher_weights_head_included(fused, tmp_path):
+    """After EMA steps the loss equals generalized_jsd(live student logits, shadow-weight teacher logits)."""
+    from opsd_trl.losses import generalized_jsd
+
+    trainer, _, _ = _train_and_record(tmp_path, "ema", ema_decay=0.5, fused_loss=fused)
+    batch = generation_batch(trainer, text_dataset(n=4))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    with trainer._teacher_weights(model):
+        teacher = completion_logits(trainer, batch)
+    student = completion_logits(trainer, batch, teacher=False)
+    args = trainer.args
+    expected = generalized_jsd(student, teacher, beta=args.beta, top_k=args.teacher_top_k, clip=args.jsd_clip,
+                               mask=batch["completion_mask"].bool())
+    with torch.no_grad():
+        got = _loss(trainer, batch)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    assert trainer._fuse_ok is fused

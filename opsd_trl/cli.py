@@ -1,0 +1,106 @@
+"""``opsd-trl`` command line. Each subcommand is a ``register(subparsers)`` function in ``COMMANDS`` that adds
+its parser and sets ``func`` (called with the parsed args; returns an exit code). Heavy imports stay inside
+the handlers so ``opsd-trl --help`` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+
+def parse_size(text: str) -> int:
+    """'1GB', '64MiB', '500k', '1000' -> bytes (decimal and binary units)."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)(i?)b?\s*", text.lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " kmgt".index(m.group(2) or " "))
+
+
+def _build_vt_cache(args) -> int:
+    import torch
+
+    from opsd_trl.data import ensure_ids, load_any, thinkmorph_vt_columns
+    from opsd_trl.vt_cache import build_vt_cache, load_encoder
+    from opsd_trl.vt_cache.format import DTYPES
+
+    dataset = load_any(args.dataset, args.split)
+    columns = args.vt_columns
+    if args.format == "thinkmorph":
+        dataset = ensure_ids(dataset, args.split)
+        columns = columns or thinkmorph_vt_columns(dataset.column_names)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = load_encoder(args.model, dtype=DTYPES[args.dtype], device=device)
+    out = build_vt_cache(
+        dataset,
+        encoder,
+        args.output,
+        vt_columns=columns or ["vt_images"],
+        id_column=args.id_column,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        shard_bytes=args.shard_size,
+        skip_bad=args.skip_bad,
+        resume=not args.no_resume,
+        progress=not args.no_progress,
+        source=f"{args.dataset}:{args.split}",
+    )
+    print(f"VT cache ready: {out}")
+    return 0
+
+
+def _add_build_vt_cache(sub) -> None:
+    p = sub.add_parser("build-vt-cache", help="encode visual-thought images once into a VT cache")
+    p.add_argument("--model", required=True, help="Qwen-VL checkpoint folder (the policy)")
+    p.add_argument("--dataset", required=True, help="save_to_disk folder, data file, or hub name")
+    p.add_argument("--split", default="train")
+    p.add_argument("--format", choices=["standard", "thinkmorph"], default="standard")
+    p.add_argument("--vt-columns", nargs="+", help="default: vt_images (standard), reasoning_image_* (thinkmorph)")
+    p.add_argument("--id-column", default="id")
+    p.add_argument("--output", required=True)
+    p.add_argument("--batch-size", type=int, default=8, help="samples per encoder call")
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default="bfloat16",
+        help="tower compute and storage dtype",
+    )
+    p.add_argument("--shard-size", type=parse_size, default=parse_size("1GiB"), help="e.g. 1GiB, 256MB")
+    p.add_argument("--device", help="default: cuda if available")
+    p.add_argument("--skip-bad", action="store_true", help="skip samples with unreadable images (see skipped.json)")
+    p.add_argument("--no-resume", action="store_true", help="refuse to continue an interrupted build")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_build_vt_cache)
+
+
+def _verify_vt_cache(args) -> int:
+    from opsd_trl.vt_cache import verify_vt_cache
+
+    problems = verify_vt_cache(args.cache)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    print(f"{args.cache}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
+def _add_verify_vt_cache(sub) -> None:
+    p = sub.add_parser("verify-vt-cache", help="re-check a VT cache's hashes and tensor shapes")
+    p.add_argument("cache", help="VT cache directory")
+    p.set_defaults(func=_verify_vt_cache)
+
+
+COMMANDS = [_add_build_vt_cache, _add_verify_vt_cache]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="opsd-trl", description="Visual On-Policy Self-Distillation for TRL")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for register in COMMANDS:
+        register(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

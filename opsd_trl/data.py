@@ -1,0 +1,126 @@
+"""Dataset adapters: everything the trainer, the VT cache and eval read is in the *standard layout*.
+
+Standard layout (one row per sample; see docs/architecture.md "Contracts between modules"):
+
+============  ==========================  ==============================================================
+column        type                        meaning
+============  ==========================  ==============================================================
+``id``        str                         unique sample id; the VT cache key
+``prompt``    list of chat messages       user content: one ``{"type": "image"}`` per entry of ``images``
+                                          (in order) and ``{"type": "text", "text": ...}`` parts
+``images``    list of PIL images          problem image(s), student and teacher (empty for text LMs)
+``vt_images`` list of PIL images          visual thoughts, teacher only (may be empty)
+``answer``    str                         reference answer
+``vt_text``   str, optional               text-only LMs: the visual thoughts written as text
+``task``      str, optional               task name
+``meta``      str (JSON), optional        what the task's exact scorer needs
+============  ==========================  ==============================================================
+
+Text-only LMs get their visual thoughts either as ``vt_text`` or as user-provided embeddings: a safetensors file
+keyed by sample id, turned into a VT cache by :func:`opsd_trl.vt_cache.import_vt_embeddings`.
+
+ThinkMorph layout: ``question``, problem image column(s) (``problem_image`` or ``problem_image_<k>``), reasoning
+images ``reasoning_image_<k>`` (the VTs, ordered by k), ``answer``, and optionally an id column.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+STANDARD_COLUMNS = ("id", "prompt", "images", "vt_images", "answer")
+OPTIONAL_COLUMNS = ("vt_text", "task", "meta")
+ID_CANDIDATES = ("id", "pid", "sample_id", "index")
+
+
+def numbered_columns(column_names: Sequence[str], stem: str) -> list[str]:
+    """``stem`` and ``stem_<k>`` columns ordered by k (``reasoning_image_10`` after ``reasoning_image_2``)."""
+    found = []
+    for name in column_names:
+        m = re.fullmatch(rf"{re.escape(stem)}(?:_(\d+))?", name)
+        if m:
+            found.append((int(m.group(1)) if m.group(1) else -1, name))
+    return [name for _, name in sorted(found)]
+
+
+def thinkmorph_vt_columns(column_names: Sequence[str]) -> list[str]:
+    return numbered_columns(column_names, "reasoning_image")
+
+
+def ensure_ids(dataset, split: str = "train"):
+    """Add an ``id`` column if missing: from ``pid`` / ``sample_id`` / ``index`` when present, else
+    ``"<split>-<row>"`` (stable as long as the dataset order is)."""
+    if "id" in dataset.column_names:
+        return dataset
+    source = next((c for c in ID_CANDIDATES if c in dataset.column_names), None)
+    ids = [str(v) for v in dataset[source]] if source else [f"{split}-{i}" for i in range(len(dataset))]
+    return dataset.add_column("id", ids)
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def thinkmorph_to_standard(
+    example: dict,
+    *,
+    question_column: str = "question",
+    answer_column: str = "answer",
+    text_vt_column: str | None = None,
+) -> dict:
+    """One ThinkMorph row (with an ``id``) -> one standard-layout row."""
+    names = list(example)
+    images = [im for c in numbered_columns(names, "problem_image") for im in _as_list(example[c])]
+    vts = [im for c in thinkmorph_vt_columns(names) for im in _as_list(example[c])]
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": example[question_column]}]
+    row = {
+        "id": str(example["id"]),
+        "prompt": [{"role": "user", "content": content}],
+        "images": images,
+        "vt_images": vts,
+        "answer": str(example[answer_column]),
+    }
+    if text_vt_column:
+        row["vt_text"] = example[text_vt_column]
+    return row
+
+
+def standardize(dataset, fmt: str = "standard", split: str = "train", **kwargs):
+    """A ``datasets.Dataset`` in ``fmt`` ("standard" or "thinkmorph") -> the standard layout, validated."""
+    if fmt == "thinkmorph":
+        dataset = ensure_ids(dataset, split)
+        dataset = dataset.map(lambda ex: thinkmorph_to_standard(ex, **kwargs), remove_columns=dataset.column_names)
+    elif fmt != "standard":
+        raise ValueError(f"unknown dataset format {fmt!r}; use 'standard' or 'thinkmorph'")
+    missing = [c for c in STANDARD_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"dataset lacks standard columns {missing} (has {dataset.column_names})")
+    return dataset
+
+
+def validate_standard(example: dict) -> None:
+    """Check one standard row: the prompt has exactly one image part per problem image."""
+    parts = [p for m in example["prompt"] if isinstance(m["content"], list) for p in m["content"]]
+    n_image_parts = sum(p.get("type") == "image" for p in parts)
+    if n_image_parts != len(example["images"]):
+        raise ValueError(
+            f"sample {example['id']!r}: prompt has {n_image_parts} image parts but {len(example['images'])} images"
+        )
+
+
+def load_any(path_or_name: str, split: str = "train"):
+    """A folder from ``Dataset.save_to_disk``, a local data folder/file, or a hub name -> ``datasets.Dataset``."""
+    import os
+
+    import datasets
+
+    if os.path.isdir(path_or_name) and os.path.exists(os.path.join(path_or_name, "dataset_info.json")):
+        loaded = datasets.load_from_disk(path_or_name)
+        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    if os.path.isfile(path_or_name):
+        ext = path_or_name.rsplit(".", 1)[-1]
+        builder = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}[ext]
+        return datasets.load_dataset(builder, data_files=path_or_name, split=split)
+    return datasets.load_dataset(path_or_name, split=split)

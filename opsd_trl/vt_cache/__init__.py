@@ -1,0 +1,37 @@
+"""VT cache: visual-thought images encoded once by the vision tower + projector, stored as safetensors shards
+with a JSON index and manifest, read back by sample id. Format: ``docs/vt_cache.md``."""
+
+from .build import build_vt_cache, decode_image, import_vt_embeddings, sample_ids
+from .encoders import EncodedImage, QwenVLEncoder, SyntheticEncoder, VTEncoder, load_encoder, weights_sha256
+from .format import (
+    FORMAT_VERSION,
+    BadImageError,
+    VTCacheCorruptError,
+    VTCacheError,
+    VTCacheMismatchError,
+)
+from .load import VTCache, VTEntry
+from .verify import check_compatible, policy_fingerprint, verify_vt_cache
+
+__all__ = [
+    "FORMAT_VERSION",
+    "BadImageError",
+    "EncodedImage",
+    "QwenVLEncoder",
+    "SyntheticEncoder",
+    "VTCache",
+    "VTCacheCorruptError",
+    "VTCacheError",
+    "VTCacheMismatchError",
+    "VTEncoder",
+    "VTEntry",
+    "build_vt_cache",
+    "check_compatible",
+    "decode_image",
+    "import_vt_embeddings",
+    "load_encoder",
+    "policy_fingerprint",
+    "sample_ids",
+    "verify_vt_cache",
+    "weights_sha256",
+]

@@ -1,0 +1,368 @@
+"""Build a VT cache: decode -> encode in batches -> buffer -> commit size-capped shards (temp name + rename).
+
+Resumable: after every shard commit, ``progress.json`` records how many input samples are done and the index
+entries so far. A rerun with the same settings drops uncommitted files and restarts at that sample. Batches are
+aligned to multiples of ``batch_size`` from the first sample and shards only close between batches, so a resumed
+build encodes exactly the same batches as an uninterrupted one and writes identical bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .encoders import FINGERPRINT_FIELDS, EncodedImage, VTEncoder
+from .format import (
+    DEFAULT_SHARD_BYTES,
+    DTYPES,
+    FORMAT_VERSION,
+    INDEX,
+    MANIFEST,
+    PROGRESS,
+    SKIPPED,
+    TMP_SUFFIX,
+    BadImageError,
+    VTCacheError,
+    crc32_tensors,
+    deepstack_key,
+    dtype_name,
+    embeds_key,
+    read_json,
+    sha256_file,
+    sha256_json,
+    shard_name,
+    tensor_bytes,
+    write_json_atomic,
+)
+
+# Test hook: exit abruptly (no cleanup, like a kill) once this many input samples are processed.
+EXIT_AFTER_ENV = "OPSD_TRL_VT_CACHE_EXIT_AFTER"
+
+
+def decode_image(value, sample_id: str, column: str) -> Image.Image:
+    """PIL image, ``{"bytes"|"path"}`` dict (datasets' undecoded Image), bytes or a path -> loaded RGB image."""
+    try:
+        if isinstance(value, dict):
+            value = value.get("bytes") or value.get("path")
+        if isinstance(value, bytes | bytearray):
+            value = Image.open(io.BytesIO(value))
+        elif isinstance(value, str | os.PathLike):
+            value = Image.open(value)
+        if not isinstance(value, Image.Image):
+            raise TypeError(f"expected an image, got {type(value).__name__}")
+        value.load()  # decode now, so a truncated file fails here and not inside the encoder
+        return value.convert("RGB")
+    except Exception as e:
+        raise BadImageError(f"sample {sample_id!r}, column {column!r}: unreadable image ({e})") from e
+
+
+def _column_values(sample: dict, column: str) -> list:
+    value = sample.get(column)
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _image_digest(h, column: str, im: Image.Image) -> None:
+    h.update(f"{column}:{im.mode}:{im.size}\n".encode())
+    h.update(im.tobytes())
+
+
+def _undecoded(samples, columns: Sequence[str]):
+    """For a datasets.Dataset, read image columns as raw bytes so decoding errors name the column."""
+    if not hasattr(samples, "cast_column"):
+        return samples
+    from datasets import Image as ImageFeature
+    from datasets import List
+
+    for c in columns:
+        feature = samples.features.get(c)
+        if isinstance(feature, ImageFeature):
+            samples = samples.cast_column(c, ImageFeature(decode=False))
+        elif isinstance(feature, List) and isinstance(feature.feature, ImageFeature):
+            samples = samples.cast_column(c, List(ImageFeature(decode=False)))
+    return samples
+
+
+def sample_ids(samples, id_column: str = "id") -> list[str]:
+    """All ids (column access on a datasets.Dataset: no image decoding); duplicates are an error."""
+    ids = samples[id_column] if hasattr(samples, "column_names") else [s[id_column] for s in samples]
+    ids = [str(i) for i in ids]
+    seen, dups = set(), []
+    for i in ids:
+        if i in seen:
+            dups.append(i)
+        seen.add(i)
+    if dups:
+        raise VTCacheError(f"duplicate sample ids in column {id_column!r}: {sorted(set(dups))[:10]}")
+    return ids
+
+
+class _ShardWriter:
+    """Buffers encoded samples and commits them as one safetensors shard once ``shard_bytes`` is reached."""
+
+    def __init__(self, out: Path, dtype: torch.dtype, next_shard: int, next_row: int):
+        self.out, self.dtype, self.next_shard, self.next_row = out, dtype, next_shard, next_row
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.entries: dict[str, dict] = {}
+        self.nbytes = 0
+
+    def add(self, sample_id: str, images: list[tuple[str, EncodedImage]], digest: str) -> None:
+        row, items = self.next_row, []
+        for j, (column, enc) in enumerate(images):
+            embeds = enc.embeds.to(dtype=self.dtype, copy=True).contiguous()  # own memory, not a batch view
+            self.tensors[embeds_key(row, j)] = embeds
+            item = {"key": embeds_key(row, j), "column": column, "shape": list(embeds.shape)}
+            deep = None
+            if enc.deepstack is not None:
+                deep = enc.deepstack.to(dtype=self.dtype, copy=True).contiguous()
+                self.tensors[deepstack_key(row, j)] = deep
+                item["deepstack_shape"] = list(deep.shape)
+            if enc.grid_thw is not None:
+                item["grid_thw"] = list(enc.grid_thw)
+            item["crc32"] = crc32_tensors(embeds, deep)
+            self.nbytes += embeds.nbytes + (deep.nbytes if deep is not None else 0)
+            items.append(item)
+        self.entries[sample_id] = {"shard": shard_name(self.next_shard), "images": items, "vt_digest": digest}
+        self.next_row += 1
+
+    def commit(self) -> tuple[dict, dict] | None:
+        """Write the buffered shard (temp name, fsync, rename); return (shard record, its index entries)."""
+        if not self.entries:
+            return None
+        name = shard_name(self.next_shard)
+        final = self.out / name
+        tmp = final.with_name(name + TMP_SUFFIX)
+        # One metadata key only: safetensors writes a metadata map in per-process random order, and resumed
+        # builds must produce identical bytes.
+        save_file(self.tensors, tmp, metadata={"format": f"opsd_trl.vt_cache/{FORMAT_VERSION}"})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        record = {
+            "file": name,
+            "bytes": final.stat().st_size,
+            "sha256": sha256_file(final),
+            "num_samples": len(self.entries),
+            "num_images": sum(len(e["images"]) for e in self.entries.values()),
+        }
+        entries = self.entries
+        self.tensors, self.entries, self.nbytes = {}, {}, 0
+        self.next_shard += 1
+        return record, entries
+
+
+def _resume_state(out: Path, config: dict, resume: bool) -> dict:
+    fresh = {"config": config, "consumed": 0, "next_row": 0, "shards": [], "entries": {}, "skipped": []}
+    path = out / PROGRESS
+    if not path.exists():
+        state = fresh
+    elif not resume:
+        raise VTCacheError(
+            f"{out} holds an interrupted build; pass resume=True (CLI: drop --no-resume) or use a new directory"
+        )
+    else:
+        state = read_json(path, "build progress")
+        for key in config:
+            if state["config"].get(key) != config[key]:
+                raise VTCacheError(
+                    f"{out}: cannot resume, setting {key!r} differs from the interrupted build "
+                    f"({state['config'].get(key)!r} vs {config[key]!r}); use a new output directory"
+                )
+    committed = {s["file"] for s in state["shards"]}
+    for p in out.iterdir():  # anything not committed is a leftover of the interrupted run
+        if p.name.endswith(TMP_SUFFIX) or (p.name.startswith("shard-") and p.name not in committed):
+            p.unlink()
+    for s in state["shards"]:
+        p = out / s["file"]
+        if not p.exists() or p.stat().st_size != s["bytes"]:
+            raise VTCacheError(f"{out}: committed shard {s['file']} is missing or changed; start a new build")
+    return state
+
+
+def build_vt_cache(
+    samples,
+    encoder: VTEncoder,
+    output: str | Path,
+    *,
+    vt_columns: Sequence[str] = ("vt_images",),
+    id_column: str = "id",
+    batch_size: int = 8,
+    dtype: torch.dtype | str = torch.float32,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    skip_bad: bool = False,
+    resume: bool = True,
+    progress: bool = True,
+    source: str | None = None,
+) -> Path:
+    """Encode the VT images of every sample and write a cache to ``output``; returns the directory.
+
+    ``samples``: a sequence of dicts (a ``datasets.Dataset`` works) with ``id_column`` and ``vt_columns``; each
+    VT column holds an image, a list of images, or None. A sample's VT list is the concatenation over
+    ``vt_columns`` in order. ``batch_size`` counts samples (each brings all its VT images). ``skip_bad``: leave
+    out samples with an unreadable image and list them in ``skipped.json`` instead of raising.
+    """
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    vt_columns = list(vt_columns)
+    samples = _undecoded(samples, vt_columns)
+    ids = sample_ids(samples, id_column)
+    fingerprint = encoder.fingerprint()
+    config = {
+        **{k: fingerprint[k] for k in FINGERPRINT_FIELDS},
+        "dtype": dtype_name(dtype),
+        "vt_columns": vt_columns,
+        "batch_size": batch_size,
+        "shard_bytes": shard_bytes,
+        "skip_bad": skip_bad,
+        "ids_sha256": sha256_json(ids),
+    }
+    if (out / MANIFEST).exists():
+        done = read_json(out / MANIFEST, "manifest")
+        if done.get("build_config") == config:
+            return out
+        raise VTCacheError(f"{out} already holds a finished VT cache built with other settings")
+
+    state = _resume_state(out, config, resume)
+    writer = _ShardWriter(out, dtype, len(state["shards"]), state["next_row"])
+    exit_after = int(os.environ.get(EXIT_AFTER_ENV, "0"))
+    bar = tqdm(total=len(ids), initial=state["consumed"], unit="sample", desc="VT cache", disable=not progress)
+    n_images = sum(s["num_images"] for s in state["shards"])
+    for start in range(state["consumed"], len(ids), batch_size):
+        stop = min(start + batch_size, len(ids))
+        batch = []  # (id, [(column, image)], digest)
+        for i in range(start, stop):
+            sample = samples[i]
+            try:
+                h = hashlib.sha256()
+                images = []
+                for c in vt_columns:
+                    for v in _column_values(sample, c):
+                        im = decode_image(v, ids[i], c)
+                        _image_digest(h, c, im)
+                        images.append((c, im))
+                batch.append((ids[i], images, h.hexdigest()))
+            except BadImageError as e:
+                if not skip_bad:
+                    raise
+                state["skipped"].append({"id": ids[i], "error": str(e)})
+        encoded = iter(encoder.encode([im for _, images, _ in batch for _, im in images]))
+        for sid, images, digest in batch:
+            writer.add(sid, [(c, next(encoded)) for c, _ in images], digest)
+            n_images += len(images)
+        if writer.nbytes >= shard_bytes:
+            _commit(out, writer, state, consumed=stop)
+        bar.update(stop - start)
+        bar.set_postfix(images=n_images)
+        if exit_after and stop >= exit_after:
+            os._exit(3)
+    bar.close()
+    _commit(out, writer, state, consumed=len(ids))
+    _finalize(out, state, fingerprint, source)
+    return out
+
+
+def _commit(out: Path, writer: _ShardWriter, state: dict, consumed: int) -> None:
+    committed = writer.commit()
+    if committed is not None:
+        record, entries = committed
+        state["shards"].append(record)
+        state["entries"].update(entries)
+    state["consumed"], state["next_row"] = consumed, writer.next_row
+    write_json_atomic(out / PROGRESS, state, compact=True)
+
+
+def _finalize(out: Path, state: dict, fingerprint: dict, source: str | None) -> None:
+    entries = state["entries"]
+    write_json_atomic(out / INDEX, {"format_version": FORMAT_VERSION, "samples": entries}, compact=True)
+    images_hash = hashlib.sha256()
+    for sid, e in entries.items():
+        images_hash.update(f"{sid}\0{e['vt_digest']}\n".encode())
+    if state["skipped"]:
+        write_json_atomic(out / SKIPPED, state["skipped"])
+    config = state["config"]
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "kind": "opsd_trl.vt_cache",
+        **fingerprint,
+        "dtype": config["dtype"],
+        "vt_columns": config["vt_columns"],
+        "num_samples": len(entries),
+        "num_images": sum(len(e["images"]) for e in entries.values()),
+        "num_skipped": len(state["skipped"]),
+        "images_sha256": images_hash.hexdigest(),
+        "index_sha256": sha256_file(out / INDEX),
+        "shards": state["shards"],
+        "source": source,
+        "build_config": config,
+    }
+    write_json_atomic(out / MANIFEST, manifest)  # last: its presence marks the cache complete
+    (out / PROGRESS).unlink()
+
+
+def import_vt_embeddings(
+    embeddings_file: str | Path,
+    output: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """Text-only LMs: turn user-provided VT embeddings into a VT cache the trainer reads like any other.
+
+    ``embeddings_file``: a safetensors file whose keys are sample ids and whose values are ``(n_tokens, hidden)``
+    (one VT) or ``(n_vts, n_tokens, hidden)``. Not resumable (no encoding to save).
+    """
+    from safetensors import safe_open
+
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    if any(out.iterdir()):
+        raise VTCacheError(f"{out} is not empty")
+    with safe_open(embeddings_file, framework="pt") as f:
+        keys = list(f.keys())
+        first = f.get_tensor(keys[0]) if keys else torch.zeros(0, 0)
+        dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or first.dtype)
+        fingerprint = {
+            "model_family": "text",
+            "hidden_size": first.shape[-1],
+            "spatial_merge_size": None,
+            "deepstack_levels": 0,
+            "vision_weights_sha256": None,
+            "processor_sha256": None,
+            "processor_config": None,
+        }
+        config = {
+            **{k: fingerprint[k] for k in FINGERPRINT_FIELDS},
+            "dtype": dtype_name(dtype),
+            "vt_columns": ["vt_embeddings"],
+            "source_file": str(embeddings_file),
+        }
+        state = {"config": config, "shards": [], "entries": {}, "skipped": []}
+        writer = _ShardWriter(out, dtype, 0, 0)
+        for sid in keys:
+            t = f.get_tensor(sid)
+            if t.dim() not in (2, 3) or t.shape[-1] != fingerprint["hidden_size"]:
+                raise VTCacheError(
+                    f"{embeddings_file}: sample {sid!r} has shape {list(t.shape)}; expected "
+                    f"(n_tokens, {fingerprint['hidden_size']}) or (n_vts, n_tokens, hidden)"
+                )
+            vts = list(t) if t.dim() == 3 else [t]
+            h = hashlib.sha256()
+            for v in vts:
+                h.update(tensor_bytes(v))
+            digest = h.hexdigest()
+            writer.add(sid, [("vt_embeddings", EncodedImage(v, None)) for v in vts], digest)
+            if writer.nbytes >= shard_bytes:
+                _commit(out, writer, state, consumed=0)
+    _commit(out, writer, state, consumed=0)
+    _finalize(out, state, fingerprint, source=str(embeddings_file))
+    return out

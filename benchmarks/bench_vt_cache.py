@@ -1,0 +1,173 @@
+"""VT cache benchmark, ratios measured side by side in one run (CPU, OMP_NUM_THREADS=1 recommended).
+
+1. Teacher side, tiny Qwen2.5-VL, 8 VT images per sample: (a) VT features from the cache vs re-encoding the 8
+   images (image processor + vision tower + merger); (b) a full teacher forward both ways (re-encode inside
+   ``model(pixel_values=...)`` vs cached rows spliced into ``inputs_embeds`` with explicit M-RoPE positions).
+2. Load latency p50 / p99 per sample (8 VTs) in random order from a synthetic cache of N samples.
+3. Build throughput, images/s: tiny Qwen2.5-VL end to end, and the synthetic encoder (format overhead alone).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_vt_cache.py [--samples 10000] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from opsd_trl.vt_cache import QwenVLEncoder, SyntheticEncoder, VTCache, build_vt_cache
+
+N_VTS = 8
+
+
+def vt_image(i: int, size: int = 112) -> Image.Image:
+    return Image.fromarray(np.random.RandomState(i).randint(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+class LazySamples:
+    """``n`` samples of ``N_VTS`` images each, generated on access (no 80k images in memory)."""
+
+    def __init__(self, n: int, size: int):
+        self.n, self.size = n, size
+        self.pool = [vt_image(i, size) for i in range(97)]
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return {"id": f"s{i:06d}", "vt_images": [self.pool[(i * N_VTS + j) % 97] for j in range(N_VTS)]}
+
+
+def rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def timeit(fn, reps: int) -> float:
+    fn()  # warm-up
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps
+
+
+def teacher_inputs(model, processor, images):
+    """A teacher-like sequence: problem text, the 8 VT images, then a 64-token completion."""
+    content = [{"type": "text", "text": "Solve the maze."}] + [{"type": "image"} for _ in images]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True) + "step " * 13
+    return processor(text=[text], images=images, return_tensors="pt")
+
+
+@torch.no_grad()
+def bench_teacher(workdir: Path, reps: int) -> dict:
+    from opsd_trl.models.tiny import build_tiny_qwen2_5_vl
+
+    model, processor = build_tiny_qwen2_5_vl(seed=0)
+    encoder = QwenVLEncoder(model, processor)
+    images = [vt_image(1000 + j) for j in range(N_VTS)]
+    cache = VTCache(build_vt_cache([{"id": "x", "vt_images": images}], encoder, workdir / "teacher", progress=False))
+    inputs = teacher_inputs(model, processor, images)
+    inner = model.model
+
+    def reencode_forward():
+        return model(**inputs).logits
+
+    def cached_forward():
+        entry = cache["x"]
+        ids = inputs["input_ids"]
+        embeds = inner.get_input_embeddings()(ids)
+        mask = (ids == model.config.image_token_id).unsqueeze(-1)
+        embeds = embeds.masked_scatter(mask, torch.cat(entry.embeds).to(embeds.dtype))
+        pos, _ = inner.get_rope_index(ids, inputs["mm_token_type_ids"], image_grid_thw=entry.grid_thw,
+                                      attention_mask=inputs["attention_mask"])
+        inner.rope_deltas = None
+        return model(inputs_embeds=embeds, position_ids=pos, attention_mask=inputs["attention_mask"]).logits
+
+    inner.rope_deltas = None
+    diff = (reencode_forward() - cached_forward()).abs().max().item()
+    t_enc = timeit(lambda: encoder.encode(images), reps)
+    t_load = timeit(lambda: cache["x"], reps)
+    t_fwd_enc = timeit(reencode_forward, reps)
+    t_fwd_cache = timeit(cached_forward, reps)
+    return {
+        "tokens_per_vt": cache["x"].embeds[0].shape[0], "seq_len": inputs["input_ids"].shape[1],
+        "encode_8_ms": 1e3 * t_enc, "cache_8_ms": 1e3 * t_load, "features_speedup": t_enc / t_load,
+        "forward_reencode_ms": 1e3 * t_fwd_enc, "forward_cached_ms": 1e3 * t_fwd_cache,
+        "forward_speedup": t_fwd_enc / t_fwd_cache, "logits_max_abs_diff": diff,
+    }
+
+
+def bench_build_qwen(workdir: Path, n: int) -> dict:
+    from opsd_trl.models.tiny import build_tiny_qwen2_5_vl
+
+    encoder = QwenVLEncoder(*build_tiny_qwen2_5_vl(seed=0))
+    t = time.perf_counter()
+    build_vt_cache(LazySamples(n, 112), encoder, workdir / "qwen_build", batch_size=8, progress=False)
+    return {"qwen_build_images_per_s": n * N_VTS / (time.perf_counter() - t)}
+
+
+def bench_load(workdir: Path, n: int, reps: int) -> dict:
+    out = workdir / "synthetic"
+    t = time.perf_counter()
+    # hidden 128, 112x112 images -> 16 tokens per VT (the tiny model's geometry); 64 MB shards
+    build_vt_cache(LazySamples(n, 112), SyntheticEncoder(hidden_size=128), out, batch_size=64,
+                   shard_bytes=64 << 20, progress=False)
+    build_s = time.perf_counter() - t
+    anon0 = rss_kb("RssAnon")
+    t = time.perf_counter()
+    cache = VTCache(out)
+    open_s = time.perf_counter() - t
+    ids = list(cache.ids())
+    random.Random(0).shuffle(ids)
+    lat, cpu = [], []  # wall clock, and this thread's CPU time (immune to preemption on a loaded machine)
+    for sid in ids[:reps]:
+        t, c = time.perf_counter(), time.thread_time()
+        entry = cache[sid]
+        lat.append(time.perf_counter() - t)
+        cpu.append(time.thread_time() - c)
+        assert len(entry.embeds) == N_VTS
+    lat_ms, cpu_ms = 1e3 * np.array(lat), 1e3 * np.array(cpu)
+    return {
+        "samples": n, "images": n * N_VTS, "shards": len(cache.manifest["shards"]),
+        "cache_mb": sum(s["bytes"] for s in cache.manifest["shards"]) / 2**20,
+        "synthetic_build_images_per_s": n * N_VTS / build_s, "open_s": open_s,
+        "load_p50_ms": float(np.percentile(lat_ms, 50)), "load_p99_ms": float(np.percentile(lat_ms, 99)),
+        "load_max_ms": float(lat_ms.max()), "load_cpu_p50_ms": float(np.percentile(cpu_ms, 50)),
+        "load_cpu_p99_ms": float(np.percentile(cpu_ms, 99)),
+        # private memory grown while reading (mapped shard pages are file-backed page cache, not counted here)
+        "anon_rss_growth_mb": (rss_kb("RssAnon") - anon0) / 1024, "file_rss_mb": rss_kb("RssFile") / 1024,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=10_000, help="samples in the synthetic load cache")
+    parser.add_argument("--reads", type=int, default=5_000, help="random reads timed")
+    parser.add_argument("--reps", type=int, default=20, help="repetitions of each teacher-side timing")
+    parser.add_argument("--build-samples", type=int, default=64, help="samples (x8 VTs) for the Qwen build timing")
+    parser.add_argument("--workdir", type=Path, help="default: a temporary directory")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = args.workdir or Path(tmp)
+        results = {**bench_teacher(workdir, args.reps), **bench_build_qwen(workdir, args.build_samples),
+                   **bench_load(workdir, args.samples, args.reads)}
+    print(f"torch threads: {torch.get_num_threads()}, load average: {os.getloadavg()[0]:.1f}")
+    for k, v in results.items():
+        print(f"{k:32s} {v:.4g}" if isinstance(v, float) else f"{k:32s} {v}")
+
+
+if __name__ == "__main__":
+    main()

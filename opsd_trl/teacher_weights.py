@@ -1,10 +1,9 @@
 """Teacher weights for the `ema` and `fixed` teacher modes: a shadow copy of the trainable parameters.
 
 The shadow holds, for each trainable parameter, exactly the piece of it this rank owns: under DeepSpeed ZeRO-3 the
-local partition (`param.ds_tensor`), never a gathered full tensor (small "persistent" parameters, which ZeRO-3 keeps
-whole on every rank, are shadowed whole); otherwise the full tensor. The teacher forward runs inside `swapped()`,
-which exchanges live and shadow values in place, so ZeRO-3 gathers the teacher weights exactly as it gathers the
-policy's. Frozen parameters never change, so the live value is the teacher's value for them.
+local partition (`param.ds_tensor`), never a gathered full tensor; otherwise the full tensor. The teacher forward
+runs inside `swapped()`, which releases every gathered weight, then writes the shadow into the partitions in place,
+so ZeRO-3 gathers the teacher weights exactly as it gathers the policy's. Frozen parameters never change, so the live value is the teacher's value for them.
 
 - `ema`: after each optimizer step, shadow <- decay * shadow + (1 - decay) * policy.
 - `fixed` without PEFT: the shadow is the initial policy and is never updated (one extra copy of the trainable
@@ -21,17 +20,41 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 
-def _zero3_available(param: torch.Tensor) -> bool:
+def _local_view(param: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank owns for `param`: its ZeRO-3 partition (`ds_tensor`, which every gather reads and every
+    optimizer step writes, for small "persistent" parameters too), or the whole parameter without ZeRO-3."""
+    return param.ds_tensor.data if hasattr(param, "ds_tensor") else param.data
+
+
+def _check_partitioned(params) -> None:
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    return param.ds_status == ZeroParamStatus.AVAILABLE
+    for p in params:
+        if hasattr(p, "ds_tensor") and p.ds_status != ZeroParamStatus.NOT_AVAILABLE:
+            # A gathered copy would keep serving the other set of weights.
+            raise RuntimeError(
+                f"ZeRO-3 parameter {p.ds_id} is still gathered; teacher weights swap only while the model is fully "
+                "partitioned (pass the engine's empty_partition_cache as release_gathered)."
+            )
 
 
-def _local_view(param: torch.Tensor) -> torch.Tensor:
-    """The tensor this rank owns for `param` (its ZeRO-3 partition, or the parameter itself)."""
-    if hasattr(param, "ds_tensor") and not _zero3_available(param):
-        return param.ds_tensor.data
-    return param.data
+@contextlib.contextmanager
+def gathered(params):
+    """Full values of `params` inside the block under ZeRO-3 (read only); a no-op otherwise."""
+    from_zero3 = [p for p in params if hasattr(p, "ds_tensor")]
+    if from_zero3:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        # Already-gathered ones (persistent parameters) are left alone: re-partitioning them on exit would drop them.
+        from_zero3 = [p for p in from_zero3 if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    params = from_zero3
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
 
 
 class ShadowWeights:
@@ -52,9 +75,17 @@ class ShadowWeights:
 
     @contextlib.contextmanager
     @torch.no_grad()
-    def swapped(self):
+    def swapped(self, release_gathered=None):
         """Inside the block the model carries the shadow (teacher) weights; the policy is restored bit-exactly on
-        exit (the live values are stashed, not recovered from the fp32 shadow)."""
+        exit (the live values are stashed, not recovered from the fp32 shadow).
+
+        `release_gathered` (ZeRO-3: the engine's `empty_partition_cache`) is called on entry and before the restore:
+        ZeRO-3 may keep recently used weights gathered for reuse, and a gathered copy of one set of weights must never
+        serve a forward meant for the other.
+        """
+        if release_gathered is not None:
+            release_gathered()
+            _check_partitioned(self._params)
         views = [_local_view(p) for p in self._params]
         stash = [v.clone() for v in views]
         for v, s in zip(views, self.shadow, strict=True):
@@ -62,6 +93,8 @@ class ShadowWeights:
         try:
             yield
         finally:
+            if release_gathered is not None:
+                release_gathered()
             for v, saved in zip(views, stash, strict=True):
                 v.copy_(saved)
 

@@ -32,7 +32,7 @@ from .generation import build_generator
 from .losses import generalized_jsd, sampled_token_reverse_kl
 from .models.adapters import SlotFeatures, get_adapter, head_logits, unwrap_base
 from .teacher_context import teacher_messages, tokenize_teacher_prompt
-from .teacher_weights import ShadowWeights
+from .teacher_weights import ShadowWeights, gathered
 
 logger = logging.get_logger(__name__)
 
@@ -152,7 +152,9 @@ class VisualOPSDTrainer(DistillationTrainer):
             return contextlib.nullcontext()
         if mode == "fixed" and self._peft:
             return unwrapped.disable_adapter()
-        return self.teacher_shadow.swapped()
+        engine = self.model_wrapped
+        release = engine.empty_partition_cache if self.is_deepspeed_enabled and hasattr(engine, "empty_partition_cache") else None
+        return self.teacher_shadow.swapped(release_gathered=release)
 
     # ----------------------------------------------------------------------------------------------- generation
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
@@ -325,14 +327,27 @@ class VisualOPSDTrainer(DistillationTrainer):
             return torch.randn_like(t) * t.std() + t.mean() if t is not None else None
         return [SlotFeatures(noise(s.embeds), s.grid_thw, noise(s.deepstack)) for s in slots]
 
+    def _teacher_pass(self, unwrapped, inputs) -> dict[str, Any]:
+        """Teacher hidden states (and the teacher's head when it differs from the policy's), computed under the
+        teacher weights. Runs outside the student's wrapped forward, while ZeRO-3 holds every weight partitioned,
+        so swapping in the shadow weights cannot leave a gathered live copy in use."""
+        t0 = time.perf_counter()
+        head = unwrapped.get_output_embeddings()
+        with self._teacher_weights(unwrapped):
+            hidden = self._teacher_hidden_states(unwrapped, inputs)
+            teacher_head = None
+            if self._teacher_head_differs(head):  # the EMA / fixed teacher's own head, when the head trains
+                with gathered([head.weight]):
+                    teacher_head = head.weight.detach().clone()
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["time/teacher"].append(time.perf_counter() - t0)
+        return {"teacher_hidden": hidden, "teacher_head": teacher_head}
+
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        """Student forward + loss; runs inside the wrapped model's forward (ZeRO-3 gathers the head once)."""
         mode = "train" if self.model.training else "eval"
         head = unwrapped_student.get_output_embeddings()
-        t0 = time.perf_counter()
-        with self._teacher_weights(unwrapped_student):
-            teacher_hidden = self._teacher_hidden_states(unwrapped_student, inputs)
-            # The EMA / fixed teacher has its own head when the head trains: keep a copy of it for the loss.
-            teacher_head = head.weight.detach().clone() if self._teacher_head_differs(head) else None
+        teacher_hidden, teacher_head = inputs["teacher_hidden"], inputs["teacher_head"]
         t1 = time.perf_counter()
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
@@ -373,7 +388,6 @@ class VisualOPSDTrainer(DistillationTrainer):
                 temperature=args.temperature, chunk_size=args.loss_chunk_size,
             ).items():
                 self._metrics[mode][key].append(value)
-        self._metrics[mode]["time/teacher"].append(t1 - t0)
         self._metrics[mode]["time/student"].append(t2 - t1)
         return loss, torch.zeros((), device=loss.device), mask.sum()
 
@@ -396,6 +410,7 @@ class VisualOPSDTrainer(DistillationTrainer):
         return (self.state.global_step + 1) % max(int(steps), 1) == 0 or self.state.global_step == 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = {**inputs, **self._teacher_pass(self.accelerator.unwrap_model(model), inputs)}
         loss = super().compute_loss(model, inputs, return_outputs=False, num_items_in_batch=num_items_in_batch)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode].pop("entropy", None)  # replaced by entropy/student and entropy/teacher

@@ -1,0 +1,90 @@
+"""A few Visual-OPSD training steps of a saved tiny model, under whatever launcher runs this script.
+
+Run plainly (`python train_opsd.py ...`) it is the single-process reference; under `accelerate launch` with a
+ZeRO-3 / ZeRO-2 / DDP config it is the distributed run. Generation is greedy so both runs train on the same
+completions. Writes the per-step losses and grad norms, and the final full weights (safetensors) next to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (trainer_utils)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--kind", choices=["text", "vl"], default="text")
+    parser.add_argument("--mode", default="self")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--global-batch", type=int, default=2)
+    parser.add_argument("--ga", type=int, default=1)
+    parser.add_argument("--fused", type=int, default=1)
+    parser.add_argument("--resume", default=None, help="checkpoint folder to resume from")
+    parser.add_argument("--save-steps", type=int, default=0)
+    args = parser.parse_args()
+
+    from safetensors.torch import save_file
+    from trainer_utils import make_config, text_dataset, vl_dataset
+
+    from opsd_trl import VisualOPSDTrainer
+    from opsd_trl.models.tiny import load_tiny
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_device = args.global_batch // (world * args.ga)
+    assert per_device * world * args.ga == args.global_batch, "the global batch must split evenly"
+    model, processing_class = load_tiny(args.model_dir)
+    dataset = text_dataset(n=8) if args.kind == "text" else vl_dataset(n=8)
+    out = Path(args.out)
+    config = make_config(
+        out.parent,
+        output_dir=str(out.parent / "run"),
+        teacher_mode=args.mode,
+        max_steps=args.steps,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=args.ga,
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        fused_loss=bool(args.fused),
+        ema_decay=0.5,
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
+        ddp_backend="gloo" if world > 1 else None,
+        max_completion_length=6,
+    )
+    trainer = VisualOPSDTrainer(model=model, args=config, train_dataset=dataset, processing_class=processing_class)
+    trainer.generator.settings.temperature = 0.0  # greedy: the same completions whatever the process count
+    trainer.train(resume_from_checkpoint=args.resume)
+
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    shadow = None
+    if trainer._shadow is not None:
+        shadow = {k: v for k, v in trainer.teacher_shadow.state_dict().items()}
+    if trainer.accelerator.is_main_process:
+        weights = out.with_suffix(".safetensors")
+        save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(weights))
+        out.write_text(json.dumps({
+            "world_size": world,
+            "loss": [h["loss"] for h in history],
+            "grad_norm": [h["grad_norm"] for h in history],
+            "kl": [h.get("kl_teacher_student") for h in history],
+            "weights": str(weights),
+            "shadow_numel": None if shadow is None else sum(v.numel() for v in shadow.values()),
+        }))
+    trainer.accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

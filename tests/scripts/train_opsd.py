@@ -52,7 +52,7 @@ def main():
         per_device_train_batch_size=per_device,
         gradient_accumulation_steps=args.ga,
         optim="sgd",
-        learning_rate=0.5,
+        learning_rate=0.1,
         lr_scheduler_type="constant",
         fused_loss=bool(args.fused),
         ema_decay=0.5,

@@ -91,8 +91,8 @@ class VisualOPSDTrainer(DistillationTrainer):
         )
         self.adapter = get_adapter(self.model)
         self._peft = hasattr(self.model, "disable_adapter")
-        # Any object with `id in cache` and `cache.get(id) -> list[SlotFeatures]` works; a `VTCache` folder is also
-        # checked against the policy (model family, hidden size, vision weights).
+        # A `VTCache` (checked against the policy: family, hidden size, vision weights, processor) or any mapping
+        # from sample id to a `VTEntry`.
         self.vt_cache = vt_cache
         from .vt_cache import VTCache
 
@@ -121,16 +121,8 @@ class VisualOPSDTrainer(DistillationTrainer):
     def _check_cache(self) -> None:
         from .vt_cache import check_compatible
 
-        vision_trainable = any(
-            p.requires_grad for n, p in unwrap_base(self.model).named_parameters() if "visual" in n
-        )
-        check_compatible(
-            self.vt_cache,
-            unwrap_base(self.model),
-            self.processing_class,
-            vision_trainable=vision_trainable,
-            allow_trainable_vision=self.args.allow_trainable_vision_with_cache,
-        )
+        check_compatible(self.vt_cache, unwrap_base(self.model), self.processing_class,
+                         allow_trainable_vision=self.args.allow_trainable_vision_with_cache)
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
@@ -209,7 +201,10 @@ class VisualOPSDTrainer(DistillationTrainer):
             if self.args.on_missing_vt == "error":
                 raise KeyError(f"sample {x['id']!r} is not in the VT cache {self.args.vt_cache_dir}.")
             return []
-        return self.vt_cache.get(x["id"])
+        entry = self.vt_cache[x["id"]]
+        grids = entry.grid_thw if entry.grid_thw is not None else [None] * len(entry.embeds)
+        deep = entry.deepstack or [None] * len(entry.embeds)
+        return [SlotFeatures(e, g, d) for e, g, d in zip(entry.embeds, grids, deep, strict=True)]
 
     def _teacher_batch(self, inputs, output) -> dict[str, Any]:
         """Per sample: teacher prompt ids + slot mask, and VT features (cache) or VT pixels (online)."""

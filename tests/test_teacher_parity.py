@@ -7,11 +7,12 @@ splice and the M-RoPE positions.
 
 import pytest
 import torch
-from trainer_utils import DictVTCache, completion_logits, generation_batch, make_trainer, text_dataset, vl_dataset
+from trainer_utils import completion_logits, entry, generation_batch, make_trainer, text_dataset, vl_dataset
 
 from opsd_trl.models.adapters import SlotFeatures
 from opsd_trl.models.tiny import build_tiny_qwen2_5_vl, build_tiny_qwen3_vl, build_tiny_text_lm
 from opsd_trl.teacher_context import teacher_messages
+from opsd_trl.vt_cache import QwenVLEncoder, VTCacheError, build_vt_cache
 
 ATOL = 1e-4
 
@@ -54,17 +55,18 @@ def test_vl_teacher_matches_full_forward(builder, tmp_path):
 
 @pytest.mark.parametrize("builder", [build_tiny_qwen2_5_vl, build_tiny_qwen3_vl], ids=["qwen2.5-vl", "qwen3-vl"])
 def test_vl_cached_features_equal_online(builder, tmp_path):
-    """VT features from a cache give the same teacher logits as encoding the VT images online."""
+    """VT features from a real VT cache folder give the same teacher logits as encoding the VT images online."""
     model, processor = builder()
     dataset = vl_dataset(n=2, n_vt=2)
     online = make_trainer(model, processor, dataset, tmp_path, teacher_mode="self")
     batch = generation_batch(online, dataset)
     logits_online = completion_logits(online, batch)
-    entries = {}
-    for x in dataset:
-        pix = processor.image_processor(images=x["vt_images"], return_tensors="pt")
-        entries[x["id"]] = online.adapter.encode_images(model, pix["pixel_values"], pix["image_grid_thw"])
-    cached = make_trainer(model, processor, dataset, tmp_path, teacher_mode="self", vt_cache=DictVTCache(entries))
+    cache_dir = build_vt_cache(dataset, QwenVLEncoder(model, processor), tmp_path / "cache", progress=False)
+    with pytest.raises(VTCacheError, match="trainable"):  # a training vision tower makes the cache stale
+        make_trainer(model, processor, dataset, tmp_path, vt_cache_dir=str(cache_dir))
+    model.model.visual.requires_grad_(False)
+    cached = make_trainer(model, processor, dataset, tmp_path, teacher_mode="self", vt_cache_dir=str(cache_dir))
+    assert cached.args.vt_source == "cache"
     for key in ("vt_slots", "vt_pixels", "teacher_prompt_ids", "teacher_slot_mask"):
         batch.pop(key)
     rows = [dataset[i] for i in range(2)]
@@ -81,7 +83,7 @@ def test_text_lm_soft_prefix_matches_token_forward(tmp_path):
     dataset = text_dataset(n=2)
     vt_token_ids = {x["id"]: tok(f"<{x['vt_text']}>", add_special_tokens=False)["input_ids"] for x in dataset}
     emb = model.get_input_embeddings().weight.detach()
-    cache = DictVTCache({k: [SlotFeatures(emb[torch.tensor(v)].clone())] for k, v in vt_token_ids.items()})
+    cache = {k: entry([SlotFeatures(emb[torch.tensor(v)].clone())]) for k, v in vt_token_ids.items()}
     trainer = make_trainer(model, tok, dataset, tmp_path, teacher_mode="self", vt_cache=cache)
     batch = generation_batch(trainer, dataset)
     ours = completion_logits(trainer, batch)

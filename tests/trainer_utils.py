@@ -8,6 +8,7 @@ from PIL import Image
 
 from opsd_trl import VisualOPSDConfig, VisualOPSDTrainer
 from opsd_trl.models.adapters import SlotFeatures
+from opsd_trl.vt_cache import VTEntry
 
 
 def square(color, size=56) -> Image.Image:
@@ -39,17 +40,16 @@ def text_dataset(n=4) -> Dataset:
     )
 
 
-class DictVTCache:
-    """A VT cache held in memory (ids -> per-image features), the interface the trainer reads."""
-
-    def __init__(self, entries: dict[str, list[SlotFeatures]]):
-        self.entries = entries
-
-    def __contains__(self, sample_id):
-        return sample_id in self.entries
-
-    def get(self, sample_id):
-        return self.entries[sample_id]
+def entry(slots: list[SlotFeatures]) -> VTEntry:
+    """A `VTEntry` (what a VT cache returns for one id) from per-image features."""
+    grids = [s.grid_thw for s in slots]
+    deep = [s.deepstack for s in slots]
+    return VTEntry(
+        embeds=[s.embeds for s in slots],
+        grid_thw=torch.stack(grids) if slots and grids[0] is not None else None,
+        deepstack=deep if slots and deep[0] is not None else None,
+        columns=["vt_images"] * len(slots),
+    )
 
 
 def make_config(tmp_path, **overrides) -> VisualOPSDConfig:

@@ -84,6 +84,10 @@ class QwenVLEncoder:
     """Slow PIL image processor -> ``get_image_features`` of a Qwen-VL model (vision tower + merger)."""
 
     def __init__(self, model, processor):
+        from ..models.adapters import QwenVLAdapter
+
+        self.model = model
+        self.adapter = QwenVLAdapter(model)
         self.inner = qwen_vl_inner(model)
         self.config = model.config
         self.image_processor = getattr(processor, "image_processor", processor)
@@ -110,16 +114,9 @@ class QwenVLEncoder:
             return []
         device = next(self.inner.visual.parameters()).device
         batch = self.image_processor(images=images, return_tensors="pt")
-        grid = batch["image_grid_thw"].to(device)
-        out = self.inner.get_image_features(batch["pixel_values"].to(device), grid, return_dict=True)
-        deep = getattr(out, "deepstack_features", None)
-        if deep:  # one (total_tokens, hidden) tensor per level -> per image (levels, n_tokens, hidden)
-            sizes = [e.shape[0] for e in out.pooler_output]
-            deep = list(torch.stack(deep).split(sizes, dim=1))
-        return [
-            EncodedImage(e, tuple(int(x) for x in g), deep[i] if deep else None)
-            for i, (e, g) in enumerate(zip(out.pooler_output, grid.tolist(), strict=True))
-        ]
+        # The trainer's own encoder (online VT mode) computes the features: the cache stores exactly those.
+        slots = self.adapter.encode_images(self.model, batch["pixel_values"].to(device), batch["image_grid_thw"].to(device))
+        return [EncodedImage(s.embeds, tuple(int(x) for x in s.grid_thw), s.deepstack) for s in slots]
 
 
 class SyntheticEncoder:

@@ -27,6 +27,8 @@ class VisualOPSDConfig(DistillationConfig):
     `top_k` stays TRL's *sampling* top-k; the teacher's top-K support of the loss is `teacher_top_k`.
     """
 
+    _VALID_DICT_FIELDS = DistillationConfig._VALID_DICT_FIELDS + ["vllm_llm_kwargs"]
+
     beta: float = field(
         default=0.5,
         metadata={"help": "Generalized JSD interpolation: 0 = KL(teacher||student), 1 = KL(student||teacher)."},
@@ -77,6 +79,10 @@ class VisualOPSDConfig(DistillationConfig):
     on_missing_vt: str = field(
         default="error",
         metadata={"help": "error | no_vt_teacher (the teacher sees intro + transition without images)."},
+    )
+    vllm_llm_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Extra `vllm.LLM` options for colocate mode (e.g. {\"dtype\": \"float32\"} on CPU)."},
     )
     max_prompt_length: int | None = field(
         default=None, metadata={"help": "Longest student prompt in tokens; a longer one raises naming the sample."}

@@ -352,7 +352,7 @@ def _repack_cpu_embeddings(model) -> None:
 # --- vLLM -------------------------------------------------------------------------------------------------------
 
 
-def _require_vllm() -> None:
+def require_vllm() -> None:
     if importlib.util.find_spec("vllm") is None:
         raise ImportError(VLLM_INSTALL_HINT)
 
@@ -376,7 +376,7 @@ class VLLMGenerator(Generator):
         generation_kwargs: dict | None = None,  # extra vLLM SamplingParams
         **vllm_generation_kwargs,  # VLLMGeneration's own arguments: server_*, gpu_memory_utilization, ...
     ):
-        _require_vllm()
+        require_vllm()
         from trl.generation import vllm_generation
 
         self.model = model
@@ -494,7 +494,7 @@ def build_generator(args, model, processing_class, accelerator=None, **overrides
     gen_kwargs = args.generation_kwargs if isinstance(args.generation_kwargs, dict) else None
     if not args.use_vllm:
         return HFGenerator(model, processing_class, settings, accelerator, generation_kwargs=gen_kwargs, **overrides)
-    _require_vllm()
+    require_vllm()
     return VLLMGenerator(
         model,
         processing_class,

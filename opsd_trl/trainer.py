@@ -28,7 +28,7 @@ from trl.trainer.utils import pad
 from .config import VisualOPSDConfig
 from .diagnostics import token_diagnostics
 from .fused_loss import fused_generalized_jsd, unfusable_reason
-from .generation import build_generator
+from .generation import build_generator, require_vllm
 from .losses import generalized_jsd, sampled_token_reverse_kl
 from .models.adapters import SlotFeatures, get_adapter, head_logits, unwrap_base
 from .teacher_context import teacher_messages, tokenize_teacher_prompt
@@ -77,7 +77,9 @@ class VisualOPSDTrainer(DistillationTrainer):
         if not isinstance(args, VisualOPSDConfig):
             raise TypeError(f"args must be a VisualOPSDConfig, got {type(args).__name__}.")
         # teacher_model=None: the parent's teacher preparation (a second engine, eval() every step) is bypassed;
-        # this class owns the teacher forward.
+        # this class owns the teacher forward. vLLM is set up by `opsd_trl.generation` (image-skip rounds, weight
+        # sync in any dtype, encoder-cache reset), not by the parent: hide `use_vllm` from its __init__.
+        use_vllm, args.use_vllm = args.use_vllm, False
         super().__init__(
             model=model,
             teacher_model=None,
@@ -89,6 +91,10 @@ class VisualOPSDTrainer(DistillationTrainer):
             optimizers=optimizers,
             peft_config=peft_config,
         )
+        args.use_vllm = self.use_vllm = use_vllm
+        if use_vllm:
+            require_vllm()  # fail at start-up, with the install command, not at the first step
+        self._last_synced_step = -1
         self.adapter = get_adapter(self.model)
         self._peft = hasattr(self.model, "disable_adapter")
         # A `VTCache` (checked against the policy: family, hidden size, vision weights, processor) or any mapping
@@ -111,9 +117,13 @@ class VisualOPSDTrainer(DistillationTrainer):
     def generator(self):
         """The student sampler, built on first use: after `accelerator.prepare` has wrapped the model."""
         if self._generator is None:
+            extra = (
+                {"llm_kwargs": self.args.vllm_llm_kwargs}
+                if self.use_vllm
+                else {"gather_deepspeed3_params": self.args.ds3_gather_for_generation}
+            )
             self._generator = build_generator(
-                self.args, self.model_wrapped, self.processing_class, self.accelerator,
-                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                self.args, self.model_wrapped, self.processing_class, self.accelerator, **extra
             )
             self._generator.eos_token_ids = set(self.eos_token_ids)
         return self._generator
@@ -150,8 +160,9 @@ class VisualOPSDTrainer(DistillationTrainer):
 
     # ----------------------------------------------------------------------------------------------- generation
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
-        if self.use_vllm:  # TRL's vLLM path; image-skip rounds for vLLM go through opsd_trl.generation there
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+        if self.use_vllm and self.state.global_step != self._last_synced_step:
+            self.generator.sync_weights()  # the policy, never the EMA / fixed teacher weights
+            self._last_synced_step = self.state.global_step
         t0 = time.perf_counter()
         result = self.generator.generate(prompt_ids, images)
         mode = "train" if self.model.training else "eval"

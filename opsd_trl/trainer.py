@@ -20,11 +20,13 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import logging
 from trl import DistillationTrainer
 from trl.data_utils import prepare_multimodal_messages
 from trl.trainer.utils import pad
 
+from .checkpoints import is_complete, last_complete_checkpoint, mark_complete, mark_incomplete
 from .config import VisualOPSDConfig
 from .diagnostics import token_diagnostics
 from .fused_loss import fused_generalized_jsd, unfusable_reason
@@ -423,12 +425,44 @@ class VisualOPSDTrainer(DistillationTrainer):
         self._metrics[mode][self.args.loss_type].append(self.accelerator.gather(loss.detach()).mean().item())
         return (loss, None) if return_outputs else loss
 
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if self.is_world_process_zero():
+            from .model_card import add_to_card
+
+            add_to_card(self)  # the method, the recipe, the final metrics
+
     # ----------------------------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self._needs_shadow():
-            folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
-            self.teacher_shadow.save(os.path.join(folder, SHADOW_FILE.format(rank=self.accelerator.process_index)))
+        run_dir = self._get_output_dir(trial)
+        folder = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
+        if self.args.should_save:
+            mark_incomplete(folder)
+        self.accelerator.wait_for_everyone()
+        # Older checkpoints are rotated away only once this one is complete.
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+            if self._needs_shadow():
+                self.teacher_shadow.save(os.path.join(folder, SHADOW_FILE.format(rank=self.accelerator.process_index)))
+            self.accelerator.wait_for_everyone()
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
+            mark_complete(folder)
+            rotate_checkpoints(run_dir, save_total_limit=limit, best_model_checkpoint=self.state.best_model_checkpoint)
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        if resume_from_checkpoint is True:  # the last *complete* checkpoint, not merely the last folder
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no complete checkpoint in {self.args.output_dir} to resume from.")
+        elif isinstance(resume_from_checkpoint, str) and not is_complete(resume_from_checkpoint):
+            raise ValueError(
+                f"{resume_from_checkpoint} is not a complete checkpoint (its save was interrupted); resume from "
+                f"{last_complete_checkpoint(os.path.dirname(resume_from_checkpoint.rstrip('/')))} instead."
+            )
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)

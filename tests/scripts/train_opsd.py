@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -30,6 +31,8 @@ def main():
     parser.add_argument("--fused", type=int, default=1)
     parser.add_argument("--resume", default=None, help="checkpoint folder to resume from")
     parser.add_argument("--save-steps", type=int, default=0)
+    parser.add_argument("--sample", type=int, default=0, help="1: sample at temperature 1 (tests RNG restore)")
+    parser.add_argument("--kill-during-save-at", type=int, default=0, help="SIGKILL this process mid-save at step N")
     args = parser.parse_args()
 
     from safetensors.torch import save_file
@@ -62,8 +65,19 @@ def main():
         max_completion_length=6,
     )
     trainer = VisualOPSDTrainer(model=model, args=config, train_dataset=dataset, processing_class=processing_class)
-    trainer.generator.settings.temperature = 0.0  # greedy: the same completions whatever the process count
-    trainer.train(resume_from_checkpoint=args.resume)
+    if not args.sample:
+        trainer.generator.settings.temperature = 0.0  # greedy: the same completions whatever the process count
+    if args.kill_during_save_at:
+        save_rng = trainer._save_rng_state
+
+        def save_rng_then_die(output_dir):  # the model and optimizer are on disk, the RNG and state are not
+            if trainer.state.global_step == args.kill_during_save_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            save_rng(output_dir)
+
+        trainer._save_rng_state = save_rng_then_die
+    resume = True if args.resume == "last" else args.resume
+    trainer.train(resume_from_checkpoint=resume)
 
     history = [h for h in trainer.state.log_history if "loss" in h]
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped)

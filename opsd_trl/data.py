@@ -124,3 +124,31 @@ def load_any(path_or_name: str, split: str = "train"):
         builder = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}[ext]
         return datasets.load_dataset(builder, data_files=path_or_name, split=split)
     return datasets.load_dataset(path_or_name, split=split)
+
+
+IMAGE_COLUMNS = ("images", "vt_images")
+
+
+def defer_image_decoding(dataset):
+    """Keep the image columns of a `datasets.Dataset` as stored bytes, so the trainer decodes them itself and a
+    corrupt image raises an error naming the sample and column (instead of failing inside the dataloader)."""
+    from datasets import Dataset, Image, List
+
+    if not isinstance(dataset, Dataset):
+        return dataset
+    for column in IMAGE_COLUMNS:
+        feature = dataset.features.get(column)
+        if isinstance(feature, List) and isinstance(feature.feature, Image) and feature.feature.decode:
+            dataset = dataset.cast_column(column, List(Image(decode=False)))
+    return dataset
+
+
+def decode_sample_images(sample: dict) -> dict:
+    """`sample` with its image columns decoded to RGB PIL images (errors name the sample id and column)."""
+    from .vt_cache.build import decode_image
+
+    out = dict(sample)
+    for column in IMAGE_COLUMNS:
+        if sample.get(column):
+            out[column] = [decode_image(v, sample.get("id", "?"), column) for v in sample[column]]
+    return out

@@ -28,6 +28,7 @@ from trl.trainer.utils import pad
 
 from .checkpoints import is_complete, last_complete_checkpoint, mark_complete, mark_incomplete
 from .config import VisualOPSDConfig
+from .data import decode_sample_images, defer_image_decoding
 from .diagnostics import token_diagnostics
 from .fused_loss import fused_generalized_jsd, unfusable_reason
 from .generation import build_generator, require_vllm
@@ -39,6 +40,12 @@ from .teacher_weights import ShadowWeights, gathered
 logger = logging.get_logger(__name__)
 
 SHADOW_FILE = "teacher_shadow_rank{rank}.safetensors"
+
+
+def _map_datasets(eval_dataset):
+    if isinstance(eval_dataset, dict):
+        return {name: defer_image_decoding(ds) for name, ds in eval_dataset.items()}
+    return defer_image_decoding(eval_dataset)
 
 
 class _TeacherUpdate(TrainerCallback):
@@ -82,6 +89,7 @@ class VisualOPSDTrainer(DistillationTrainer):
         # this class owns the teacher forward. vLLM is set up by `opsd_trl.generation` (image-skip rounds, weight
         # sync in any dtype, encoder-cache reset), not by the parent: hide `use_vllm` from its __init__.
         use_vllm, args.use_vllm = args.use_vllm, False
+        train_dataset, eval_dataset = defer_image_decoding(train_dataset), _map_datasets(eval_dataset)
         super().__init__(
             model=model,
             teacher_model=None,
@@ -170,13 +178,24 @@ class VisualOPSDTrainer(DistillationTrainer):
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["time/generation"].append(time.perf_counter() - t0)
         self._metrics[mode]["image_skips"].append(sum(result.num_image_skips) / max(len(prompt_ids), 1))
-        return result.completion_ids
+        # An empty completion (a backend that returned nothing) becomes one pad token with no loss weight:
+        # the parent needs a last token, and `_generate_and_score_completions` masks it out and counts it.
+        self._empty_completions = [not ids for ids in result.completion_ids]
+        return [ids or [self._tokenizer.pad_token_id] for ids in result.completion_ids]
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        inputs = [decode_sample_images(x) for x in inputs]
         self._check_samples(inputs)
+        self._empty_completions = []
         output = super()._generate_and_score_completions(inputs)
-        output.update(self._teacher_batch(inputs, output))
+        if any(self._empty_completions):
+            empty = torch.tensor(self._empty_completions, device=output["completion_mask"].device)
+            output["completion_mask"][empty] = 0
+        # Recounted on every rank (a collective): the masked-out empty completions carry no tokens.
+        output["num_items_in_batch"] = self.accelerator.gather(output["completion_mask"].sum()).sum()
         mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["completions/empty"].append(float(sum(self._empty_completions)))
+        output.update(self._teacher_batch(inputs, output))
         eos = torch.tensor(
             [bool(ids) and ids[-1] in self.eos_token_ids for ids in self._completion_lists(output)],
             dtype=torch.float32, device=self.accelerator.device,
@@ -227,6 +246,13 @@ class VisualOPSDTrainer(DistillationTrainer):
         n_problem = output.get("num_images") or [0] * len(inputs)
         grid_offset = 0
         prompts, masks, vt_slots, vt_pixels, n_vts, truncated = [], [], [], [], [], 0
+        if args.max_prompt_length is not None:
+            for x, length in zip(inputs, output["prompt_mask"].sum(-1).tolist(), strict=True):
+                if length > args.max_prompt_length:
+                    raise ValueError(
+                        f"sample {x['id']!r}: student prompt has {length} tokens > max_prompt_length="
+                        f"{args.max_prompt_length}; raise the limit or shorten the prompt."
+                    )
         for x, n_img in zip(inputs, n_problem, strict=True):
             slots = self._vt_slots(x)
             vt_images = list(x.get("vt_images") or [])

@@ -1,0 +1,126 @@
+"""The bad-input matrix, one case each, through the public trainer (`trainer.train()` or its generation step).
+
+Each case ends in its documented behaviour (docs/troubleshooting.md): an error naming the field and the sample, or
+a documented policy with a logged count. Nothing is skipped silently and nothing trains on NaN.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from datasets import Dataset
+from trainer_utils import entry, generation_batch, make_trainer, text_dataset, vl_dataset
+
+from opsd_trl.models.tiny import build_tiny_qwen2_5_vl, build_tiny_text_lm
+from opsd_trl.vt_cache import BadImageError, QwenVLEncoder, VTCacheMismatchError, build_vt_cache
+
+
+def _png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_no_vt_is_an_error_naming_the_sample(tmp_path):
+    model, processor = build_tiny_qwen2_5_vl()
+    dataset = vl_dataset(n=2, n_vt=0)
+    with pytest.raises(ValueError, match="sample 's0' has no visual thoughts"):
+        make_trainer(model, processor, dataset, tmp_path).train()
+
+
+def test_corrupt_image_bytes_name_the_sample_and_column(tmp_path):
+    model, processor = build_tiny_qwen2_5_vl()
+    rows = vl_dataset(n=2).to_list()
+    good = _png_bytes(vl_dataset(n=1)[0]["vt_images"][0])
+    for row in rows:
+        row["images"] = [{"bytes": _png_bytes(vl_dataset(n=1)[0]["images"][0]), "path": None}]
+        row["vt_images"] = [{"bytes": good, "path": None}]
+    rows[1]["vt_images"] = [{"bytes": good[: len(good) // 3], "path": None}]  # truncated PNG
+    dataset = Dataset.from_list(rows, features=vl_dataset(n=1).features)
+    with pytest.raises(BadImageError, match="sample 's1', column 'vt_images': unreadable image"):
+        make_trainer(model, processor, dataset, tmp_path, max_steps=1).train()
+
+
+def test_vt_id_absent_from_the_cache(tmp_path):
+    model, tok = build_tiny_text_lm()
+    with pytest.raises(KeyError, match="sample 't1' is not in the VT cache"):
+        make_trainer(model, tok, text_dataset(n=2), tmp_path, vt_cache={"t0": entry([])}).train()
+
+
+def test_cache_built_for_another_model_is_refused_naming_the_field(tmp_path):
+    other, processor = build_tiny_qwen2_5_vl(seed=1)
+    dataset = vl_dataset(n=2)
+    cache_dir = build_vt_cache(dataset, QwenVLEncoder(other, processor), tmp_path / "cache", progress=False)
+    model, processor = build_tiny_qwen2_5_vl(seed=0)
+    model.model.visual.requires_grad_(False)
+    with pytest.raises(VTCacheMismatchError, match="vision_weights_sha256"):
+        make_trainer(model, processor, dataset, tmp_path, vt_cache_dir=str(cache_dir))
+
+
+def test_more_vts_than_allowed_are_truncated_and_counted(tmp_path):
+    model, processor = build_tiny_qwen2_5_vl()
+    trainer = make_trainer(model, processor, vl_dataset(n=2, n_vt=3), tmp_path, max_vt_images=2, max_steps=1)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "vt/truncated" in h]
+    assert logged and logged[0]["vt/truncated"] == 2
+    assert logged[0]["vt/images_per_sample"] == 2
+
+
+def test_prompt_longer_than_the_limit_names_the_sample(tmp_path):
+    model, tok = build_tiny_text_lm()
+    rows = text_dataset(n=2).to_list()
+    rows[1]["prompt"] = [{"role": "user", "content": "x" * 200}]
+    with pytest.raises(ValueError, match="sample 't1': student prompt has .* > max_prompt_length=64"):
+        make_trainer(model, tok, Dataset.from_list(rows), tmp_path, max_prompt_length=64).train()
+
+
+def test_empty_completion_contributes_nothing_and_is_never_nan(tmp_path):
+    model, tok = build_tiny_text_lm()
+    dataset = text_dataset(n=2)
+    trainer = make_trainer(model, tok, dataset, tmp_path)
+    generate = trainer.generator._sample
+    trainer.generator._sample = lambda prompts, images, n: [[] for _ in prompts]  # a backend returning nothing
+    batch = generation_batch(trainer, dataset)
+    assert batch["completion_mask"].sum() == 0
+    loss = trainer.compute_loss(trainer.model, batch)
+    assert loss.item() == 0.0
+    loss.backward()  # connected zero: every rank can still run backward
+    trainer.generator._sample = generate
+
+
+def test_completion_without_eos_is_trained_on_and_counted(tmp_path):
+    model, tok = build_tiny_text_lm()
+    trainer = make_trainer(model, tok, text_dataset(n=2), tmp_path, max_completion_length=3, max_steps=1)
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    assert logs["completions/eos_rate"] == 0.0 and logs["completions/clipped_ratio"] == 1.0
+    assert logs["loss"] > 0
+
+
+def test_non_finite_logits_raise_with_step_and_sample_ids(tmp_path):
+    model, tok = build_tiny_text_lm()
+    dataset = text_dataset(n=2)
+    trainer = make_trainer(model, tok, dataset, tmp_path, teacher_mode="self")
+    batch = generation_batch(trainer, dataset)
+    with torch.no_grad():
+        trainer.model.model.norm.weight[0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 0 for samples \['t\d', 't\d'\]"):
+        trainer.compute_loss(trainer.model, batch)
+
+
+def test_batch_mixing_vt_counts(tmp_path):
+    model, processor = build_tiny_qwen2_5_vl()
+    rows = vl_dataset(n=2, n_vt=3).to_list()
+    rows[0]["vt_images"] = rows[0]["vt_images"][:1]
+    dataset = Dataset.from_list(rows, features=vl_dataset(n=1).features)
+    trainer = make_trainer(model, processor, dataset, tmp_path)
+    batch = generation_batch(trainer, dataset)
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    blocks = {
+        sid: sum(1 for a, b in zip(ids, ids[1:], strict=False) if b == image_token and a != image_token)
+        for sid, ids in zip(batch["sample_ids"], batch["teacher_prompt_ids"], strict=True)
+    }
+    assert blocks == {"s0": 2, "s1": 4}  # problem image + 1 VT, problem image + 3 VTs
+    assert torch.isfinite(trainer.compute_loss(trainer.model, batch))

@@ -23,7 +23,7 @@ RTOL = 1e-5
 
 def _single_process(model_dir, tmp_path, extra) -> dict:
     out = tmp_path / "single" / "result.json"
-    out.parent.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(SCRIPTS / "train_opsd.py"), "--out", str(out), "--model-dir", model_dir, *extra]
     proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -68,3 +68,18 @@ def test_two_processes_equal_one(model, kind, mode, config, extra, tiny_model_di
         # The shadow teacher is sharded like the model: this rank holds half of the trainable weights.
         full = sum(t.numel() for t in load_file(single["weights"]).values())
         assert dist["shadow_numel"] < 0.6 * full
+
+
+@pytest.mark.parametrize("mode", ["ema", "self"])
+def test_gradient_accumulation_2x1_equals_batch_2(mode, tiny_model_dirs, tmp_path):
+    """Loss normalised by the completion tokens of the whole accumulation window (TRL's num_items_in_batch)."""
+    base = ["--kind", "text", "--mode", mode, "--global-batch", "2"]
+    ga = _single_process(tiny_model_dirs["text_lm"], tmp_path / "ga", [*base, "--ga", "2"])
+    batch = _single_process(tiny_model_dirs["text_lm"], tmp_path / "batch", [*base, "--ga", "1"])
+    for a, b in zip(ga["loss"], batch["loss"], strict=True):
+        assert a == pytest.approx(b, rel=RTOL, abs=1e-7)
+    for a, b in zip(ga["grad_norm"], batch["grad_norm"], strict=True):
+        assert a == pytest.approx(b, rel=RTOL)
+    w_ga, w_batch = load_file(ga["weights"]), load_file(batch["weights"])
+    for name, ref in w_batch.items():
+        torch.testing.assert_close(w_ga[name], ref, rtol=RTOL, atol=RTOL * ref.abs().max().item(), msg=name)

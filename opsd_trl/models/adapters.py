@@ -174,9 +174,13 @@ def get_adapter(model: nn.Module):
     model_type = getattr(config, "model_type", "")
     if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         return QwenVLAdapter(model)
+    if model_type == "bagel":  # imported here: the BAGEL package imports this module
+        from .bagel.adapter import BagelAdapter
+
+        return BagelAdapter(model)
     if getattr(config, "vision_config", None) is not None:
         raise ValueError(
             f"model_type {model_type!r} is a vision-language model without a Visual-OPSD adapter; supported: "
-            "qwen2_vl, qwen2_5_vl, qwen3_vl and text-only causal LMs (see docs/models.md)."
+            "qwen2_vl, qwen2_5_vl, qwen3_vl, bagel and text-only causal LMs (see docs/models.md)."
         )
     return TextLMAdapter(model)

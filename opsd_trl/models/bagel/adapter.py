@@ -1,0 +1,51 @@
+"""Visual-OPSD adapter for BAGEL: the teacher pass over a spliced sequence with BAGEL's own image layout.
+
+Slots are the `<|image_pad|>` rows of every image block (problem image and visual thoughts); their features are
+the `visual` output (tower + connector + 2D sin-cos), from the VT cache or encoded now. Positions and the
+block-bidirectional mask come from `layout.py` through the model's forward, with the slot mask as the image map,
+so the teacher sees exactly what a plain forward of the full teacher sequence would see.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..adapters import SlotFeatures, _scatter_slots, unwrap_base
+
+
+class BagelAdapter:
+    family = "bagel"
+    uses_images = True
+
+    def __init__(self, model: nn.Module):
+        self.config = unwrap_base(model).config
+        self.image_token_id = self.config.image_token_id
+
+    def hidden_size(self) -> int:
+        return self.config.text_config.hidden_size
+
+    @torch.no_grad()
+    def encode_images(self, model: nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
+        """`pixel_values` `(sum patches, p*p*3)`, `image_grid_thw` `(n, 3)` -> one `SlotFeatures` per image."""
+        inner = unwrap_base(model).model
+        feats = inner.get_image_features(pixel_values, image_grid_thw)
+        return [SlotFeatures(embeds=f, grid_thw=g) for f, g in zip(feats, image_grid_thw, strict=True)]
+
+    def teacher_hidden_states(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        slot_mask: torch.Tensor,
+        slots: list[SlotFeatures],
+    ) -> torch.Tensor:
+        inner = unwrap_base(model).model
+        # Slots must be image-pad tokens; a pad the student sampled in its completion is not a slot and stays text,
+        # as in the student forward (mm_token_type_ids 0 there).
+        if bool((slot_mask & (input_ids != self.image_token_id)).any()):
+            raise ValueError("BAGEL teacher slots must sit on <|image_pad|> tokens of image blocks.")
+        embeds = _scatter_slots(inner.get_input_embeddings()(input_ids), slot_mask, slots)
+        out = inner(input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask, image_mask=slot_mask,
+                    use_cache=False)
+        return out.last_hidden_state

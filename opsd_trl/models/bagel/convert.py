@@ -1,0 +1,201 @@
+"""Load a BAGEL / ThinkMorph checkpoint folder and convert it to a plain HF folder (and back).
+
+A BAGEL-7B-MoT / ThinkMorph-7B folder holds `llm_config.json` (Qwen2), `vit_config.json` (SigLIP), the Qwen2.5
+tokenizer, the model weights in one or more `*.safetensors` (`ema.safetensors`, `model.safetensors` or shards),
+and the FLUX VAE in `ae.safetensors`. Weight names (BAGEL -> this model):
+
+| BAGEL | here |
+|---|---|
+| `language_model.model.{embed_tokens, layers.N.*, norm}.*` | `model.language_model.{...}` (understanding expert) |
+| `language_model.lm_head.weight` | `lm_head.weight` |
+| `vit_model.vision_model.{embeddings, encoder.layers.N, post_layernorm}.*` | `model.visual.vision_model.{...}` |
+| `connector.fc{1,2}.*` | `model.visual.connector.fc{1,2}.*` |
+| `vit_pos_embed.pos_embed` | not stored: the frozen 2D sin-cos table is recomputed (checked when present) |
+
+Ignored, with a logged count: the generation expert (every name with `moe_gen`, e.g. `q_proj_moe_gen`,
+`mlp_moe_gen`, `norm_moe_gen`), the diffusion / latent path (`latent_pos_embed`, `time_embedder`, `vae2llm`,
+`llm2vae`), a SigLIP pooling head (`vit_model.vision_model.head`), and every tensor of `ae.safetensors`. The patch
+embedding is accepted as BAGEL's linear `(D, p*p*3)` or as the original conv `(D, 3, p, p)` (permuted to (p, p, c)).
+The vision depth is read from the weights (BAGEL drops SigLIP's last layer: 26 of 27).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoTokenizer
+from transformers.utils import logging
+
+from .configuration_bagel import BagelConfig
+from .modeling_bagel import BagelForConditionalGeneration, sincos_2d, vit_position_ids
+from .processing_bagel import CHAT_TEMPLATE, BagelImageProcessor, BagelProcessor
+
+logger = logging.get_logger(__name__)
+
+VAE_FILE = "ae.safetensors"
+# (BAGEL prefix, HF prefix); first match wins, so the more specific prefixes come first.
+RENAMES = (
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("vit_model.vision_model.", "model.visual.vision_model."),
+    ("connector.", "model.visual.connector."),
+)
+GENERATION_ONLY = ("latent_pos_embed.", "time_embedder.", "vae2llm.", "llm2vae.", "vit_model.vision_model.head.")
+POS_EMBED = "vit_pos_embed.pos_embed"
+
+
+def ignored_reason(name: str) -> str | None:
+    """Why a BAGEL weight is not part of the understanding path (None: it is)."""
+    if "moe_gen" in name:
+        return "generation expert"
+    if name.startswith(GENERATION_ONLY):
+        return "generation / diffusion"
+    if name == POS_EMBED:
+        return "recomputed sin-cos"
+    return None
+
+
+def to_hf_name(name: str) -> str:
+    for src, dst in RENAMES:
+        if name.startswith(src):
+            return dst + name[len(src) :]
+    raise KeyError(f"unknown BAGEL weight {name!r}")
+
+
+def to_bagel_name(name: str) -> str:
+    for src, dst in RENAMES:
+        if name.startswith(dst):
+            return src + name[len(dst) :]
+    raise KeyError(f"unknown weight {name!r}")
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.glob("*.safetensors") if p.name != VAE_FILE)
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors with the model weights")
+    return files
+
+
+def read_bagel_state_dict(folder: str | os.PathLike) -> tuple[dict, dict]:
+    """`(hf_state_dict, report)`: the understanding-path tensors under this model's names, and counts of what was
+    ignored per reason (`report["ignored"]`) plus the stored `vit_pos_embed` if any (`report["pos_embed"]`)."""
+    folder = Path(folder)
+    state, ignored, pos_embed = {}, {}, None
+    for path in _weight_files(folder):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                reason = ignored_reason(name)
+                if reason == "recomputed sin-cos":
+                    pos_embed = f.get_tensor(name)
+                elif reason:
+                    ignored[reason] = ignored.get(reason, 0) + 1
+                else:
+                    tensor = f.get_tensor(name)
+                    if name.endswith("patch_embedding.weight") and tensor.ndim == 4:  # conv -> (p, p, c) linear
+                        tensor = tensor.permute(0, 2, 3, 1).reshape(tensor.shape[0], -1)
+                    state[to_hf_name(name)] = tensor
+    vae = folder / VAE_FILE
+    if vae.exists():
+        with safe_open(vae, framework="pt") as f:
+            ignored["VAE"] = len(list(f.keys()))
+    return state, {"ignored": ignored, "pos_embed": pos_embed}
+
+
+def _token_ids(folder: Path) -> dict:
+    defaults = {"image_token_id": 151655, "vision_start_token_id": 151652, "vision_end_token_id": 151653}
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError):
+        return defaults
+    names = {"image_token_id": "<|image_pad|>", "vision_start_token_id": "<|vision_start|>",
+             "vision_end_token_id": "<|vision_end|>", "eos_token_id": "<|im_end|>", "pad_token_id": "<|im_end|>",
+             "bos_token_id": "<|im_start|>"}
+    return {k: tok.convert_tokens_to_ids(v) for k, v in names.items()}
+
+
+def bagel_config(folder: str | os.PathLike, state: dict) -> BagelConfig:
+    """`BagelConfig` from `llm_config.json` / `vit_config.json`, with sizes the weights fix read from them."""
+    folder = Path(folder)
+    llm = json.loads((folder / "llm_config.json").read_text())
+    vit = json.loads((folder / "vit_config.json").read_text())
+    prefix = "model.visual.vision_model.encoder.layers."
+    depth = 1 + max(int(k[len(prefix):].split(".")[0]) for k in state if k.startswith(prefix))
+    if depth != vit.get("num_hidden_layers"):
+        logger.info(f"BAGEL vision tower: {depth} layers in the weights (vit_config says {vit.get('num_hidden_layers')})")
+    n_pos = state["model.visual.vision_model.embeddings.position_embedding.weight"].shape[0]
+    side = round(n_pos**0.5)
+    text_keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+                 "rope_theta")
+    vit_keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_channels", "patch_size",
+                "hidden_act", "layer_norm_eps")
+    text = {k: llm[k] for k in text_keys if llm.get(k) is not None}
+    text["vocab_size"] = state["model.language_model.embed_tokens.weight"].shape[0]
+    vision = {k: vit[k] for k in vit_keys if vit.get(k) is not None}
+    vision.update(num_hidden_layers=depth, image_size=side * vision.get("patch_size", 14))
+    return BagelConfig(text_config={**text, "qk_norm": True}, vision_config=vision, vit_max_num_patch_per_side=side,
+                       **_token_ids(folder))
+
+
+def _check_pos_embed(pos_embed: torch.Tensor | None, config: BagelConfig) -> None:
+    if pos_embed is None:
+        return
+    side = config.vit_max_num_patch_per_side
+    ids = vit_position_ids(torch.tensor([[1, side, side]]), side)
+    ref = sincos_2d(ids, config.text_config.hidden_size, side)
+    err = (pos_embed.float() - ref).abs().max().item()
+    if err > 1e-2:  # bf16 storage rounds at ~4e-3
+        logger.warning(f"stored vit_pos_embed differs from BAGEL's sin-cos table by {err:.3g}; using the recomputed one")
+
+
+def load_bagel_checkpoint(folder: str | os.PathLike, dtype: torch.dtype | None = None):
+    """`(model, report)` from a BAGEL / ThinkMorph folder; logs how many tensors were ignored and why."""
+    state, report = read_bagel_state_dict(folder)
+    config = bagel_config(folder, state)
+    _check_pos_embed(report["pos_embed"], config)
+    with torch.device("meta"):
+        model = BagelForConditionalGeneration(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    if dtype is not None:
+        model = model.to(dtype)
+    counts = ", ".join(f"{n} {why}" for why, n in sorted(report["ignored"].items())) or "none"
+    logger.warning(f"BAGEL checkpoint {folder}: loaded {len(state)} tensors; ignored {sum(report['ignored'].values())}"
+                   f" ({counts})")
+    return model.eval(), report
+
+
+def to_bagel_state_dict(model) -> dict:
+    """This model's weights under BAGEL's names (e.g. to run a Visual-OPSD student with BAGEL / ThinkMorph code,
+    which also needs the checkpoint's generation-expert and VAE weights next to it)."""
+    return {to_bagel_name(k): v for k, v in model.state_dict().items()}
+
+
+def convert_bagel_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype | None = None,
+                             image_processor: BagelImageProcessor | None = None) -> str:
+    """Write a plain HF folder (config, safetensors, tokenizer with BAGEL's chat template, processor) to `dst`,
+    loadable with `opsd_trl.models.bagel.tiny.load_bagel` or `BagelForConditionalGeneration.from_pretrained`."""
+    model, _ = load_bagel_checkpoint(src, dtype)
+    model.save_pretrained(dst)
+    tok = AutoTokenizer.from_pretrained(src)
+    tok.chat_template = CHAT_TEMPLATE
+    BagelProcessor(image_processor or BagelImageProcessor(), tok).save_pretrained(dst)
+    return os.fspath(dst)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="BAGEL / ThinkMorph checkpoint folder -> HF folder")
+    parser.add_argument("src")
+    parser.add_argument("dst")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    args = parser.parse_args(argv)
+    logging.set_verbosity_info()
+    print(convert_bagel_checkpoint(args.src, args.dst, getattr(torch, args.dtype)))
+
+
+if __name__ == "__main__":
+    main()

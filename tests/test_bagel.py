@@ -372,3 +372,24 @@ def test_zero3_two_processes_equal_one(tmp_path):
         atol = max(1e-5 * ref.abs().max().item(), 1e-8)
         torch.testing.assert_close(w_dist[name], ref, rtol=1e-5, atol=atol, msg=name)
     assert dist["shadow_numel"] < 0.6 * sum(t.numel() for t in w_single.values())  # the EMA teacher is sharded
+
+
+def test_eval_teacher_context_logits(tmp_path):
+    """opsd_trl.eval's teacher-context logits (its own splice through the adapter) equal the plain forward."""
+    from opsd_trl.eval import Contexts
+    from opsd_trl.eval import completion_logits as eval_logits
+
+    model, processor = build_tiny_bagel(seed=0)
+    row = vl_dataset(n=1, n_vt=2)[0]
+    contexts = Contexts(processor, intro="Hints:", transition="Now answer.")
+    completion = processor.tokenizer("R", add_special_tokens=False)["input_ids"] + [model.config.eos_token_id]
+    logits, _ = eval_logits(model, contexts, [row], [completion], teacher=True)
+    msgs = teacher_messages(row["prompt"], n_vt=2, intro="Hints:", transition="Now answer.")
+    text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    enc = processor(text=[text], images=[row["images"] + row["vt_images"]], return_tensors="pt")
+    ids = torch.cat([enc["input_ids"], torch.tensor([completion])], dim=1)
+    mm = torch.nn.functional.pad(enc["mm_token_type_ids"], (0, len(completion)))
+    with torch.no_grad():
+        ref = model(input_ids=ids, pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],
+                    mm_token_type_ids=mm).logits
+    torch.testing.assert_close(logits[0], ref[0, -len(completion) - 1: -1], atol=1e-4, rtol=1e-4)

@@ -1,0 +1,206 @@
+"""Evaluation: exact-scorer accuracy, output length, generation latency, teacher-vs-student KL, KL-gap closure.
+
+Definitions (docs/metrics.md):
+- accuracy: share of samples whose greedy completion the task's exact scorer (`opsd_trl.tasks.score`) accepts;
+- mean output tokens: generated tokens per sample, EOS excluded;
+- latency: generation wall time per sample (batched greedy decoding, batch size reported);
+- KL(T||S): per-token KL from a *fixed reference teacher* (the initial policy with VTs in its context) to the
+  evaluated student (no VTs), on the student's own greedy completions, full vocabulary, tau = 1, averaged over all
+  completion tokens (EOS included) of all samples;
+- KL-gap closure: (KL_before - KL_after) / KL_before, both against the same reference teacher.
+
+The contexts are the trainer's: `opsd_trl.teacher_context` builds the teacher prompt and the model adapter runs
+the spliced forward, so eval and training see token-for-token the same sequences.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import TEACHER_INTRO, TEACHER_TRANSITION
+from .generation import HFGenerator, SamplingSettings
+from .models.adapters import get_adapter
+from .tasks import score
+from .teacher_context import teacher_messages, tokenize_teacher_prompt
+
+
+@dataclass
+class Contexts:
+    """How to render a sample's student or teacher context for one processor (Qwen-VL families)."""
+
+    processor: object
+    intro: str = TEACHER_INTRO
+    transition: str = TEACHER_TRANSITION
+    max_vt_images: int = 8
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def images(self, row: dict, teacher: bool) -> list:
+        vts = list(row.get("vt_images") or [])[: self.max_vt_images] if teacher else []
+        return list(row.get("images") or []) + vts
+
+    def pixels(self, images: list) -> dict:
+        return dict(self.processor.image_processor(images=images, return_tensors="pt"))
+
+    def prompt_ids(self, row: dict, teacher: bool, grid_thw: torch.Tensor) -> tuple[list[int], list[bool]]:
+        """Token ids (image placeholders expanded) and the mask of image-feature slots."""
+        messages = row["prompt"]
+        if teacher:
+            n_vt = len(self.images(row, True)) - len(row.get("images") or [])
+            messages = teacher_messages(messages, n_vt=n_vt, intro=self.intro, transition=self.transition)
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        merge = self.processor.image_processor.merge_size
+        prompt = tokenize_teacher_prompt(
+            text, self.tokenizer, image_token=self.processor.image_token,
+            tokens_per_slot=(grid_thw.prod(-1) // merge**2).tolist(), placeholder_id=self.tokenizer.pad_token_id,
+        )
+        return prompt.input_ids, prompt.slot_mask
+
+
+def completion_logits(model, contexts: Contexts, rows: list[dict], completions: list[list[int]], teacher: bool,
+                      pixels: list[dict] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits `(B, C, V)` predicting each completion token after the student (or teacher) context, and the
+    completion mask `(B, C)`. `pixels` (per row, from `Contexts.pixels`) may be precomputed by the caller."""
+    adapter = get_adapter(model)
+    pad_id = contexts.tokenizer.pad_token_id
+    pixels = pixels or [contexts.pixels(contexts.images(r, teacher)) for r in rows]
+    prompts = [contexts.prompt_ids(r, teacher, p["image_grid_thw"]) for r, p in zip(rows, pixels, strict=True)]
+    width, c = max(len(ids) for ids, _ in prompts), max(len(x) for x in completions)
+    device = next(model.parameters()).device
+    ids = torch.full((len(rows), width + c), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    slot = torch.zeros_like(ids, dtype=torch.bool)
+    for i, ((p, m), comp) in enumerate(zip(prompts, completions, strict=True)):
+        start = width - len(p)  # prompts padded on the left, completions on the right (as in the trainer)
+        ids[i, start:width] = torch.tensor(p)
+        slot[i, start:width] = torch.tensor(m)
+        ids[i, width : width + len(comp)] = torch.tensor(comp, dtype=torch.long)
+        attn[i, start : width + len(comp)] = 1
+    slots = adapter.encode_images(
+        model, torch.cat([p["pixel_values"] for p in pixels]).to(device),
+        torch.cat([p["image_grid_thw"] for p in pixels]).to(device),
+    )
+    hidden = adapter.teacher_hidden_states(model, ids.to(device), attn.to(device), slot.to(device), slots)
+    logits = hidden[:, width - 1 : -1, :] @ model.get_output_embeddings().weight.t()
+    return logits, attn[:, width:].bool().to(device)
+
+
+def per_token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(T||S) over the full vocabulary at each masked position, `(n_tokens,)`."""
+    t = torch.log_softmax(teacher_logits[mask].float(), -1)
+    s = torch.log_softmax(student_logits[mask].float(), -1)
+    return (t.exp() * (t - s)).sum(-1)
+
+
+def kl_gap_closure(kl_before: float, kl_after: float) -> float:
+    """Share of the teacher-student KL gap closed by training: (before - after) / before."""
+    return (kl_before - kl_after) / kl_before
+
+
+def vision_token_ids(processor) -> list[int]:
+    """Vision placeholder / delimiter ids. A completion must never contain them: fed back into a forward they would
+    be read as image slots, so generation suppresses them (an untrained policy samples them otherwise)."""
+    vocab = processor.tokenizer.get_vocab()
+    names = [getattr(processor, "image_token", None), getattr(processor, "video_token", None)]
+    names += ["<|vision_start|>", "<|vision_end|>"]  # Qwen-VL delimiters
+    return sorted({vocab[n] for n in names if n in vocab})
+
+
+@torch.no_grad()
+def evaluate(model, processor, dataset, *, reference=None, teacher_context: bool = False, batch_size: int = 64,
+             max_new_tokens: int = 16, contexts: Contexts | None = None, progress: bool = True,
+             desc: str = "eval") -> dict:
+    """Greedy-decode every sample and score it; with `reference`, also the KL(T||S) diagnostic.
+
+    `teacher_context=True` evaluates `model` as the teacher (VTs in its context): teacher-with-VT accuracy.
+    Returns {"n", "accuracy", "mean_output_tokens", "latency_s_per_sample", "batch_size"[, "kl_teacher_student"]}.
+    """
+    contexts = contexts or Contexts(processor)
+    model.eval()
+    if reference is not None:
+        reference.eval()
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, image_skip_marker=None)
+    generator = HFGenerator(model, processor, settings,
+                            generation_kwargs={"suppress_tokens": vision_token_ids(processor)})
+    eos = generator.eos_token_ids
+    correct, n_tokens, gen_time, kls = 0, 0, 0.0, []
+    rows_all = list(dataset)
+    for start in tqdm(range(0, len(rows_all), batch_size), desc=desc, disable=not progress, leave=False):
+        rows = rows_all[start : start + batch_size]
+        images = [contexts.images(r, teacher_context) for r in rows]
+        pixels = [contexts.pixels(im) for im in images]
+        prompts = [contexts.prompt_ids(r, teacher_context, p["image_grid_thw"])[0] for r, p in zip(rows, pixels,
+                                                                                                   strict=True)]
+        t0 = time.perf_counter()
+        completions = generator.generate(prompts, images).completion_ids
+        gen_time += time.perf_counter() - t0
+        for r, comp in zip(rows, completions, strict=True):
+            text = contexts.tokenizer.decode(comp, skip_special_tokens=True)
+            correct += score(r.get("task") or "maze", r["meta"], text)
+            n_tokens += sum(t not in eos for t in comp)
+        if reference is not None:
+            completions = [c or [min(eos)] for c in completions]  # an empty completion still scores its EOS
+            t_logits, mask = completion_logits(reference, contexts, rows, completions, teacher=True)
+            s_logits, _ = completion_logits(model, contexts, rows, completions, teacher=False,
+                                            pixels=None if teacher_context else pixels)
+            kls.append(per_token_kl(t_logits, s_logits, mask))
+    n = len(rows_all)
+    out = {
+        "n": n,
+        "accuracy": correct / n,
+        "mean_output_tokens": n_tokens / n,
+        "latency_s_per_sample": gen_time / n,
+        "batch_size": batch_size,
+    }
+    if kls:
+        out["kl_teacher_student"] = torch.cat(kls).mean().item()
+    return out
+
+
+def load_checkpoint(path: str):
+    """`(model, processor)` from a quickstart weights file (`.safetensors`) or a folder saved by `save_tiny`."""
+    if str(path).endswith(".safetensors"):
+        from .quickstart.model import load_weights
+
+        return load_weights(path)
+    from .models.tiny import load_tiny
+
+    return load_tiny(path)
+
+
+def evaluate_checkpoints(model_path: str, dataset, *, reference_path: str | None = None,
+                         baseline_path: str | None = None, **kwargs) -> dict:
+    """Metrics of `model_path` (and of `baseline_path`, then KL-gap closure between them) on `dataset`.
+
+    The KL needs visual thoughts and a fixed reference teacher: `reference_path`, else the baseline. Rows without
+    VTs (e.g. a VLMEvalKit TSV) get accuracy, tokens and latency only.
+    """
+    reference_path = reference_path or baseline_path
+    has_vts = any(dataset["vt_images"]) if "vt_images" in dataset.column_names else False
+    reference = load_checkpoint(reference_path)[0] if reference_path and has_vts else None
+    results = {}
+    for name, path in (("baseline", baseline_path), ("model", model_path)):
+        if path:
+            model, processor = load_checkpoint(path)
+            contexts = Contexts(processor, **_prompt_words(processor))
+            results[name] = evaluate(model, processor, dataset, reference=reference, contexts=contexts,
+                                     desc=name, **kwargs)
+    if reference is not None and "baseline" in results:
+        results["kl_gap_closure"] = kl_gap_closure(results["baseline"]["kl_teacher_student"],
+                                                   results["model"]["kl_teacher_student"])
+    return results
+
+
+def _prompt_words(processor) -> dict:
+    """The quickstart's word-level vocabulary cannot spell the paper's intro / transition: use its own words."""
+    from .quickstart.model import TEACHER_INTRO as intro
+    from .quickstart.model import TEACHER_TRANSITION as transition
+    from .quickstart.model import WORDS
+
+    return {"intro": intro, "transition": transition} if processor.tokenizer.get_vocab().keys() >= set(WORDS) else {}

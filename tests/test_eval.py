@@ -1,0 +1,68 @@
+"""opsd_trl.eval on the quickstart's tiny model: context parity with the HF forward, and every metric."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from opsd_trl.eval import Contexts, completion_logits, evaluate, evaluate_checkpoints, kl_gap_closure
+from opsd_trl.quickstart.model import TEACHER_INTRO, TEACHER_TRANSITION, build_quickstart_model, save_weights
+from opsd_trl.tasks import make_dataset
+
+METRICS = {"n", "accuracy", "mean_output_tokens", "latency_s_per_sample", "batch_size", "kl_teacher_student"}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.set_num_threads(1)
+    model, processor = build_quickstart_model(seed=0)
+    data = make_dataset("maze", "test", 6, seed=0, prompt="short", answer_format="numbered", dedupe=True)
+    return model, processor, data, Contexts(processor, intro=TEACHER_INTRO, transition=TEACHER_TRANSITION)
+
+
+def test_student_context_logits_match_the_hf_forward(setup):
+    model, processor, data, contexts = setup
+    row = data[0]
+    completion = processor.tokenizer(row["answer"], add_special_tokens=False)["input_ids"] + [3]
+    logits, mask = completion_logits(model, contexts, [row], [completion], teacher=False)
+    text = processor.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+    inputs = processor(text=[text], images=row["images"], return_tensors="pt")
+    ids = torch.cat([inputs["input_ids"], torch.tensor([completion])], dim=1)
+    mm_types = torch.cat([inputs["mm_token_type_ids"], torch.zeros(1, len(completion), dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"],
+                    image_grid_thw=inputs["image_grid_thw"], mm_token_type_ids=mm_types).logits
+    torch.testing.assert_close(logits[0], ref[0, -len(completion) - 1 : -1], atol=1e-4, rtol=1e-4)
+    assert mask.all()
+
+
+def test_evaluate_produces_every_metric(setup):
+    model, processor, data, contexts = setup
+    student = copy.deepcopy(model)
+    with torch.no_grad():  # a student that differs from the reference
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    out = evaluate(student, processor, data, reference=model, contexts=contexts, batch_size=4, progress=False)
+    assert set(out) == METRICS and out["n"] == 6
+    assert 0.0 <= out["accuracy"] <= 1.0 and 0.0 <= out["mean_output_tokens"] <= 16
+    assert out["latency_s_per_sample"] > 0 and out["kl_teacher_student"] > 0
+    teacher = evaluate(model, processor, data, teacher_context=True, contexts=contexts, progress=False)
+    assert set(teacher) == METRICS - {"kl_teacher_student"}
+
+
+def test_kl_gap_closure():
+    assert kl_gap_closure(2.0, 0.5) == 0.75
+    assert kl_gap_closure(2.0, 2.2) < 0  # a wider gap after training reads as negative closure
+    assert math.isclose(kl_gap_closure(1.0, 1.0), 0.0)
+
+
+def test_evaluate_checkpoints_reports_closure(setup, tmp_path):
+    model, _, data, _ = setup
+    save_weights(model, tmp_path / "before.safetensors")
+    save_weights(model, tmp_path / "after.safetensors")
+    out = evaluate_checkpoints(str(tmp_path / "after.safetensors"), data, baseline_path=str(tmp_path /
+                               "before.safetensors"), batch_size=8, progress=False)
+    assert set(out) == {"baseline", "model", "kl_gap_closure"}
+    assert out["model"]["accuracy"] == out["baseline"]["accuracy"]
+    assert abs(out["kl_gap_closure"]) < 1e-6  # same weights: nothing closed

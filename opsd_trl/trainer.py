@@ -31,7 +31,7 @@ from .config import VisualOPSDConfig
 from .data import decode_sample_images, defer_image_decoding
 from .diagnostics import token_diagnostics
 from .fused_loss import fused_generalized_jsd, unfusable_reason
-from .generation import build_generator, require_vllm
+from .generation import HFGenerator, build_generator, require_vllm
 from .losses import generalized_jsd, sampled_token_reverse_kl
 from .models.adapters import SlotFeatures, get_adapter, head_logits, unwrap_base
 from .teacher_context import teacher_messages, tokenize_teacher_prompt
@@ -136,6 +136,11 @@ class VisualOPSDTrainer(DistillationTrainer):
                 self.args, self.model_wrapped, self.processing_class, self.accelerator, **extra
             )
             self._generator.eos_token_ids = set(self.eos_token_ids)
+            image_token_id = getattr(unwrap_base(self.model).config, "image_token_id", None)
+            if isinstance(self._generator, HFGenerator) and image_token_id is not None:
+                # A sampled image placeholder would not match any image features in the student forward.
+                self._generator.generation_kwargs = {"suppress_tokens": [image_token_id],
+                                                     **self._generator.generation_kwargs}
         return self._generator
 
     def _check_cache(self) -> None:

@@ -90,7 +90,28 @@ def _add_verify_vt_cache(sub) -> None:
     p.set_defaults(func=_verify_vt_cache)
 
 
-COMMANDS = [_add_build_vt_cache, _add_verify_vt_cache]
+def _train(args) -> int:
+    from opsd_trl.train import main as train_main
+
+    return train_main(args.argv)
+
+
+def _add_train(sub) -> None:
+    # Everything after `train` goes to TrlParser untouched (`--config`, any `--field value`); a NUL prefix char keeps
+    # argparse from reading those options itself.
+    p = sub.add_parser("train", help="train from a recipe: --config recipes/X.yaml [--field value ...] "
+                       "(same as python -m opsd_trl.train)", prefix_chars="\0", add_help=False)
+    p.add_argument("argv", nargs="*")
+    p.set_defaults(func=_train)
+
+
+def _add_sweep(sub) -> None:
+    from opsd_trl.sweep import register
+
+    register(sub)
+
+
+COMMANDS = [_add_build_vt_cache, _add_verify_vt_cache, _add_train, _add_sweep]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,239 @@
+"""Train from a recipe: ``accelerate launch -m opsd_trl.train --config recipes/X.yaml [--field value ...]``.
+
+The same entry as ``opsd-trl train``. Arguments are parsed by TRL's ``TrlParser`` over three dataclasses:
+``ScriptArguments`` (below: data and model loading), ``VisualOPSDConfig`` (training) and TRL's ``ModelConfig``
+(dtype, attention, LoRA). A YAML key sets a default, the command line overrides it, an unknown key is an error.
+Start-up checks (``opsd_trl.startup_checks``) run before any weights load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+from trl import ModelConfig, TrlParser
+
+from .config import VisualOPSDConfig
+
+TINY_PREFIX = "tiny:"
+SHIPPED_WARMSTART = "warmstart"
+
+
+@dataclass
+class ScriptArguments:
+    """Data and model loading (the training fields live in `VisualOPSDConfig`, the model fields in `ModelConfig`)."""
+
+    task: str | None = field(
+        default=None, metadata={"help": "Procedural task (maze | jigsaw) generated on the fly instead of a dataset."}
+    )
+    task_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "Task parameters for `opsd_trl.tasks.make_dataset` (JSON on the CLI)."}
+    )
+    task_n_train: int = field(default=1000, metadata={"help": "Generated training samples (with `task`)."})
+    dataset_name: list[str] | None = field(
+        default=None,
+        metadata={"help": "Dataset(s): hub names, save_to_disk folders or data files; several are concatenated."},
+    )
+    dataset_format: str = field(default="standard", metadata={"help": "standard | thinkmorph."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on (sweeps, eval)."})
+    eval_n: int = field(default=200, metadata={"help": "Generated test samples for evaluation (with `task`)."})
+    eval_max_new_tokens: int = field(default=64, metadata={"help": "Greedy tokens per sample at evaluation."})
+    eval_batch_size: int = field(default=32, metadata={"help": "Samples per generation batch at evaluation."})
+    init_weights: str | None = field(
+        default=None,
+        metadata={"help": "A .safetensors state dict loaded over the built model (`tiny:` models); 'warmstart' = "
+                  "the quickstart's shipped warm-start checkpoint."},
+    )
+    freeze_vision_tower: bool = field(
+        default=True,
+        metadata={"help": "Keep the vision tower frozen (and out of LoRA); required by a VT cache."},
+    )
+    recipe: str | None = field(default=None, metadata={"help": "Recipe name for the model card (default: --config)."})
+
+    def __post_init__(self):
+        if isinstance(self.task_kwargs, str):
+            self.task_kwargs = json.loads(self.task_kwargs)
+        if self.init_weights in ("", "none", "None", "null"):
+            self.init_weights = None  # the command line cannot spell None
+        if self.dataset_format not in ("standard", "thinkmorph"):
+            raise ValueError(f"dataset_format must be 'standard' or 'thinkmorph', got {self.dataset_format!r}.")
+        if (self.task is None) == (not self.dataset_name):
+            raise ValueError("set exactly one of `task` (a procedural task) and `dataset_name`.")
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((ScriptArguments, VisualOPSDConfig, ModelConfig), prog="opsd-trl train")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, VisualOPSDConfig, ModelConfig]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
+    if script_args.recipe is None and "--config" in argv:
+        script_args.recipe = argv[argv.index("--config") + 1]
+    return script_args, training_args, model_args
+
+
+# ----------------------------------------------------------------------------------------------- models
+def _tiny_builders() -> dict:
+    from .models import tiny
+    from .quickstart.model import build_quickstart_model
+
+    return {
+        "quickstart": build_quickstart_model,
+        "text_lm": tiny.build_tiny_text_lm,
+        "qwen2_5_vl": tiny.build_tiny_qwen2_5_vl,
+        "qwen3_vl": tiny.build_tiny_qwen3_vl,
+    }
+
+
+def tiny_name(model_name_or_path: str) -> str | None:
+    """'tiny:quickstart' -> 'quickstart'; None for a real checkpoint."""
+    if not model_name_or_path.startswith(TINY_PREFIX):
+        return None
+    name = model_name_or_path[len(TINY_PREFIX) :]
+    if name not in _tiny_builders():
+        raise ValueError(f"unknown tiny model {model_name_or_path!r}; known: "
+                         f"{[TINY_PREFIX + n for n in _tiny_builders()]}")
+    return name
+
+
+def build_tiny(name: str):
+    """Build a `tiny:` model whole on this rank. Under ZeRO-3 transformers would partition it *while* building it
+    (its weight init then indexes empty shards); DeepSpeed partitions the finished model when the trainer prepares
+    it, as with `zero3_init_flag: false`."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        return _tiny_builders()[name]()
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = ref
+
+
+def init_weights_path(spec: str | None) -> str | None:
+    if spec != SHIPPED_WARMSTART:
+        return spec
+    from importlib import resources
+
+    from .quickstart.pipeline import SHIPPED_WARMSTART as name
+
+    return str(resources.files("opsd_trl.quickstart") / name)
+
+
+def load_model(script_args: ScriptArguments, model_args: ModelConfig):
+    """`(model, processing_class)` for a `tiny:` spec, a `save_tiny` folder or a hub / local checkpoint."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+
+    from .models.tiny import _PROCESSORS, load_tiny
+
+    path = model_args.model_name_or_path
+    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    name = tiny_name(path)
+    if name is not None:
+        model, processing_class = build_tiny(name)
+        if script_args.init_weights:
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(init_weights_path(script_args.init_weights)))
+        model.config.name_or_path = path
+    elif _tiny_processor_class(path) in _PROCESSORS:
+        model, processing_class = load_tiny(path)  # AutoProcessor would silently return only the tokenizer
+    else:
+        kwargs = dict(revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code,
+                      attn_implementation=model_args.attn_implementation, dtype=dtype or "auto")
+        is_vlm = hasattr(AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code),
+                         "vision_config")
+        auto_model = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
+        model = auto_model.from_pretrained(path, **kwargs)
+        processing_class = AutoProcessor.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+    if script_args.freeze_vision_tower and hasattr(getattr(model, "model", model), "visual"):
+        getattr(model, "model", model).visual.requires_grad_(False)
+    return model.train(), processing_class
+
+
+def _tiny_processor_class(path: str) -> str | None:
+    proc_file = os.path.join(path, "processor_config.json")
+    if not os.path.isfile(proc_file):
+        return None
+    with open(proc_file) as f:
+        return json.load(f).get("processor_class")
+
+
+def peft_config(script_args: ScriptArguments, model_args: ModelConfig, model):
+    """TRL's LoRA config from `ModelConfig`; a frozen vision tower stays out of it (its MLP names match the LM's)."""
+    from trl import get_peft_config
+
+    config = get_peft_config(model_args)
+    if config is not None and script_args.freeze_vision_tower and hasattr(getattr(model, "model", model), "visual"):
+        config.exclude_modules = r".*\.visual\..*"
+    return config
+
+
+# ----------------------------------------------------------------------------------------------- data
+def load_train_dataset(script_args: ScriptArguments, training_args: VisualOPSDConfig):
+    return _load_split(script_args, script_args.dataset_train_split, script_args.task_n_train, training_args.seed)
+
+
+def load_eval_dataset(script_args: ScriptArguments, seed: int = 0):
+    return _load_split(script_args, script_args.dataset_test_split, script_args.eval_n, seed)
+
+
+def _load_split(script_args: ScriptArguments, split: str, n: int, seed: int):
+    from datasets import concatenate_datasets
+
+    from .data import load_any, standardize
+    from .tasks import make_dataset
+
+    if script_args.task is not None:
+        # Held-out splits are deduplicated (as in the quickstart): every evaluated maze is a distinct layout.
+        kwargs = {"dedupe": split != "train", **(script_args.task_kwargs or {})}
+        return make_dataset(script_args.task, split, n, seed=seed, **kwargs)
+    parts = [standardize(load_any(name, split), script_args.dataset_format, split)
+             for name in script_args.dataset_name]
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    script_args, training_args, model_args = parse_args(argv)
+    from .startup_checks import StartupError, validate
+
+    try:
+        validate(script_args, training_args, model_args)  # before any weights load
+    except StartupError as e:
+        print(f"opsd-trl train: {e}", file=sys.stderr)
+        return 2
+
+    import torch
+
+    from .model_card import final_metrics
+    from .trainer import VisualOPSDTrainer
+
+    dataset = load_train_dataset(script_args, training_args)
+    model, processing_class = load_model(script_args, model_args)
+    trainer = VisualOPSDTrainer(
+        model=model, args=training_args, train_dataset=dataset, processing_class=processing_class,
+        peft_config=peft_config(script_args, model_args, model),
+    )
+    trainer.model_card_info = {"recipe": script_args.recipe, "dataset": script_args.task or script_args.dataset_name}
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        with open(os.path.join(training_args.output_dir, "train_results.json"), "w") as f:
+            json.dump(final_metrics(trainer.state.log_history), f, indent=1)
+    trainer.create_model_card(model_name=os.path.basename(os.path.normpath(training_args.output_dir)))
+    if training_args.push_to_hub:
+        trainer.push_to_hub()
+    trainer.accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # gloo on CPU hangs at exit otherwise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

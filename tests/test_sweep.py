@@ -1,0 +1,76 @@
+"""`opsd-trl sweep`: the grid, the three outputs (csv, markdown table, png), and resumability: a finished point is
+never retrained or re-evaluated. The slow test runs a real 2-point beta sweep on the tiny quickstart model."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from recipe_utils import REPO
+
+from opsd_trl import sweep
+from opsd_trl.cli import main as cli_main
+
+RECIPE = str(REPO / "recipes/cpu_quickstart.yaml")
+TINY = ["--set", "init_weights=none", "--set", "max_steps=2", "--set", "task_n_train=16", "--set", "eval_n=8",
+        "--set", "report_to=none", "--set", "per_device_train_batch_size=4"]
+
+
+def _metrics(beta: float, seed: int) -> dict:
+    return {"n": 8, "accuracy": 0.5 + beta / 4 + seed / 100, "kl_teacher_student": 0.3 - beta / 10,
+            "kl_gap_closure": beta / 3, "mean_output_tokens": 4.0, "latency_s_per_sample": 0.01, "train_loss": 0.1}
+
+
+def test_grid_and_names():
+    points = sweep.grid({"beta": ["0", "1"], "seed": ["0", "1", "2"]})
+    assert len(points) == 6 and points[1] == {"beta": "0", "seed": "1"}
+    assert sweep.point_name(points[1]) == "beta=0__seed=1"
+
+
+def test_finished_points_are_reused_and_outputs_written(tmp_path, monkeypatch):
+    axes = {"beta": ["0.0", "1.0"], "jsd_clip": ["0.02", "0.05"], "seed": ["0", "1"]}
+    for point in sweep.grid(axes):
+        run = tmp_path / "runs" / sweep.point_name(point)
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps(_metrics(float(point["beta"]), int(point["seed"]))))
+    (tmp_path / "baseline.json").write_text(json.dumps(_metrics(0.0, 0)))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a finished point was run again")
+
+    monkeypatch.setattr(sweep.Sweep, "_train", forbidden)
+    monkeypatch.setattr(sweep.Sweep, "_evaluate", forbidden)
+    rows = sweep.Sweep(RECIPE, axes, tmp_path, fixed={"init_weights": "none"}).run()
+    assert len(rows) == 8
+    with open(tmp_path / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 8 and float(table[-1]["accuracy"]) == pytest.approx(0.76)
+    md = (tmp_path / "results.md").read_text()
+    assert "| 1.0 | 0.05 | 2 |" in md and "±" in md and "initial policy" in md
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_sweep_field_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match="not_a_field"):
+        sweep.Sweep(RECIPE, {"not_a_field": ["1", "2"]}, tmp_path)
+
+
+@pytest.mark.slow
+def test_beta_sweep_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "sweep"
+    assert cli_main(["sweep", "--config", RECIPE, "--beta", "0", "1", *TINY, "--out", str(out)]) == 0
+    for name in ("results.csv", "results.md", "results.png"):
+        assert (out / name).stat().st_size > 0
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert runs == ["beta=0.0", "beta=1.0"]
+    card = (out / "runs/beta=1.0/README.md").read_text()
+    assert "## Visual-OPSD" in card and "## Evaluation" in card and "| beta | 1 |" in card
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json")}
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the second call retrained a finished point")
+
+    monkeypatch.setattr(sweep.subprocess, "run", forbidden)
+    assert cli_main(["sweep", "--config", RECIPE, "--beta", "0", "1", *TINY, "--out", str(out)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.json")} == stamps

@@ -1,0 +1,117 @@
+"""`opsd-trl train` / `python -m opsd_trl.train`: TrlParser parsing and overrides, the start-up checks (each
+error names the fix), and the CPU recipe end to end: in process with tensorboard, and under `accelerate launch`
+with 2 ZeRO-3 processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+from distributed import _free_port, launch_env
+from recipe_utils import EIGHT_GPUS, GIB, MODEL_CONFIGS, REPO, parse_recipe, write_manifest
+
+from opsd_trl.cli import main as cli_main
+from opsd_trl.startup_checks import Launch, StartupError, config_fingerprint, validate
+from opsd_trl.train import parse_args
+
+CPU_RECIPE = REPO / "recipes/cpu_quickstart.yaml"
+QWEN25 = REPO / "recipes/qwen2_5_vl_7b_thinkmorph.yaml"
+SHORT = ["--init_weights", "none", "--max_steps", "2", "--task_n_train", "16", "--per_device_train_batch_size", "4"]
+
+
+def test_unknown_recipe_key_is_refused(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(CPU_RECIPE.read_text() + "\nbeta_typo: 0.3\n")
+    with pytest.raises(ValueError, match="beta_typo"):
+        parse_args(["--config", str(recipe)])
+
+
+def test_command_line_overrides_recipe():
+    s, t, m = parse_args(["--config", str(CPU_RECIPE), "--beta", "0.25", "--task_kwargs", '{"size": 4}',
+                          "--init_weights", "none"])
+    assert t.beta == 0.25 and s.task_kwargs == {"size": 4} and s.init_weights is None
+    assert t.teacher_mode == "fixed" and m.model_name_or_path == "tiny:quickstart"  # the rest from the recipe
+    assert s.recipe == str(CPU_RECIPE)
+
+
+def _qwen25(tmp_path, *overrides):
+    s, t, m = parse_recipe(QWEN25, *overrides)
+    config = MODEL_CONFIGS[m.model_name_or_path]()
+    t.vt_cache_dir = write_manifest(tmp_path / "cache", **config_fingerprint(config))
+    return s, t, m, config
+
+
+def test_vllm_without_package_or_gpu(tmp_path):
+    s, t, m, config = _qwen25(tmp_path)
+    with pytest.raises(StartupError, match="pip install|use_vllm: false"):
+        validate(s, t, m, launch=replace(EIGHT_GPUS, vllm_installed=False), model_config=config)
+    with pytest.raises(StartupError, match="needs a GPU.*use_vllm: false"):
+        validate(s, t, m, launch=replace(EIGHT_GPUS, gpus=0), model_config=config)
+
+
+def test_fixed_teacher_copy_too_large_without_peft(tmp_path):
+    s, t, m, config = _qwen25(tmp_path, "--teacher_mode", "fixed")
+    one_gpu = Launch(world_size=1, gpus=1, device_memory=80 * GIB, zero_stage=None, vllm_installed=True)
+    with pytest.raises(StartupError, match="use_peft: true"):
+        validate(s, t, m, launch=one_gpu, model_config=config)
+    validate(s, t, m, launch=EIGHT_GPUS, model_config=config)  # ZeRO-3 over 8 shards it: ~5 GiB each
+    validate(s, t, replace(m, use_peft=True), launch=one_gpu, model_config=config)  # the LoRA base: no copy
+
+
+def test_zero3_on_cpu_needs_gloo():
+    s, t, m = parse_args(["--config", str(CPU_RECIPE), "--init_weights", "none"])
+    cpu2 = Launch(world_size=2, gpus=0, device_memory=24 * GIB, zero_stage=3, vllm_installed=False)
+    with pytest.raises(StartupError, match="--ddp_backend gloo"):
+        validate(s, t, m, launch=cpu2)
+    t.ddp_backend = "gloo"  # set after parsing: a single test process cannot start a gloo group
+    validate(s, t, m, launch=cpu2)
+
+
+def test_vt_cache_must_match_the_model(tmp_path):
+    s, t, m, config = _qwen25(tmp_path)
+    t.vt_cache_dir = write_manifest(tmp_path / "other", **{**config_fingerprint(config), "hidden_size": 4096})
+    with pytest.raises(StartupError, match="hidden_size.*Rebuild it"):
+        validate(s, t, m, launch=EIGHT_GPUS, model_config=config)
+    t.vt_cache_dir = str(tmp_path / "absent")
+    with pytest.raises(StartupError, match="build-vt-cache"):
+        validate(s, t, m, launch=EIGHT_GPUS, model_config=config)
+
+
+def test_startup_error_exits_before_loading(tmp_path, capsys):
+    rc = cli_main(["train", "--config", str(CPU_RECIPE), *SHORT, "--use_vllm", "true", "--output_dir",
+                   str(tmp_path / "out")])
+    assert rc == 2 and "use_vllm" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cpu_recipe_in_process_with_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert cli_main(["train", "--config", str(CPU_RECIPE), *SHORT, "--logging_steps", "1", "--output_dir",
+                     str(out), "--report_to", "tensorboard"]) == 0
+    events = EventAccumulator(str(next(out.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert {"train/loss", "train/kl_teacher_student"} <= set(events.Tags()["scalars"])
+    card = (out / "README.md").read_text()
+    assert "## Visual-OPSD" in card and "cpu_quickstart.yaml" in card and "kl_teacher_student" in card
+    assert "train_loss" in json.loads((out / "train_results.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_cpu_recipe_two_processes_zero3(tmp_path):
+    config = REPO / "accelerate_configs/cpu_zero3.yaml"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+           "--main_process_port", str(_free_port()), "-m", "opsd_trl.train", "--config", str(CPU_RECIPE), *SHORT,
+           "--ddp_backend", "gloo", "--report_to", "none", "--output_dir", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(config), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from opsd_trl.models.tiny import load_tiny
+
+    model, _ = load_tiny(tmp_path / "run")  # full weights gathered from the 2 ZeRO-3 shards
+    assert sum(p.numel() for p in model.parameters()) > 600_000
+    assert json.loads((tmp_path / "run/train_results.json").read_text())["step"] == 2

@@ -1,0 +1,81 @@
+"""The quickstart's policy: a 0.7M-parameter Qwen2.5-VL built in code with a word-level vocabulary.
+
+Sized by the feasibility probe (docs/quickstart.md): text hidden 128 x 3 layers, vision depth 1, and 28 px maze
+cells, so each cell is exactly one merged image token (patch 14, merge 2). A word-level vocabulary (moves, step
+numbers, the few prompt words) keeps every answer token a single, meaningful prediction.
+"""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from ..models.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, TinyQwen2_5_VLProcessor, _finish, _image_processor
+
+VOCAB_SIZE = 64
+# Prompt words of the student ("solve maze answer") and teacher ("hint" VTs "answer") contexts, the moves, and
+# step numbers for the numbered answer format "1 R 2 D".
+WORDS = ["user", "assistant", "system", "solve", "maze", "answer", "hint", "L", "D", "R", "U"]
+WORDS += [str(i) for i in range(1, 17)]
+# The chat template joins text parts without a separator: the leading space keeps "answer" and "hint" two words.
+TEACHER_INTRO, TEACHER_TRANSITION = " hint", "answer"
+
+
+def build_word_tokenizer() -> PreTrainedTokenizerFast:
+    """Whitespace-split word-level tokenizer with the Qwen chat specials; unknown words map to <unk>."""
+    vocab = {w: i for i, w in enumerate(["<unk>", *SPECIAL_TOKENS, *WORDS])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # no decoder: decode joins tokens with spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        extra_special_tokens=list(SPECIAL_TOKENS),
+        chat_template=CHAT_TEMPLATE,
+        padding_side="left",
+    )
+
+
+def build_quickstart_model(seed: int = 0) -> tuple[Qwen2_5_VLForConditionalGeneration, TinyQwen2_5_VLProcessor]:
+    """Fresh `(model, processor)`, fp32, deterministic by seed."""
+    tok = build_word_tokenizer()
+    special = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+            eos_token_id=special["<|im_end|>"], pad_token_id=special["<|im_end|>"],
+            bos_token_id=special["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            depth=1, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=14, spatial_merge_size=2,
+            temporal_patch_size=2, window_size=56, fullatt_block_indexes=[0], out_hidden_size=128,
+        ),
+        image_token_id=special["<|image_pad|>"],
+        video_token_id=special["<|video_pad|>"],
+        vision_start_token_id=special["<|vision_start|>"],
+        vision_end_token_id=special["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    processor = TinyQwen2_5_VLProcessor(_image_processor(14, [0.5] * 3, [0.5] * 3), tok, chat_template=CHAT_TEMPLATE)
+    model = _finish(model, tok)
+    model.generation_config.max_new_tokens = 16
+    return model, processor
+
+
+def save_weights(model, path) -> None:
+    """Weights only: the architecture and tokenizer are rebuilt in code, so a checkpoint is one small file."""
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def load_weights(path, seed: int = 0):
+    model, processor = build_quickstart_model(seed)
+    model.load_state_dict(load_file(str(path)))
+    return model.eval(), processor

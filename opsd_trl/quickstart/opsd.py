@@ -1,0 +1,77 @@
+"""Visual-OPSD (or the noise-VT control) on the warm-started quickstart policy, with `VisualOPSDTrainer`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from .. import VisualOPSDConfig, VisualOPSDTrainer
+from ..eval import Contexts, evaluate, vision_token_ids
+from ..vt_cache import QwenVLEncoder, VTCache, build_vt_cache
+from .model import TEACHER_INTRO, TEACHER_TRANSITION
+
+
+def freeze_vision(model) -> None:
+    """The vision tower stays at its warm-start weights, so cached VT features stay exact during training."""
+    for p in model.model.visual.parameters():
+        p.requires_grad_(False)
+
+
+def vt_cache(model, processor, dataset, path: Path, progress: bool = True) -> VTCache:
+    """Encode the training VTs once (resumable); the trainer checks the cache against the policy it trains."""
+    freeze_vision(model)
+    build_vt_cache(dataset, QwenVLEncoder(model, processor), path, dtype=torch.float32, batch_size=64,
+                   progress=progress, source="quickstart maze train")
+    return VTCache(path)
+
+
+class ValidationCurve(TrainerCallback):
+    """Student accuracy and KL against the fixed reference teacher on the validation split, every `every` steps."""
+
+    def __init__(self, processor, dataset, reference, every: int):
+        self.processor, self.dataset, self.reference, self.every = processor, dataset, reference, every
+        self.contexts = Contexts(processor, intro=TEACHER_INTRO, transition=TEACHER_TRANSITION)
+        self.points: list[dict] = []
+
+    def record(self, model, step: int) -> None:
+        metrics = evaluate(model, self.processor, self.dataset, reference=self.reference, contexts=self.contexts,
+                           progress=False)
+        self.points.append({"step": step, **metrics})
+        model.train()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self.record(model, state.global_step)
+
+
+def train_opsd(model, processor, train, validation, reference, out: Path, *, cache: VTCache | None,
+               noise_vt: bool, steps: int, teacher_mode: str, lr: float, batch_size: int, ema_decay: float,
+               eval_every: int, beta: float = 0.5, jsd_clip: float | None = 0.05, seed: int = 0,
+               progress: bool = True) -> dict:
+    """Train in place; returns {"log": trainer log history, "validation": curve points}."""
+    freeze_vision(model)
+    args = VisualOPSDConfig(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
+        lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), adam_beta2=0.95, max_grad_norm=1.0,
+        teacher_mode=teacher_mode, ema_decay=ema_decay, noise_vt=noise_vt, beta=beta, teacher_top_k=None,
+        jsd_clip=jsd_clip, temperature=1.0, max_completion_length=16, max_image_skips=0,
+        teacher_intro=TEACHER_INTRO, teacher_transition=TEACHER_TRANSITION,
+        vt_source="online" if cache is None else "cache",
+        vt_cache_dir=None if cache is None else str(cache.path),
+        bf16=False, gradient_checkpointing=False, save_strategy="no", report_to=[], logging_steps=5, seed=seed,
+        disable_tqdm=not progress, dataloader_pin_memory=False,
+        generation_kwargs={"suppress_tokens": vision_token_ids(processor)},
+    )
+    curve = ValidationCurve(processor, validation, reference, eval_every)
+    curve.record(model, 0)
+    trainer = VisualOPSDTrainer(model=model, args=args, train_dataset=train, processing_class=processor,
+                                vt_cache=cache, callbacks=[curve])
+    trainer.train()
+    model.eval()
+    history = {"log": trainer.state.log_history, "validation": curve.points}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    return history

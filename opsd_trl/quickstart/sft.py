@@ -1,0 +1,64 @@
+"""Warm-start SFT on both contexts, so the tiny policy can read images before Visual-OPSD starts.
+
+Each sample is trained in the student context (problem image only) or, with probability `teacher_share`, in the
+teacher context (problem image + VTs), with cross-entropy on the reference answer. Without this the random-init
+policy has nothing to distil: the teacher must already use its VTs better than the student uses the image.
+Sequences are built by `opsd_trl.eval.completion_logits`, i.e. exactly the contexts training and eval use.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+from tqdm.auto import tqdm
+
+from ..eval import Contexts, completion_logits
+
+
+def answer_ids(tokenizer, answer: str) -> list[int]:
+    return tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def warm_start(model, contexts: Contexts, dataset, *, steps: int, batch_size: int = 32, lr: float = 2e-3,
+               warmup: int = 30, teacher_share: float = 0.5, seed: int = 0, progress: bool = True) -> list[float]:
+    """Train `model` in place; returns the loss per step. Pixels are preprocessed once per sample and context."""
+    rows = list(dataset)
+    rng = random.Random(seed)
+    pixels = {}  # (row index, teacher) -> processor output; the vision tower trains, so features are recomputed
+
+    def row_pixels(i: int, teacher: bool) -> dict:
+        if (i, teacher) not in pixels:
+            pixels[i, teacher] = contexts.pixels(contexts.images(rows[i], teacher))
+        return pixels[i, teacher]
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))
+    )
+    model.train()
+    losses = []
+    bar = tqdm(range(steps), desc="warm-start SFT", disable=not progress)
+    for _ in bar:
+        batch = rng.sample(range(len(rows)), min(batch_size, len(rows)))
+        loss = torch.zeros(())
+        for teacher in (False, True):  # one forward per context; each sample goes to one of them
+            idx = [i for i in batch if (rng.random() < teacher_share) == teacher]
+            if not idx:
+                continue
+            targets = [answer_ids(contexts.tokenizer, rows[i]["answer"]) for i in idx]
+            logits, mask = completion_logits(model, contexts, [rows[i] for i in idx], targets, teacher,
+                                             pixels=[row_pixels(i, teacher) for i in idx])
+            labels = torch.nn.utils.rnn.pad_sequence([torch.tensor(t) for t in targets], batch_first=True)
+            ce = torch.nn.functional.cross_entropy(logits[mask], labels[mask], reduction="sum")
+            loss = loss + ce / mask.sum() * len(idx) / len(batch)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return losses

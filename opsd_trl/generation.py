@@ -421,6 +421,9 @@ class VLLMGenerator(Generator):
     def _sample(self, prompts, images, max_new_tokens):
         self.vllm.max_completion_length = max_new_tokens  # read by VLLMGeneration.generate at call time
         has_images = images is not None and any(imgs for imgs in images)
+        if has_images:
+            image_id = getattr(self.processing_class, "image_token_id", None)
+            prompts = [_collapse_image_runs(p, image_id, len(imgs or ())) for p, imgs in zip(prompts, images, strict=True)]
         _, completion_ids, _, _ = self.vllm.generate(
             prompts=prompts, images=[imgs or None for imgs in images] if has_images else None, num_generations=1
         )
@@ -428,6 +431,25 @@ class VLLMGenerator(Generator):
 
     def sync_weights(self) -> None:
         self.vllm.sync_weights()
+
+
+def _collapse_image_runs(ids: list[int], image_id: int | None, n_images: int) -> list[int]:
+    """Shrink the first `n_images` runs of the image placeholder to one token each.
+
+    vLLM >= 0.31 always expands every image placeholder of a token prompt to the image's feature count (it no longer
+    detects prompts that are already expanded); an expanded prompt would get N + (N - 1) placeholders per image, the
+    extra ones embedded as text and every later position shifted.
+    """
+    if image_id is None or n_images == 0:
+        return ids
+    out, runs = [], 0
+    for k, t in enumerate(ids):
+        repeat = t == image_id and k > 0 and ids[k - 1] == image_id
+        if repeat and runs <= n_images:
+            continue
+        runs += t == image_id and not repeat
+        out.append(t)
+    return out
 
 
 @functools.cache

@@ -6,6 +6,7 @@ One engine per model, in-process, fp32 so greedy outputs can be compared token f
 import importlib.util
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -16,12 +17,14 @@ pytestmark = [
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from trainer_utils import text_dataset, vl_dataset  # noqa: E402
 
-from opsd_trl.generation import HFGenerator, SamplingSettings, VLLMGenerator  # noqa: E402
+from opsd_trl.generation import HFGenerator, SamplingSettings, VLLMGenerator, _collapse_image_runs  # noqa: E402
 from opsd_trl.models.tiny import build_tiny_qwen2_5_vl, build_tiny_text_lm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent / "vllm_support"))
 from checkpoints import save_for_vllm  # noqa: E402
+from trainer_checks import train_and_check  # noqa: E402
 
 GREEDY = SamplingSettings(max_new_tokens=24, temperature=0.0)
 ENGINE = dict(gpu_memory_utilization=0.3, max_model_length=512, llm_kwargs=dict(dtype="float32"))
@@ -110,9 +113,7 @@ def vl_engine(tmp_path_factory, accelerator):
     model, proc = build_tiny_qwen2_5_vl()
     _spread_weights(model, seed=0, skip=("visual",))
     save_for_vllm(model, proc, tmp_path_factory.mktemp("vl"))
-    # mm_device_do_normalize=False: vLLM 0.31's on-device pixel normalisation gave different vision features here.
-    engine = dict(ENGINE, llm_kwargs=dict(dtype="float32", mm_device_do_normalize=False))
-    return model, proc, VLLMGenerator(model, proc, accelerator, GREEDY, **engine)
+    return model, proc, VLLMGenerator(model, proc, accelerator, GREEDY, **ENGINE)
 
 
 def _vl_batch(proc):
@@ -138,14 +139,17 @@ def test_vl_generation_with_images(vl_engine):
     assert got.completion_ids[2] == want.completion_ids[2]  # the text-only row of a mixed batch
 
 
-@pytest.mark.xfail(reason="image rows: vLLM 0.31 CPU and transformers 5.17 disagree on tiny Qwen2.5-VL (see docs)")
 def test_vl_image_greedy_matches_hf(vl_engine):
+    """Image rows too: vLLM 0.31 re-expands every image placeholder of a token prompt, so the generator sends one
+    placeholder per image (`_collapse_image_runs`); with the expanded prompt the rows differ from the first token."""
     model, proc, vgen = vl_engine
     prompts, images = _vl_batch(proc)
     assert (
         vgen.generate(prompts, images).completion_ids
         == HFGenerator(model, proc, GREEDY).generate(prompts, images).completion_ids
     )
+    image_id = proc.image_token_id
+    assert prompts[0].count(image_id) > 1 and _collapse_image_runs(prompts[0], image_id, 1).count(image_id) == 1
 
 
 def test_vl_weight_sync_with_repeated_image(vl_engine):
@@ -162,4 +166,47 @@ def test_vl_weight_sync_with_repeated_image(vl_engine):
     fresh = vgen.generate(prompts, images).completion_ids  # everything recomputed
     assert after == fresh
     assert after[0] != before[0] and after[1] != before[1]
-    assert after[2] == HFGenerator(model, proc, GREEDY).generate(prompts, images).completion_ids[2]
+    assert after == HFGenerator(model, proc, GREEDY).generate(prompts, images).completion_ids
+
+
+# --- the trainer end to end --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["text", "vl"])
+def test_trainer_steps_with_vllm_colocate(kind, tmp_path):
+    """3 SGD steps of VisualOPSDTrainer (use_vllm, colocate, greedy): a sync before each step's generation, every
+    vLLM generation == HF greedy of the live policy, and after a last sync vLLM == HF on changed outputs."""
+    if kind == "text":
+        (model, proc), dataset, skip = build_tiny_text_lm(), text_dataset(n=4), ()
+    else:
+        (model, proc), dataset, skip = build_tiny_qwen2_5_vl(), vl_dataset(n=4, n_vt=2), ("visual",)
+    _spread_weights(model, seed=0, skip=skip)
+    save_for_vllm(model, proc, tmp_path / "ckpt")
+    r = train_and_check(model, proc, dataset, tmp_path, steps=3)
+    assert r["losses_finite"], r["losses"]
+    assert r["sync_steps"] == r["steps_checked"] == [0, 1, 2]
+    assert r["mismatches"] == []
+    assert r["final_vllm"] == r["final_hf"] and r["final_vllm"] != r["first"]
+    if kind == "vl":  # the problem image only: the teacher's VTs never reach the generator
+        assert r["images_per_prompt"] == {1}
+
+
+# --- last: leaves its engine unusable -----------------------------------------------------------------------------
+
+
+def test_vl_sync_without_encoder_cache_reset_breaks(vl_engine):
+    """Why `push_weights_to_vllm` resets the encoder cache: without it, vLLM 0.31's `reload_weights` drops the
+    worker's encoder outputs while the scheduler still lists them as cached, so a repeated image fails."""
+    model, proc, vgen = vl_engine
+    prompts, images = _vl_batch(proc)
+    vgen.generate(prompts, images)  # the images are in the encoder cache now
+    _spread_weights(model, seed=3, std=0.05)
+    engine = type(vgen.llm.llm_engine)
+    with mock.patch.object(engine, "reset_encoder_cache", lambda self: None):
+        vgen.sync_weights()
+    try:
+        stale = vgen.generate(prompts, images).completion_ids
+    except RuntimeError as e:  # what vLLM 0.31 CPU does; the engine is wedged afterwards
+        assert "Encoder cache miss" in str(e)
+    else:  # or it reuses vision embeddings of the old weights
+        assert stale[:2] != HFGenerator(model, proc, GREEDY).generate(prompts, images).completion_ids[:2]

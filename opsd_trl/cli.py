@@ -90,6 +90,56 @@ def _add_verify_vt_cache(sub) -> None:
     p.set_defaults(func=_verify_vt_cache)
 
 
+def _eval(args) -> int:
+    import json
+
+    from opsd_trl.eval import evaluate_checkpoints
+    from opsd_trl.tasks import load_vlmevalkit_tsv, make_dataset
+
+    if args.tsv:
+        dataset = load_vlmevalkit_tsv(args.tsv)
+    else:
+        dataset = make_dataset("maze", args.split, args.n, size=args.size, seed=args.seed, dedupe=args.split != "train",
+                               prompt=args.prompt, answer_format=args.answer_format)
+    results = evaluate_checkpoints(args.model, dataset, reference_path=args.reference, baseline_path=args.baseline,
+                                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    print(json.dumps(results, indent=1))
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="accuracy, output tokens, latency, teacher-student KL and KL-gap closure")
+    p.add_argument("--model", required=True, help="checkpoint to evaluate: a quickstart .safetensors or a folder")
+    p.add_argument("--reference", help="fixed reference teacher (the initial policy; it gets the VTs) for the KL")
+    p.add_argument("--baseline", help="checkpoint before training: also evaluated, and KL-gap closure reported")
+    p.add_argument("--tsv", help="VLMEvalKit maze TSV (no VTs: no KL) instead of generated mazes")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--n", type=int, default=300, help="generated mazes")
+    p.add_argument("--size", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", default="short", help="maze prompt preset (short: the quickstart's vocabulary)")
+    p.add_argument("--answer-format", default="numbered", choices=["plain", "numbered"])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.set_defaults(func=_eval)
+
+
+def _quickstart(args) -> int:
+    from opsd_trl.quickstart import run_quickstart
+
+    run_quickstart(args.out, smoke=args.smoke, rebuild_warmstart=args.rebuild_warmstart, threads=args.threads)
+    return 0
+
+
+def _add_quickstart(sub) -> None:
+    p = sub.add_parser("quickstart", help="CPU demo: mazes -> tiny VLM -> warm-start -> Visual-OPSD vs noise -> eval")
+    p.add_argument("--out", default="quickstart_out", help="output folder; finished stages in it are reused")
+    p.add_argument("--smoke", action="store_true", help="a few steps of every stage (a test, not a result)")
+    p.add_argument("--rebuild-warmstart", action="store_true", help="train the warm-start instead of the shipped one")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.set_defaults(func=_quickstart)
+
+
 def _train(args) -> int:
     from opsd_trl.train import main as train_main
 
@@ -111,7 +161,7 @@ def _add_sweep(sub) -> None:
     register(sub)
 
 
-COMMANDS = [_add_build_vt_cache, _add_verify_vt_cache, _add_train, _add_sweep]
+COMMANDS = [_add_build_vt_cache, _add_verify_vt_cache, _add_eval, _add_quickstart, _add_train, _add_sweep]
 
 
 def main(argv: list[str] | None = None) -> int:

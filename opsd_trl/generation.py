@@ -421,7 +421,7 @@ class VLLMGenerator(Generator):
     def _sample(self, prompts, images, max_new_tokens):
         self.vllm.max_completion_length = max_new_tokens  # read by VLLMGeneration.generate at call time
         has_images = images is not None and any(imgs for imgs in images)
-        if has_images:
+        if has_images and self.vllm.mode == "colocate":  # server mode places features on the expanded ids itself
             image_id = getattr(self.processing_class, "image_token_id", None)
             prompts = [_collapse_image_runs(p, image_id, len(imgs or ())) for p, imgs in zip(prompts, images, strict=True)]
         _, completion_ids, _, _ = self.vllm.generate(

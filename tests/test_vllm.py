@@ -188,7 +188,28 @@ def test_trainer_steps_with_vllm_colocate(kind, tmp_path):
     assert r["mismatches"] == []
     assert r["final_vllm"] == r["final_hf"] and r["final_vllm"] != r["first"]
     if kind == "vl":  # the problem image only: the teacher's VTs never reach the generator
-        assert r["images_per_prompt"] == {1}
+        assert r["images_per_prompt"] == [1]
+
+
+def test_zero3_two_processes_plain_lora_ema(tmp_path):
+    """2-process ZeRO-3 (accelerate launch, gloo), one vLLM engine per rank: for the full model, LoRA (merged
+    weights pushed) and the EMA teacher (the policy pushed, not the EMA copy), each rank's vLLM generations equal HF
+    greedy of the gathered policy at every step and after a last sync (see tests/scripts/vllm_zero3.py)."""
+    from distributed import launch
+
+    model, tok = build_tiny_text_lm()
+    _spread_weights(model, seed=0)
+    path = save_for_vllm(model, tok, tmp_path / "ckpt")
+    out = launch("vllm_zero3", "cpu_zero3", ["--model-dir", path], tmp_path=tmp_path, timeout=480)
+    assert out["world_size"] == 2
+    for variant, ranks in out["results"].items():
+        assert len(ranks) == 2, variant
+        for r in ranks:
+            assert r["zero_stage"] == 3 and r["losses_finite"], (variant, r["losses"])
+            assert r["sync_steps"] == r["steps_checked"] == [0, 1] and r["mismatches"] == [], variant
+            assert r["final_vllm"] == r["final_hf"] and r["final_vllm"] != r["first"], variant
+            if variant == "ema":  # the EMA weights would generate something else: vLLM follows the policy
+                assert r["ema_hf"] != r["final_vllm"]
 
 
 # --- last: leaves its engine unusable -----------------------------------------------------------------------------

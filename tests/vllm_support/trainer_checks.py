@@ -69,8 +69,9 @@ def train_and_check(model, processing_class, dataset, out_dir, steps=3, peft_con
         steps_checked=[r["step"] for r in records],
         mismatches=[(r["step"], r["vllm"], r["hf"]) for r in records if r["vllm"] != r["hf"]],
         first=first["vllm"],
+        first_inputs=(first["prompts"], first["images"]),
         final_vllm=final_vllm,
         final_hf=final_hf,
-        images_per_prompt={len(imgs) for r in records for imgs in (r["images"] or []) if imgs},
+        images_per_prompt=sorted({len(imgs) for r in records for imgs in (r["images"] or []) if imgs}),
         trainer=trainer,
     )

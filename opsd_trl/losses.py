@@ -87,11 +87,14 @@ def teacher_support(teacher_logits: torch.Tensor, top_k: int | None) -> tuple[to
 
 
 def _entry_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """Per-entry ``p * (log p - log q)``, exactly 0 where ``p = 0``, with finite gradients there."""
+    """Per-entry ``p (log p - log q) - p + q``: never negative, and summing to ``KL(p || q)`` when ``p`` and ``q``
+    are distributions on the same support (the ``- p + q`` parts cancel in the sum). Non-negative entries keep the
+    per-entry clip meaningful at beta = 0 and 1, where plain ``p log(p / q)`` terms can be negative and a clipped
+    sum could fall below zero. Exactly ``q`` where ``p = 0``, with finite gradients there."""
     absent = log_p == -math.inf
-    log_p = log_p.masked_fill(absent, 0.0)
-    log_q = log_q.masked_fill(absent, 0.0)
-    return (log_p.exp() * (log_p - log_q)).masked_fill(absent, 0.0)
+    safe_log_p = log_p.masked_fill(absent, 0.0)
+    p = safe_log_p.exp().masked_fill(absent, 0.0)
+    return p * (safe_log_p - log_q.masked_fill(absent, 0.0)) - p + log_q.exp()
 
 
 def per_token_divergence(
@@ -100,10 +103,11 @@ def per_token_divergence(
     """Generalized JSD per position, summed over the support, from log-probabilities on a shared support.
 
     With ``S`` the student and ``T`` the teacher distribution and ``M = beta * T + (1 - beta) * S``, the per-entry
-    term is ``T_v log(T_v / S_v)`` for beta = 0, ``S_v log(S_v / T_v)`` for beta = 1, and
-    ``beta * T_v log(T_v / M_v) + (1 - beta) * S_v log(S_v / M_v)`` in between (all in log space). ``clip`` clamps
-    each per-entry term to at most ``clip`` before the sum over the support (terms may be negative; they are not
-    clamped from below).
+    term is ``kl(T_v, S_v)`` for beta = 0, ``kl(S_v, T_v)`` for beta = 1, and
+    ``beta * kl(T_v, M_v) + (1 - beta) * kl(S_v, M_v)`` in between, with ``kl(p, q) = p log(p / q) - p + q`` (all in
+    log space). Every per-entry term is >= 0 and the sums are the usual KL / generalized JSD (the ``- p + q`` parts
+    cancel over a shared support; in between they cancel entry by entry). ``clip`` clamps each per-entry term to at
+    most ``clip`` before the sum over the support.
 
     Args:
         student_log_probs (torch.Tensor): shape ``(N, K)``.
@@ -127,6 +131,7 @@ def per_token_divergence(
             teacher_log_probs.masked_fill(both_absent, 0.0) + math.log(beta),
         )
         terms = beta * _entry_kl(teacher_log_probs, mixture) + (1.0 - beta) * _entry_kl(student_log_probs, mixture)
+        terms = terms.masked_fill(both_absent, 0.0)
     if clip is not None:
         terms = terms.clamp(max=clip)
     return terms.sum(dim=-1)

@@ -17,13 +17,17 @@ def reference_jsd(student, teacher, *, beta, top_k=None, clip=None, temperature=
         idx = t.topk(top_k, dim=-1).indices
         s, t = s.gather(-1, idx), t.gather(-1, idx)
     p_s, p_t = s.softmax(-1), t.softmax(-1)
+
+    def kl(p, q):  # per entry p log(p/q) - p + q: >= 0, sums to KL(p || q) for two distributions
+        return torch.xlogy(p, p / q) - p + q
+
     if beta == 0:
-        terms = torch.xlogy(p_t, p_t / p_s)
+        terms = kl(p_t, p_s)
     elif beta == 1:
-        terms = torch.xlogy(p_s, p_s / p_t)
+        terms = kl(p_s, p_t)
     else:
         m = beta * p_t + (1 - beta) * p_s
-        terms = beta * torch.xlogy(p_t, p_t / m) + (1 - beta) * torch.xlogy(p_s, p_s / m)
+        terms = beta * kl(p_t, m) + (1 - beta) * kl(p_s, m)
     if clip is not None:
         terms = terms.clamp(max=clip)
     per_token = terms.sum(-1) * temperature**2

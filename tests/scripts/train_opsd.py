@@ -19,22 +19,25 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (trainer_utils)
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--kind", choices=["text", "vl"], default="text")
-    parser.add_argument("--mode", default="self")
+    parser.add_argument("--mode", default="self", help="teacher mode, or several comma-separated (one run each)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--global-batch", type=int, default=2)
     parser.add_argument("--ga", type=int, default=1)
     parser.add_argument("--fused", type=int, default=1)
-    parser.add_argument("--resume", default=None, help="checkpoint folder to resume from")
+    parser.add_argument("--resume", default=None, help="checkpoint folder to resume from, or 'last'")
     parser.add_argument("--save-steps", type=int, default=0)
     parser.add_argument("--sample", type=int, default=0, help="1: sample at temperature 1 (tests RNG restore)")
     parser.add_argument("--kill-during-save-at", type=int, default=0, help="SIGKILL this process mid-save at step N")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
 
+
+def train_one(args, mode: str, out_dir: Path) -> dict:
+    """Train with one teacher mode; return losses, grad norms, the final full weights' file and the shadow size."""
     from safetensors.torch import save_file
     from trainer_utils import make_config, text_dataset, vl_dataset
 
@@ -46,11 +49,10 @@ def main():
     assert per_device * world * args.ga == args.global_batch, "the global batch must split evenly"
     model, processing_class = load_tiny(args.model_dir)
     dataset = text_dataset(n=8) if args.kind == "text" else vl_dataset(n=8)
-    out = Path(args.out)
     config = make_config(
-        out.parent,
-        output_dir=str(out.parent / "run"),
-        teacher_mode=args.mode,
+        out_dir,
+        output_dir=str(out_dir / "run"),
+        teacher_mode=mode,
         max_steps=args.steps,
         per_device_train_batch_size=per_device,
         gradient_accumulation_steps=args.ga,
@@ -76,26 +78,40 @@ def main():
             save_rng(output_dir)
 
         trainer._save_rng_state = save_rng_then_die
-    resume = True if args.resume == "last" else args.resume
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=True if args.resume == "last" else args.resume)
 
     history = [h for h in trainer.state.log_history if "loss" in h]
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
-    shadow = None
-    if trainer._shadow is not None:
-        shadow = {k: v for k, v in trainer.teacher_shadow.state_dict().items()}
+    weights = out_dir / f"weights-{mode}.safetensors"
     if trainer.accelerator.is_main_process:
-        weights = out.with_suffix(".safetensors")
+        # clone: tied embeddings share storage, which safetensors refuses
         save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(weights))
-        out.write_text(json.dumps({
-            "world_size": world,
-            "loss": [h["loss"] for h in history],
-            "grad_norm": [h["grad_norm"] for h in history],
-            "kl": [h.get("kl_teacher_student") for h in history],
-            "weights": str(weights),
-            "shadow_numel": None if shadow is None else sum(v.numel() for v in shadow.values()),
-        }))
     trainer.accelerator.wait_for_everyone()
+    shadow = trainer._shadow.state_dict() if trainer._shadow is not None else None
+    return {
+        "loss": [h["loss"] for h in history],
+        "grad_norm": [h["grad_norm"] for h in history],
+        "weights": str(weights),
+        "shadow_numel": None if shadow is None else sum(v.numel() for v in shadow.values()),
+    }
+
+
+def run(argv=None) -> dict:
+    """All requested modes in this process: `{"world_size": N, "runs": {mode: result}}` (written to --out)."""
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "runs": {mode: train_one(args, mode, out.parent) for mode in args.mode.split(",")},
+    }
+    if int(os.environ.get("RANK", "0")) == 0:
+        out.write_text(json.dumps(result))
+    return result
+
+
+def main():
+    run()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from distributed import SCRIPTS, launch, launch_env
+from distributed import SCRIPTS, launch, launch_env, load_script
 from safetensors.torch import load_file
 
 from opsd_trl.checkpoints import INCOMPLETE_MARKER, last_complete_checkpoint
@@ -33,12 +33,12 @@ def _assert_same_run(a: dict, b: dict) -> None:
 
 @pytest.mark.parametrize("mode", ["ema", "fixed"])
 def test_resume_is_exact_single_process(mode, tiny_model_dirs, tmp_path):
-    common = ["--mode", mode, "--steps", "4", "--save-steps", "2", "--sample", "1"]
-    _run(tmp_path / "straight" / "r.json", tiny_model_dirs["text_lm"], *common)
-    _run(tmp_path / "resumed" / "r.json", tiny_model_dirs["text_lm"], *common,
-         "--resume", str(tmp_path / "straight" / "run" / "checkpoint-2"))
-    a = json.loads((tmp_path / "straight" / "r.json").read_text())
-    b = json.loads((tmp_path / "resumed" / "r.json").read_text())
+    run = load_script("train_opsd").run
+    common = ["--model-dir", tiny_model_dirs["text_lm"], "--mode", mode, "--steps", "4", "--save-steps", "2",
+              "--sample", "1"]
+    a = run(["--out", str(tmp_path / "straight" / "r.json"), *common])["runs"][mode]
+    checkpoint = tmp_path / "straight" / "run" / "checkpoint-2"
+    b = run(["--out", str(tmp_path / "resumed" / "r.json"), *common, "--resume", str(checkpoint)])["runs"][mode]
     assert len(a["loss"]) == 4
     _assert_same_run(a, b)
 
@@ -48,11 +48,12 @@ def test_resume_is_exact_single_process(mode, tiny_model_dirs, tmp_path):
 def test_resume_is_exact_under_zero3(tiny_model_dirs, tmp_path):
     common = ["--model-dir", tiny_model_dirs["text_lm"], "--mode", "ema", "--steps", "4", "--save-steps", "2",
               "--sample", "1"]
-    a = launch("train_opsd", "cpu_zero3", common, tmp_path / "straight", timeout=900)
+    a = launch("train_opsd", "cpu_zero3", common, tmp_path / "straight", timeout=900)["runs"]["ema"]
     checkpoint = tmp_path / "straight" / "run" / "checkpoint-2"
     assert {p.name for p in checkpoint.glob("teacher_shadow_rank*.safetensors")} == {
         "teacher_shadow_rank0.safetensors", "teacher_shadow_rank1.safetensors"}
-    b = launch("train_opsd", "cpu_zero3", [*common, "--resume", str(checkpoint)], tmp_path / "resumed", timeout=900)
+    b = launch("train_opsd", "cpu_zero3", [*common, "--resume", str(checkpoint)], tmp_path / "resumed",
+               timeout=900)["runs"]["ema"]
     _assert_same_run(a, b)
 
 
@@ -70,8 +71,8 @@ def test_killed_save_leaves_the_previous_checkpoint_and_resume_skips_it(tiny_mod
     assert load_file(str(run / "checkpoint-1" / "teacher_shadow_rank0.safetensors"))
     # Resuming "from the last checkpoint" picks checkpoint-1 and finishes the run.
     _run(out, model_dir, *common, "--resume", "last")
-    resumed = json.loads(out.read_text())
+    resumed = json.loads(out.read_text())["runs"]["ema"]
     assert len(resumed["loss"]) == 4
-    straight_out = tmp_path / "straight" / "r.json"
-    _run(straight_out, model_dir, *common)
-    _assert_same_run(json.loads(straight_out.read_text()), resumed)
+    straight = load_script("train_opsd").run(["--out", str(tmp_path / "straight" / "r.json"), "--model-dir",
+                                              model_dir, *common])["runs"]["ema"]
+    _assert_same_run(straight, resumed)

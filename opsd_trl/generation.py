@@ -56,6 +56,8 @@ class SamplingSettings:
     image_skip_token: str = "<|im_end|>"
     max_image_skips: int = 1
     eos_token_ids: Sequence[int] | None = None  # None: the model's generation config + the tokenizer's eos
+    # Never sampled (e.g. a VLM's image placeholder, which would match no image features in the forward).
+    suppress_token_ids: Sequence[int] = ()
 
 
 @dataclass
@@ -221,6 +223,11 @@ class HFGenerator(Generator):
             inputs["mm_token_type_ids"] = torch.tensor(types, dtype=torch.long)
         return inputs
 
+    def _generate_kwargs(self) -> dict:
+        """`generation_kwargs`, with the settings' suppressed tokens joined to any the user suppresses."""
+        suppress = set(self.settings.suppress_token_ids) | set(self.generation_kwargs.get("suppress_tokens") or ())
+        return {**self.generation_kwargs, "suppress_tokens": sorted(suppress) or None}
+
     def _sample(self, prompts, images, max_new_tokens):
         s = self.settings
         pad_id = self.tokenizer.pad_token_id
@@ -247,7 +254,7 @@ class HFGenerator(Generator):
                 synced_gpus=self._synced,
                 **sampling,
                 **extra,
-                **self.generation_kwargs,
+                **self._generate_kwargs(),
             )
         rows = []
         for row in out[:, width:].tolist():
@@ -391,6 +398,8 @@ class VLLMGenerator(Generator):
         generation_kwargs = dict(generation_kwargs or {})
         if s.eos_token_ids is not None:  # an explicit EOS set must stop vLLM too, as it stops HF generate
             generation_kwargs.setdefault("stop_token_ids", sorted(self.eos_token_ids))
+        if s.suppress_token_ids:  # vLLM has no suppress list; a -100 logit bias leaves ~e^-100 of the mass
+            generation_kwargs.setdefault("logit_bias", {int(i): -100.0 for i in s.suppress_token_ids})
         llm_kwargs, real_llm = dict(llm_kwargs or {}), vllm_generation.LLM
 
         def make_llm(**kwargs):  # TRL builds the LLM itself; this adds the engine options it does not expose
@@ -495,7 +504,9 @@ def _reset_server_encoder_cache(client) -> None:
 # --- from a TRL config ------------------------------------------------------------------------------------------
 
 
-def build_generator(args, model, processing_class, accelerator=None, **overrides) -> Generator:
+def build_generator(
+    args, model, processing_class, accelerator=None, suppress_token_ids=(), **overrides
+) -> Generator:
     """Pick the backend from the TRL config fields users know (`use_vllm`, `vllm_mode`, `vllm_*`, sampling).
 
     Image-skip fields are read when the config has them (`image_skip_marker`, `image_skip_token`,
@@ -512,6 +523,7 @@ def build_generator(args, model, processing_class, accelerator=None, **overrides
         image_skip_marker=getattr(args, "image_skip_marker", defaults.image_skip_marker),
         image_skip_token=getattr(args, "image_skip_token", defaults.image_skip_token),
         max_image_skips=getattr(args, "max_image_skips", defaults.max_image_skips),
+        suppress_token_ids=tuple(suppress_token_ids),
     )
     gen_kwargs = args.generation_kwargs if isinstance(args.generation_kwargs, dict) else None
     if not args.use_vllm:

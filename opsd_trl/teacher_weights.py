@@ -61,7 +61,10 @@ class ShadowWeights:
     def __init__(self, model: nn.Module):
         self.names = [name for name, p in model.named_parameters() if p.requires_grad]
         if not self.names:
-            raise ValueError("the model has no trainable parameters to shadow.")
+            raise ValueError(
+                "the model has no trainable parameters to shadow; an EMA / fixed teacher needs some (or use "
+                "teacher_mode='self')."
+            )
         params = dict(model.named_parameters())
         self._params = [params[n] for n in self.names]
         # fp32 so that small EMA increments survive a bf16 policy.

@@ -28,10 +28,10 @@ from trl.trainer.utils import pad
 
 from .checkpoints import is_complete, last_complete_checkpoint, mark_complete, mark_incomplete
 from .config import VisualOPSDConfig
-from .data import decode_sample_images, defer_image_decoding
+from .data import decode_sample_images, defer_image_decoding, validate_standard
 from .diagnostics import token_diagnostics
 from .fused_loss import fused_generalized_jsd, unfusable_reason
-from .generation import HFGenerator, build_generator, require_vllm
+from .generation import build_generator, require_vllm
 from .losses import generalized_jsd, sampled_token_reverse_kl
 from .models.adapters import SlotFeatures, get_adapter, head_logits, unwrap_base
 from .teacher_context import teacher_messages, tokenize_teacher_prompt
@@ -106,6 +106,10 @@ class VisualOPSDTrainer(DistillationTrainer):
             require_vllm()  # fail at start-up, with the install command, not at the first step
         self._last_synced_step = -1
         self.adapter = get_adapter(self.model)
+        vocab = unwrap_base(self.model).config.get_text_config().vocab_size
+        if args.teacher_top_k is not None and args.teacher_top_k > vocab:
+            raise ValueError(f"teacher_top_k={args.teacher_top_k} exceeds the vocabulary ({vocab}); lower it or "
+                             "set it to None (full vocabulary).")
         self._peft = hasattr(self.model, "disable_adapter")
         # A `VTCache` (checked against the policy: family, hidden size, vision weights, processor) or any mapping
         # from sample id to a `VTEntry`.
@@ -127,20 +131,19 @@ class VisualOPSDTrainer(DistillationTrainer):
     def generator(self):
         """The student sampler, built on first use: after `accelerator.prepare` has wrapped the model."""
         if self._generator is None:
+            config = unwrap_base(self.model).config
+            # A sampled image placeholder would match no image features in the student forward (both backends).
+            suppress = [getattr(config, k) for k in ("image_token_id", "video_token_id") if hasattr(config, k)]
             extra = (
                 {"llm_kwargs": self.args.vllm_llm_kwargs}
                 if self.use_vllm
                 else {"gather_deepspeed3_params": self.args.ds3_gather_for_generation}
             )
             self._generator = build_generator(
-                self.args, self.model_wrapped, self.processing_class, self.accelerator, **extra
+                self.args, self.model_wrapped, self.processing_class, self.accelerator,
+                suppress_token_ids=[i for i in suppress if i is not None], **extra,
             )
             self._generator.eos_token_ids = set(self.eos_token_ids)
-            image_token_id = getattr(unwrap_base(self.model).config, "image_token_id", None)
-            if isinstance(self._generator, HFGenerator) and image_token_id is not None:
-                # A sampled image placeholder would not match any image features in the student forward.
-                self._generator.generation_kwargs = {"suppress_tokens": [image_token_id],
-                                                     **self._generator.generation_kwargs}
         return self._generator
 
     def _check_cache(self) -> None:
@@ -160,6 +163,12 @@ class VisualOPSDTrainer(DistillationTrainer):
             self._shadow = ShadowWeights(self.model)
             if self._resume_dir is not None:
                 path = os.path.join(self._resume_dir, SHADOW_FILE.format(rank=self.accelerator.process_index))
+                if not os.path.isfile(path):
+                    raise ValueError(
+                        f"{self._resume_dir} has no teacher shadow for rank {self.accelerator.process_index} "
+                        f"({os.path.basename(path)}): it was saved with another teacher_mode or number of processes. "
+                        "Resume with the same teacher_mode and process count."
+                    )
                 self._shadow.load(path)
         return self._shadow
 
@@ -217,6 +226,8 @@ class VisualOPSDTrainer(DistillationTrainer):
         for x in inputs:
             if "id" not in x:
                 raise ValueError("every sample needs an `id` column (the VT cache key and the name used in errors).")
+            if self.adapter.uses_images:
+                validate_standard({"images": [], **x})
             n_vt = len(x.get("vt_images") or []) if self.adapter.uses_images else None
             if (
                 self.args.on_missing_vt == "error"
@@ -236,7 +247,10 @@ class VisualOPSDTrainer(DistillationTrainer):
             return None
         if x["id"] not in self.vt_cache:
             if self.args.on_missing_vt == "error":
-                raise KeyError(f"sample {x['id']!r} is not in the VT cache {self.args.vt_cache_dir}.")
+                raise KeyError(
+                    f"sample {x['id']!r} is not in the VT cache {self.args.vt_cache_dir}; rebuild the cache over this "
+                    "dataset or set on_missing_vt='no_vt_teacher'."
+                )
             return []
         entry = self.vt_cache[x["id"]]
         grids = entry.grid_thw if entry.grid_thw is not None else [None] * len(entry.embeds)
@@ -487,12 +501,20 @@ class VisualOPSDTrainer(DistillationTrainer):
         if resume_from_checkpoint is True:  # the last *complete* checkpoint, not merely the last folder
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
-                raise ValueError(f"no complete checkpoint in {self.args.output_dir} to resume from.")
-        elif isinstance(resume_from_checkpoint, str) and not is_complete(resume_from_checkpoint):
-            raise ValueError(
-                f"{resume_from_checkpoint} is not a complete checkpoint (its save was interrupted); resume from "
-                f"{last_complete_checkpoint(os.path.dirname(resume_from_checkpoint.rstrip('/')))} instead."
-            )
+                raise ValueError(
+                    f"no complete checkpoint in {self.args.output_dir} to resume from; start without "
+                    "resume_from_checkpoint or point output_dir at the run to continue."
+                )
+        elif isinstance(resume_from_checkpoint, str):
+            if not os.path.isdir(resume_from_checkpoint):
+                raise ValueError(f"resume_from_checkpoint {resume_from_checkpoint} is not a folder.")
+            if not is_complete(resume_from_checkpoint):
+                previous = last_complete_checkpoint(os.path.dirname(resume_from_checkpoint.rstrip("/")))
+                raise ValueError(
+                    f"{resume_from_checkpoint} is not a complete checkpoint (its save was interrupted, or it has no "
+                    "trainer_state.json); "
+                    + (f"resume from {previous} instead." if previous else "no complete checkpoint is next to it.")
+                )
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):

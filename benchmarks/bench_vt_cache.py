@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from opsd_trl.vt_cache import QwenVLEncoder, SyntheticEncoder, VTCache, build_vt_cache
+from opsd_trl.vt_cache import SyntheticEncoder, VisionEncoder, VTCache, build_vt_cache
 
 N_VTS = 8
 
@@ -75,7 +75,7 @@ def bench_teacher(workdir: Path, reps: int) -> dict:
     from opsd_trl.models.tiny import build_tiny_qwen2_5_vl
 
     model, processor = build_tiny_qwen2_5_vl(seed=0)
-    encoder = QwenVLEncoder(model, processor)
+    encoder = VisionEncoder(model, processor)
     images = [vt_image(1000 + j) for j in range(N_VTS)]
     cache = VTCache(build_vt_cache([{"id": "x", "vt_images": images}], encoder, workdir / "teacher", progress=False))
     inputs = teacher_inputs(model, processor, images)
@@ -112,7 +112,7 @@ def bench_teacher(workdir: Path, reps: int) -> dict:
 def bench_build_qwen(workdir: Path, n: int) -> dict:
     from opsd_trl.models.tiny import build_tiny_qwen2_5_vl
 
-    encoder = QwenVLEncoder(*build_tiny_qwen2_5_vl(seed=0))
+    encoder = VisionEncoder(*build_tiny_qwen2_5_vl(seed=0))
     t = time.perf_counter()
     build_vt_cache(LazySamples(n, 112), encoder, workdir / "qwen_build", batch_size=8, progress=False)
     return {"qwen_build_images_per_s": n * N_VTS / (time.perf_counter() - t)}

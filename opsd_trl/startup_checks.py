@@ -178,16 +178,16 @@ def _check_vt_cache(args, model_config) -> None:
 
 def config_fingerprint(model_config) -> dict:
     """The VT-cache manifest fields a model config determines (the weights hash is checked by the trainer)."""
-    from .vt_cache.encoders import QWEN_VL_FAMILIES
+    from .vt_cache.encoders import VISION_FAMILIES
 
     text = getattr(model_config, "text_config", model_config)
-    if model_config.model_type not in QWEN_VL_FAMILIES:
+    if model_config.model_type not in VISION_FAMILIES:
         return {"model_family": "text", "hidden_size": text.hidden_size}
     vision = model_config.vision_config
     return {
         "model_family": model_config.model_type,
         "hidden_size": text.hidden_size,
-        "spatial_merge_size": vision.spatial_merge_size,
+        "spatial_merge_size": getattr(vision, "spatial_merge_size", 1),
         "deepstack_levels": len(getattr(vision, "deepstack_visual_indexes", None) or []),
     }
 

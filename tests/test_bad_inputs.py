@@ -14,7 +14,7 @@ from datasets import Dataset
 from trainer_utils import entry, generation_batch, make_trainer, text_dataset, vl_dataset
 
 from opsd_trl.models.tiny import build_tiny_qwen2_5_vl, build_tiny_text_lm
-from opsd_trl.vt_cache import BadImageError, QwenVLEncoder, VTCacheMismatchError, build_vt_cache
+from opsd_trl.vt_cache import BadImageError, VisionEncoder, VTCacheMismatchError, build_vt_cache
 
 
 def _png_bytes(image) -> bytes:
@@ -52,7 +52,7 @@ def test_vt_id_absent_from_the_cache(tmp_path):
 def test_cache_built_for_another_model_is_refused_naming_the_field(tmp_path):
     other, processor = build_tiny_qwen2_5_vl(seed=1)
     dataset = vl_dataset(n=2)
-    cache_dir = build_vt_cache(dataset, QwenVLEncoder(other, processor), tmp_path / "cache", progress=False)
+    cache_dir = build_vt_cache(dataset, VisionEncoder(other, processor), tmp_path / "cache", progress=False)
     model, processor = build_tiny_qwen2_5_vl(seed=0)
     model.model.visual.requires_grad_(False)
     with pytest.raises(VTCacheMismatchError, match="vision_weights_sha256"):

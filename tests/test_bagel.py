@@ -393,3 +393,24 @@ def test_eval_teacher_context_logits(tmp_path):
         ref = model(input_ids=ids, pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],
                     mm_token_type_ids=mm).logits
     torch.testing.assert_close(logits[0], ref[0, -len(completion) - 1: -1], atol=1e-4, rtol=1e-4)
+
+
+def test_vt_cache_round_trip_and_trainer_with_cache(tmp_path):
+    """BAGEL VTs built into a real VT cache give the same teacher logits as encoding them online."""
+    from opsd_trl.vt_cache import VisionEncoder, build_vt_cache
+
+    model, processor = build_tiny_bagel()
+    dataset = vl_dataset(n=2)
+    online = make_trainer(model, processor, dataset, tmp_path, teacher_mode="self")
+    batch = generation_batch(online, dataset)
+    expected = completion_logits(online, batch)
+    cache_dir = build_vt_cache(dataset, VisionEncoder(model, processor), tmp_path / "cache", progress=False)
+    model.model.visual.requires_grad_(False)
+    cached = make_trainer(model, processor, dataset, tmp_path, teacher_mode="self", vt_cache_dir=str(cache_dir))
+    rows = [dataset[i] for i in range(2)]
+    ordered = [rows[[r["id"] for r in rows].index(s)] for s in batch["sample_ids"]]
+    batch.update(cached._teacher_batch(ordered, {"num_images": batch.get("num_images"),
+                                                 "image_grid_thw": batch.get("image_grid_thw"),
+                                                 "prompt_mask": batch["prompt_mask"]}))
+    assert all(p is None for p in batch["vt_pixels"])
+    torch.testing.assert_close(completion_logits(cached, batch), expected, atol=1e-4, rtol=1e-4)

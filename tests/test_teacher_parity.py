@@ -12,7 +12,7 @@ from trainer_utils import completion_logits, entry, generation_batch, make_train
 from opsd_trl.models.adapters import SlotFeatures
 from opsd_trl.models.tiny import build_tiny_qwen2_5_vl, build_tiny_qwen3_vl, build_tiny_text_lm
 from opsd_trl.teacher_context import teacher_messages
-from opsd_trl.vt_cache import QwenVLEncoder, VTCacheError, build_vt_cache
+from opsd_trl.vt_cache import VisionEncoder, VTCacheError, build_vt_cache
 
 ATOL = 1e-4
 
@@ -61,7 +61,7 @@ def test_vl_cached_features_equal_online(builder, tmp_path):
     online = make_trainer(model, processor, dataset, tmp_path, teacher_mode="self")
     batch = generation_batch(online, dataset)
     logits_online = completion_logits(online, batch)
-    cache_dir = build_vt_cache(dataset, QwenVLEncoder(model, processor), tmp_path / "cache", progress=False)
+    cache_dir = build_vt_cache(dataset, VisionEncoder(model, processor), tmp_path / "cache", progress=False)
     with pytest.raises(VTCacheError, match="trainable"):  # a training vision tower makes the cache stale
         make_trainer(model, processor, dataset, tmp_path, vt_cache_dir=str(cache_dir))
     model.model.visual.requires_grad_(False)

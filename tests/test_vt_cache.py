@@ -14,8 +14,8 @@ from PIL import Image
 
 from opsd_trl.vt_cache import (
     BadImageError,
-    QwenVLEncoder,
     SyntheticEncoder,
+    VisionEncoder,
     VTCache,
     VTCacheCorruptError,
     VTCacheError,
@@ -63,7 +63,7 @@ def test_round_trip_equals_direct_encoding(tmp_path, family, qwen25):
         model.requires_grad_(False)
     else:
         model, processor = qwen25
-    encoder = QwenVLEncoder(model, processor)
+    encoder = VisionEncoder(model, processor)
     samples = make_samples()
     cache = VTCache(build(samples, encoder, tmp_path / "c"))
     assert len(cache.manifest["shards"]) > 1 and len(cache) == len(samples)
@@ -87,9 +87,9 @@ ENCODERS = {
     "synthetic": "from opsd_trl.vt_cache import SyntheticEncoder as make_encoder",
     "qwen2_5_vl": textwrap.dedent("""
         from opsd_trl.models.tiny import build_tiny_qwen2_5_vl
-        from opsd_trl.vt_cache import QwenVLEncoder
+        from opsd_trl.vt_cache import VisionEncoder
         def make_encoder():
-            return QwenVLEncoder(*build_tiny_qwen2_5_vl(seed=0))
+            return VisionEncoder(*build_tiny_qwen2_5_vl(seed=0))
     """),
 }
 
@@ -176,7 +176,7 @@ def test_manifest_mismatch_refused(tmp_path, qwen25):
     from opsd_trl.models.tiny import build_tiny_qwen2_5_vl, build_tiny_qwen3_vl
 
     model, processor = qwen25
-    cache = build(make_samples(4), QwenVLEncoder(model, processor), tmp_path / "c")
+    cache = build(make_samples(4), VisionEncoder(model, processor), tmp_path / "c")
     other, _ = build_tiny_qwen2_5_vl(seed=1)
     other.requires_grad_(False)
     with pytest.raises(VTCacheMismatchError, match="vision_weights_sha256"):
@@ -192,7 +192,7 @@ def test_manifest_mismatch_refused(tmp_path, qwen25):
 
 def test_trainable_vision_tower_needs_opt_in(tmp_path, qwen25):
     model, processor = qwen25
-    cache = build(make_samples(4), QwenVLEncoder(model, processor), tmp_path / "c")
+    cache = build(make_samples(4), VisionEncoder(model, processor), tmp_path / "c")
     model.model.visual.merger.requires_grad_(True)
     try:
         with pytest.raises(VTCacheError, match="trainable"):
@@ -270,7 +270,7 @@ def test_cli_build_and_verify(tmp_path, qwen25, capsys):
             "--output", str(tmp_path / "c"), "--dtype", "float32", "--shard-size", "4kB", "--no-progress"]
     assert main(args) == 0
     cache = VTCache(tmp_path / "c")
-    direct = QwenVLEncoder(*qwen25).encode(samples[3]["vt_images"])
+    direct = VisionEncoder(*qwen25).encode(samples[3]["vt_images"])
     torch.testing.assert_close(cache["s3"].embeds[2], direct[2].embeds, atol=1e-5, rtol=1e-5)
     assert main(["verify-vt-cache", str(tmp_path / "c")]) == 0
     shard = tmp_path / "c" / "shard-00000.safetensors"

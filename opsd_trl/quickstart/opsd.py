@@ -10,7 +10,7 @@ from transformers import TrainerCallback
 
 from .. import VisualOPSDConfig, VisualOPSDTrainer
 from ..eval import Contexts, evaluate, vision_token_ids
-from ..vt_cache import QwenVLEncoder, VTCache, build_vt_cache
+from ..vt_cache import VisionEncoder, VTCache, build_vt_cache
 from .model import TEACHER_INTRO, TEACHER_TRANSITION
 
 
@@ -23,7 +23,7 @@ def freeze_vision(model) -> None:
 def vt_cache(model, processor, dataset, path: Path, progress: bool = True) -> VTCache:
     """Encode the training VTs once (resumable); the trainer checks the cache against the policy it trains."""
     freeze_vision(model)
-    build_vt_cache(dataset, QwenVLEncoder(model, processor), path, dtype=torch.float32, batch_size=64,
+    build_vt_cache(dataset, VisionEncoder(model, processor), path, dtype=torch.float32, batch_size=64,
                    progress=progress, source="quickstart maze train")
     return VTCache(path)
 

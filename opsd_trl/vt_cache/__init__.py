@@ -2,7 +2,7 @@
 with a JSON index and manifest, read back by sample id. Format: ``docs/vt_cache.md``."""
 
 from .build import build_vt_cache, decode_image, import_vt_embeddings, sample_ids
-from .encoders import EncodedImage, QwenVLEncoder, SyntheticEncoder, VTEncoder, load_encoder, weights_sha256
+from .encoders import EncodedImage, SyntheticEncoder, VisionEncoder, VTEncoder, load_encoder, weights_sha256
 from .format import (
     FORMAT_VERSION,
     BadImageError,
@@ -17,7 +17,7 @@ __all__ = [
     "FORMAT_VERSION",
     "BadImageError",
     "EncodedImage",
-    "QwenVLEncoder",
+    "VisionEncoder",
     "SyntheticEncoder",
     "VTCache",
     "VTCacheCorruptError",

@@ -1,7 +1,7 @@
 """Encoders turn VT images into the rows that replace image placeholder tokens.
 
 The cache builder only needs the :class:`VTEncoder` protocol, so the format is testable with the cheap
-:class:`SyntheticEncoder`; :class:`QwenVLEncoder` is the real one for the Qwen2-VL / Qwen2.5-VL / Qwen3-VL families.
+:class:`SyntheticEncoder`; :class:`VisionEncoder` is the real one for the Qwen2-VL / Qwen2.5-VL / Qwen3-VL families.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ FINGERPRINT_FIELDS = (
     "vision_weights_sha256",
     "processor_sha256",
 )
-QWEN_VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+VISION_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "bagel")
 
 
 @dataclass
@@ -62,7 +62,7 @@ def processor_config(image_processor) -> dict:
     return to_jsonable({k: v for k, v in cfg.items() if not k.startswith("_") and k != "processor_class"})
 
 
-def qwen_vl_inner(model):
+def vision_inner(model):
     """The ``*Model`` holding ``.visual`` (accepts the ``ForConditionalGeneration`` wrapper or the model)."""
     inner = model.model if hasattr(model, "model") and hasattr(model.model, "visual") else model
     if not hasattr(inner, "visual"):
@@ -72,7 +72,7 @@ def qwen_vl_inner(model):
 
 def model_family(model) -> str:
     config = model.config
-    return config.model_type if config.model_type in QWEN_VL_FAMILIES else "text"
+    return config.model_type if config.model_type in VISION_FAMILIES else "text"
 
 
 def text_hidden_size(model) -> int:
@@ -80,15 +80,15 @@ def text_hidden_size(model) -> int:
     return getattr(config, "text_config", config).hidden_size
 
 
-class QwenVLEncoder:
-    """Slow PIL image processor -> ``get_image_features`` of a Qwen-VL model (vision tower + merger)."""
+class VisionEncoder:
+    """Image processor -> the policy adapter's `encode_images` (vision tower + projector): Qwen2/2.5/3-VL, BAGEL."""
 
     def __init__(self, model, processor):
-        from ..models.adapters import QwenVLAdapter
+        from ..models.adapters import get_adapter
 
         self.model = model
-        self.adapter = QwenVLAdapter(model)
-        self.inner = qwen_vl_inner(model)
+        self.adapter = get_adapter(model)
+        self.inner = vision_inner(model)
         self.config = model.config
         self.image_processor = getattr(processor, "image_processor", processor)
         self._fingerprint = None
@@ -100,7 +100,7 @@ class QwenVLEncoder:
             self._fingerprint = {
                 "model_family": self.config.model_type,
                 "hidden_size": text_hidden_size(self.inner),
-                "spatial_merge_size": vision.spatial_merge_size,
+                "spatial_merge_size": getattr(vision, "spatial_merge_size", 1),
                 "deepstack_levels": len(getattr(vision, "deepstack_visual_indexes", None) or []),
                 "vision_weights_sha256": weights_sha256(self.inner.visual),
                 "processor_sha256": sha256_json(pcfg),
@@ -151,7 +151,7 @@ class SyntheticEncoder:
         return out
 
 
-def load_encoder(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> QwenVLEncoder:
+def load_encoder(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> VisionEncoder:
     """Load a Qwen-VL checkpoint folder (or a tiny model saved with ``save_tiny``) for cache building."""
     path = Path(path)
     proc_file = path / "processor_config.json"
@@ -160,14 +160,18 @@ def load_encoder(path: str | Path, dtype: torch.dtype = torch.float32, device: s
         from opsd_trl.models.tiny import load_tiny
 
         model, processor = load_tiny(path, dtype=dtype)
+    elif proc_class == "BagelProcessor":
+        from opsd_trl.models.bagel.tiny import load_bagel
+
+        model, processor = load_bagel(path, dtype=dtype)
     else:
         from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).eval()
         processor = AutoImageProcessor.from_pretrained(path, backend="pil")
-    if model_family(model) not in QWEN_VL_FAMILIES:
+    if model_family(model) not in VISION_FAMILIES:
         raise ValueError(
             f"{path}: model_type {model.config.model_type!r} has no VT encoder; "
-            f"supported: {', '.join(QWEN_VL_FAMILIES)}"
+            f"supported: {', '.join(VISION_FAMILIES)}"
         )
-    return QwenVLEncoder(model.to(device), processor)
+    return VisionEncoder(model.to(device), processor)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from .encoders import FINGERPRINT_FIELDS, QWEN_VL_FAMILIES, QwenVLEncoder, model_family, qwen_vl_inner, text_hidden_size
+from .encoders import FINGERPRINT_FIELDS, VISION_FAMILIES, VisionEncoder, model_family, text_hidden_size, vision_inner
 from .format import INDEX, MANIFEST, VTCacheError, VTCacheMismatchError, read_json, sha256_file
 from .load import VTCache
 
@@ -82,10 +82,10 @@ def _check_header(shard: Path, expected: dict[str, list[int]], st_dtype: str) ->
 
 def policy_fingerprint(model, processor=None) -> dict:
     """The manifest fields a cache must match to be used with ``model`` (a Qwen-VL model or a text LM)."""
-    if model_family(model) in QWEN_VL_FAMILIES:
+    if model_family(model) in VISION_FAMILIES:
         if processor is None:
             raise ValueError("a Qwen-VL policy needs its processor to check a VT cache")
-        return QwenVLEncoder(model, processor).fingerprint()
+        return VisionEncoder(model, processor).fingerprint()
     return {"model_family": "text", "hidden_size": text_hidden_size(model)}
 
 
@@ -111,8 +111,8 @@ def check_compatible(
                 f"VT cache does not match the policy: manifest field {field!r} is {manifest.get(field)!r}, "
                 f"the policy gives {policy[field]!r}{detail}; rebuild the cache with this model"
             )
-    if model_family(model) in QWEN_VL_FAMILIES:
-        trainable = [n for n, p in qwen_vl_inner(model).visual.named_parameters() if p.requires_grad]
+    if model_family(model) in VISION_FAMILIES:
+        trainable = [n for n, p in vision_inner(model).visual.named_parameters() if p.requires_grad]
         if trainable:
             msg = (
                 f"the vision tower has {len(trainable)} trainable parameters (e.g. {trainable[0]}); cached VT "

@@ -36,6 +36,7 @@ from .losses import generalized_jsd, sampled_token_reverse_kl
 from .models.adapters import SlotFeatures, get_adapter, head_logits, unwrap_base
 from .teacher_context import teacher_messages, tokenize_teacher_prompt
 from .teacher_weights import ShadowWeights, gathered
+from .vt_cache import VTCache, check_compatible
 
 logger = logging.get_logger(__name__)
 
@@ -114,8 +115,6 @@ class VisualOPSDTrainer(DistillationTrainer):
         # A `VTCache` (checked against the policy: family, hidden size, vision weights, processor) or any mapping
         # from sample id to a `VTEntry`.
         self.vt_cache = vt_cache
-        from .vt_cache import VTCache
-
         if self.vt_cache is None and args.vt_source == "cache":
             self.vt_cache = VTCache(args.vt_cache_dir)
         if isinstance(self.vt_cache, VTCache):
@@ -133,7 +132,7 @@ class VisualOPSDTrainer(DistillationTrainer):
         if self._generator is None:
             config = unwrap_base(self.model).config
             # A sampled image placeholder would match no image features in the student forward (both backends).
-            suppress = [getattr(config, k) for k in ("image_token_id", "video_token_id") if hasattr(config, k)]
+            suppress = [getattr(config, k, None) for k in ("image_token_id", "video_token_id")]
             extra = (
                 {"llm_kwargs": self.args.vllm_llm_kwargs}
                 if self.use_vllm
@@ -147,8 +146,6 @@ class VisualOPSDTrainer(DistillationTrainer):
         return self._generator
 
     def _check_cache(self) -> None:
-        from .vt_cache import check_compatible
-
         check_compatible(self.vt_cache, unwrap_base(self.model), self.processing_class,
                          allow_trainable_vision=self.args.allow_trainable_vision_with_cache)
 
@@ -178,8 +175,8 @@ class VisualOPSDTrainer(DistillationTrainer):
             return contextlib.nullcontext()
         if mode == "fixed" and self._peft:
             return unwrapped.disable_adapter()
-        engine = self.model_wrapped
-        release = engine.empty_partition_cache if self.is_deepspeed_enabled and hasattr(engine, "empty_partition_cache") else None
+        # Under DeepSpeed, every gathered weight is released around the swap (see ShadowWeights.swapped).
+        release = getattr(self.model_wrapped, "empty_partition_cache", None) if self.is_deepspeed_enabled else None
         return self.teacher_shadow.swapped(release_gathered=release)
 
     # ----------------------------------------------------------------------------------------------- generation
@@ -189,9 +186,8 @@ class VisualOPSDTrainer(DistillationTrainer):
             self._last_synced_step = self.state.global_step
         t0 = time.perf_counter()
         result = self.generator.generate(prompt_ids, images)
-        mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["time/generation"].append(time.perf_counter() - t0)
-        self._metrics[mode]["image_skips"].append(sum(result.num_image_skips) / max(len(prompt_ids), 1))
+        self._metrics[self._mode]["time/generation"].append(time.perf_counter() - t0)
+        self._metrics[self._mode]["image_skips"].append(sum(result.num_image_skips) / max(len(prompt_ids), 1))
         # An empty completion (a backend that returned nothing) becomes one pad token with no loss weight:
         # the parent needs a last token, and `_generate_and_score_completions` masks it out and counts it.
         self._empty_completions = [not ids for ids in result.completion_ids]
@@ -207,14 +203,13 @@ class VisualOPSDTrainer(DistillationTrainer):
             output["completion_mask"][empty] = 0
         # Recounted on every rank (a collective): the masked-out empty completions carry no tokens.
         output["num_items_in_batch"] = self.accelerator.gather(output["completion_mask"].sum()).sum()
-        mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["completions/empty"].append(float(sum(self._empty_completions)))
+        self._metrics[self._mode]["completions/empty"].append(float(sum(self._empty_completions)))
         output.update(self._teacher_batch(inputs, output))
         eos = torch.tensor(
             [bool(ids) and ids[-1] in self.eos_token_ids for ids in self._completion_lists(output)],
             dtype=torch.float32, device=self.accelerator.device,
         )
-        self._metrics[mode]["completions/eos_rate"].append(self.accelerator.gather(eos).mean().item())
+        self._metrics[self._mode]["completions/eos_rate"].append(self.accelerator.gather(eos).mean().item())
         return output
 
     @staticmethod
@@ -259,78 +254,80 @@ class VisualOPSDTrainer(DistillationTrainer):
 
     def _teacher_batch(self, inputs, output) -> dict[str, Any]:
         """Per sample: teacher prompt ids + slot mask, and VT features (cache) or VT pixels (online)."""
-        args, tok = self.args, self._tokenizer
-        grids = output.get("image_grid_thw")
-        merge = getattr(getattr(self.processing_class, "image_processor", None), "merge_size", 1)
-        n_problem = output.get("num_images") or [0] * len(inputs)
-        grid_offset = 0
-        prompts, masks, vt_slots, vt_pixels, n_vts, truncated = [], [], [], [], [], 0
-        if args.max_prompt_length is not None:
-            for x, length in zip(inputs, output["prompt_mask"].sum(-1).tolist(), strict=True):
-                if length > args.max_prompt_length:
-                    raise ValueError(
-                        f"sample {x['id']!r}: student prompt has {length} tokens > max_prompt_length="
-                        f"{args.max_prompt_length}; raise the limit or shorten the prompt."
-                    )
-        for x, n_img in zip(inputs, n_problem, strict=True):
-            slots = self._vt_slots(x)
-            vt_images = list(x.get("vt_images") or [])
-            if slots is not None:
-                n_all = len(slots)
-            else:
-                n_all = len(vt_images) if self.adapter.uses_images else 0
-            n_vt = min(n_all, args.max_vt_images)
-            truncated += n_all > n_vt
-            pixels = None
-            if slots is not None:
-                slots = slots[:n_vt]
-                vt_tokens = [s.embeds.shape[0] for s in slots]
-            elif n_vt:
-                pixels = self.processing_class.image_processor(images=vt_images[:n_vt], return_tensors="pt")
-                vt_tokens = (pixels["image_grid_thw"].prod(-1) // merge**2).tolist()
-            else:
-                vt_tokens = []
-            problem_tokens = []
-            if grids is not None and n_img:
-                problem_tokens = (grids[grid_offset : grid_offset + n_img].prod(-1) // merge**2).tolist()
-                grid_offset += n_img
-            messages = x["prompt"]
-            if self.adapter.uses_images:
-                messages = prepare_multimodal_messages(messages, images=x.get("images") or [])
-            msgs = teacher_messages(
-                messages, n_vt=n_vt, intro=args.teacher_intro, transition=args.teacher_transition,
-                vt_text=None if self.adapter.uses_images or slots else x.get("vt_text"),
-                as_images=self.adapter.uses_images,
-            )
-            text = self.processing_class.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
-                                                             **self.chat_template_kwargs)
-            prompt = tokenize_teacher_prompt(
-                text, tok,
-                image_token=getattr(self.processing_class, "image_token", None) if self.adapter.uses_images else None,
-                tokens_per_slot=problem_tokens + vt_tokens if self.adapter.uses_images else vt_tokens,
-                placeholder_id=tok.pad_token_id,
-            )
-            if args.max_prompt_length is not None and len(prompt.input_ids) > args.max_prompt_length:
-                raise ValueError(
-                    f"sample {x['id']!r}: teacher prompt has {len(prompt.input_ids)} tokens > max_prompt_length="
-                    f"{args.max_prompt_length}; raise the limit or shorten the prompt / reduce max_vt_images."
-                )
-            prompts.append(prompt.input_ids)
-            masks.append(prompt.slot_mask)
-            vt_slots.append(slots or [])
-            vt_pixels.append(pixels)
-            n_vts.append(n_vt)
+        self._check_prompt_lengths(inputs, output["prompt_mask"].sum(-1).tolist(), "student")
+        problem_tokens = self._problem_image_tokens(output, len(inputs))
+        batch = {"sample_ids": [], "teacher_prompt_ids": [], "teacher_slot_mask": [], "vt_slots": [], "vt_pixels": []}
+        truncated, n_vts = 0, []
+        for x, image_tokens in zip(inputs, problem_tokens, strict=True):
+            slots, pixels, vt_tokens, n_all = self._sample_vts(x)
+            truncated += n_all > len(vt_tokens)
+            prompt = self._teacher_prompt(x, len(vt_tokens), image_tokens + vt_tokens, use_vt_text=slots is None)
+            batch["sample_ids"].append(x["id"])
+            batch["teacher_prompt_ids"].append(prompt.input_ids)
+            batch["teacher_slot_mask"].append(prompt.slot_mask)
+            batch["vt_slots"].append(slots or [])
+            batch["vt_pixels"].append(pixels)
+            n_vts.append(len(vt_tokens))
+        self._check_prompt_lengths(inputs, [len(p) for p in batch["teacher_prompt_ids"]], "teacher")
         if truncated:
-            self._metrics["train" if self.model.training else "eval"]["vt/truncated"].append(truncated)
-        mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["vt/images_per_sample"].append(sum(n_vts) / len(n_vts))
-        return {
-            "sample_ids": [x["id"] for x in inputs],
-            "teacher_prompt_ids": prompts,
-            "teacher_slot_mask": masks,
-            "vt_slots": vt_slots,
-            "vt_pixels": vt_pixels,
-        }
+            self._metrics[self._mode]["vt/truncated"].append(truncated)
+        self._metrics[self._mode]["vt/images_per_sample"].append(sum(n_vts) / len(n_vts))
+        return batch
+
+    @property
+    def _mode(self) -> str:
+        return "train" if self.model.training else "eval"
+
+    def _check_prompt_lengths(self, inputs, lengths: list[int], role: str) -> None:
+        limit = self.args.max_prompt_length
+        for x, length in zip(inputs, lengths, strict=True):
+            if limit is not None and length > limit:
+                raise ValueError(
+                    f"sample {x['id']!r}: {role} prompt has {length} tokens > max_prompt_length={limit}; raise the "
+                    "limit or shorten the prompt" + (" / reduce max_vt_images." if role == "teacher" else ".")
+                )
+
+    def _problem_image_tokens(self, output, n_samples: int) -> list[list[int]]:
+        """Per sample, the placeholder count of each problem image (from the student's image grids)."""
+        grids, counts = output.get("image_grid_thw"), output.get("num_images") or [0] * n_samples
+        merge = getattr(getattr(self.processing_class, "image_processor", None), "merge_size", 1)
+        tokens = (grids.prod(-1) // merge**2).tolist() if grids is not None else []
+        offsets = [sum(counts[:i]) for i in range(n_samples)]
+        return [tokens[o : o + n] for o, n in zip(offsets, counts, strict=True)]
+
+    def _sample_vts(self, x):
+        """`(cached slots | None, VT pixel inputs | None, placeholder count per kept VT, VTs available)`."""
+        slots = self._vt_slots(x)
+        if slots is not None:
+            kept = slots[: self.args.max_vt_images]
+            return kept, None, [s.embeds.shape[0] for s in kept], len(slots)
+        images = list(x.get("vt_images") or []) if self.adapter.uses_images else []
+        kept = images[: self.args.max_vt_images]
+        if not kept:
+            return None, None, [], len(images)
+        image_processor = self.processing_class.image_processor
+        pixels = image_processor(images=kept, return_tensors="pt")
+        merge = getattr(image_processor, "merge_size", 1)
+        return None, pixels, (pixels["image_grid_thw"].prod(-1) // merge**2).tolist(), len(images)
+
+    def _teacher_prompt(self, x, n_vt: int, tokens_per_slot: list[int], use_vt_text: bool):
+        """Render and tokenize one sample's teacher context (slots: problem images, then VTs)."""
+        messages = x["prompt"]
+        if self.adapter.uses_images:
+            messages = prepare_multimodal_messages(messages, images=x.get("images") or [])
+        messages = teacher_messages(
+            messages, n_vt=n_vt, intro=self.args.teacher_intro, transition=self.args.teacher_transition,
+            vt_text=x.get("vt_text") if use_vt_text and not self.adapter.uses_images else None,
+            as_images=self.adapter.uses_images,
+        )
+        text = self.processing_class.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **self.chat_template_kwargs
+        )
+        image_token = getattr(self.processing_class, "image_token", None) if self.adapter.uses_images else None
+        tok = self._tokenizer
+        return tokenize_teacher_prompt(
+            text, tok, image_token=image_token, tokens_per_slot=tokens_per_slot, placeholder_id=tok.pad_token_id
+        )
 
     # ----------------------------------------------------------------------------------------------- forward passes
     @torch.no_grad()
@@ -392,13 +389,12 @@ class VisualOPSDTrainer(DistillationTrainer):
             if self._teacher_head_differs(head):  # the EMA / fixed teacher's own head, when the head trains
                 with gathered([head.weight]):
                     teacher_head = head.weight.detach().clone()
-        mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["time/teacher"].append(time.perf_counter() - t0)
+        self._metrics[self._mode]["time/teacher"].append(time.perf_counter() - t0)
         return {"teacher_hidden": hidden, "teacher_head": teacher_head}
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         """Student forward + loss; runs inside the wrapped model's forward (ZeRO-3 gathers the head once)."""
-        mode = "train" if self.model.training else "eval"
+        mode = self._mode
         head = unwrapped_student.get_output_embeddings()
         teacher_hidden, teacher_head = inputs["teacher_hidden"], inputs["teacher_head"]
         t1 = time.perf_counter()
@@ -465,7 +461,7 @@ class VisualOPSDTrainer(DistillationTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {**inputs, **self._teacher_pass(self.accelerator.unwrap_model(model), inputs)}
         loss = super().compute_loss(model, inputs, return_outputs=False, num_items_in_batch=num_items_in_batch)
-        mode = "train" if self.model.training else "eval"
+        mode = self._mode
         self._metrics[mode].pop("entropy", None)  # replaced by entropy/student and entropy/teacher
         self._metrics[mode][self.args.loss_type].append(self.accelerator.gather(loss.detach()).mean().item())
         return (loss, None) if return_outputs else loss

@@ -71,7 +71,8 @@ def test_vl_cached_features_equal_online(builder, tmp_path):
         batch.pop(key)
     rows = [dataset[i] for i in range(2)]
     ordered = [rows[[r["id"] for r in rows].index(s)] for s in batch["sample_ids"]]
-    output = {"num_images": batch.get("num_images"), "image_grid_thw": batch.get("image_grid_thw")}
+    output = {"num_images": batch.get("num_images"), "image_grid_thw": batch.get("image_grid_thw"),
+              "prompt_mask": batch["prompt_mask"]}
     batch.update(cached._teacher_batch(ordered, output))
     assert all(p is None for p in batch["vt_pixels"])
     torch.testing.assert_close(completion_logits(cached, batch), logits_online, atol=ATOL, rtol=1e-4)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from trainer_utils import completion_logits, generation_batch, make_trainer, vl_dataset
+from trainer_utils import completion_logits, generation_batch, make_trainer, reference_teacher_logits, vl_dataset
 
 from opsd_trl.models.adapters import get_adapter
 from opsd_trl.models.bagel import IMAGE_SKIP_MARKER
@@ -274,25 +274,6 @@ def test_checkpoint_mapping_round_trip(conv_patch, tiny, tmp_path, caplog):
 
 
 # ----------------------------------------------------------------------------------------------- trainer
-
-
-def reference_teacher_logits(model, processor, dataset, batch, args):
-    """The full teacher sequence through the model's own forward (processor expands and encodes every image)."""
-    rows = []
-    for b, sample_id in enumerate(batch["sample_ids"]):
-        x = dataset[[r["id"] for r in dataset].index(sample_id)]
-        msgs = teacher_messages(x["prompt"], n_vt=len(x["vt_images"]), intro=args.teacher_intro,
-                                transition=args.teacher_transition)
-        text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        enc = processor(text=[text], images=[x["images"] + x["vt_images"]], return_tensors="pt")
-        comp = batch["completion_ids"][b][batch["completion_mask"][b].bool()]
-        ids = torch.cat([enc["input_ids"][0], comp])[None]
-        mm = torch.nn.functional.pad(enc["mm_token_type_ids"], (0, len(comp)))
-        with torch.no_grad():
-            logits = model(input_ids=ids, pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],
-                           mm_token_type_ids=mm).logits
-        rows.append(logits[0, -len(comp) - 1: -1])
-    return rows
 
 
 def test_teacher_splice_equals_plain_forward(tmp_path):

@@ -7,33 +7,21 @@ splice and the M-RoPE positions.
 
 import pytest
 import torch
-from trainer_utils import completion_logits, entry, generation_batch, make_trainer, text_dataset, vl_dataset
+from trainer_utils import (
+    completion_logits,
+    entry,
+    generation_batch,
+    make_trainer,
+    reference_teacher_logits,
+    text_dataset,
+    vl_dataset,
+)
 
 from opsd_trl.models.adapters import SlotFeatures
 from opsd_trl.models.tiny import build_tiny_qwen2_5_vl, build_tiny_qwen3_vl, build_tiny_text_lm
-from opsd_trl.teacher_context import teacher_messages
 from opsd_trl.vt_cache import VisionEncoder, VTCacheError, build_vt_cache
 
 ATOL = 1e-4
-
-
-def reference_vl_logits(model, processor, dataset, batch, args):
-    """Full teacher sequences as input_ids + pixel_values through the model's own forward, one sample at a time."""
-    rows = []
-    for b, sample_id in enumerate(batch["sample_ids"]):
-        x = dataset[[r["id"] for r in dataset].index(sample_id)]
-        msgs = teacher_messages(x["prompt"], n_vt=len(x["vt_images"]), intro=args.teacher_intro,
-                                transition=args.teacher_transition)
-        text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        enc = processor(text=[text], images=[x["images"] + x["vt_images"]], return_tensors="pt")
-        comp = batch["completion_ids"][b][batch["completion_mask"][b].bool()]
-        ids = torch.cat([enc["input_ids"][0], comp]).unsqueeze(0)
-        mm = torch.cat([enc["mm_token_type_ids"][0], torch.zeros_like(comp)]).unsqueeze(0)
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=enc["pixel_values"],
-                           image_grid_thw=enc["image_grid_thw"], mm_token_type_ids=mm).logits
-        rows.append(logits[0, -len(comp) - 1 : -1])
-    return rows
 
 
 @pytest.mark.parametrize("builder", [build_tiny_qwen2_5_vl, build_tiny_qwen3_vl], ids=["qwen2.5-vl", "qwen3-vl"])
@@ -44,7 +32,7 @@ def test_vl_teacher_matches_full_forward(builder, tmp_path):
     batch = generation_batch(trainer, dataset)
     ours = completion_logits(trainer, batch)
     model.eval()
-    ref = reference_vl_logits(model, processor, dataset, batch, trainer.args)
+    ref = reference_teacher_logits(model, processor, dataset, batch, trainer.args)
     for b, ref_rows in enumerate(ref):
         n = ref_rows.shape[0]
         torch.testing.assert_close(ours[b, :n], ref_rows, atol=ATOL, rtol=1e-4)

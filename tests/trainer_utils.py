@@ -8,6 +8,7 @@ from PIL import Image
 
 from opsd_trl import VisualOPSDConfig, VisualOPSDTrainer
 from opsd_trl.models.adapters import SlotFeatures
+from opsd_trl.teacher_context import teacher_messages
 from opsd_trl.vt_cache import VTEntry
 
 
@@ -87,3 +88,24 @@ def completion_logits(trainer, batch, teacher=True) -> torch.Tensor:
             mm = {k: batch[k] for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids") if k in batch}
             hidden = trainer._get_last_hidden_state(model, input_ids, mask, batch["completion_ids"].size(1), **mm)
     return hidden @ model.get_output_embeddings().weight.t()
+
+
+def reference_teacher_logits(model, processor, dataset, batch, args):
+    """Full teacher sequences as input_ids + pixel_values through the model's own forward, one sample at a time:
+    the processor expands the placeholders and encodes every image (problem + VTs), the model splices and positions
+    them itself. An independent construction of what the trainer's teacher pass computes."""
+    rows = []
+    for b, sample_id in enumerate(batch["sample_ids"]):
+        x = dataset[[r["id"] for r in dataset].index(sample_id)]
+        msgs = teacher_messages(x["prompt"], n_vt=len(x["vt_images"]), intro=args.teacher_intro,
+                                transition=args.teacher_transition)
+        text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        enc = processor(text=[text], images=[x["images"] + x["vt_images"]], return_tensors="pt")
+        comp = batch["completion_ids"][b][batch["completion_mask"][b].bool()]
+        ids = torch.cat([enc["input_ids"][0], comp]).unsqueeze(0)
+        mm = torch.cat([enc["mm_token_type_ids"][0], torch.zeros_like(comp)]).unsqueeze(0)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=enc["pixel_values"],
+                           image_grid_thw=enc["image_grid_thw"], mm_token_type_ids=mm).logits
+        rows.append(logits[0, -len(comp) - 1 : -1])
+    return rows

@@ -202,25 +202,17 @@ def _text_config(tok, mrope_section: list[int], **extra) -> dict:
     )
 
 
-def build_tiny_qwen2_5_vl(seed: int = 0) -> tuple[Qwen2_5_VLForConditionalGeneration, TinyQwen2_5_VLProcessor]:
-    """Tiny Qwen2.5-VL: text 2 layers x hidden 128 (4 heads of 32), vision 2 blocks x hidden 64, patch 14."""
-    tok = build_tiny_tokenizer()
+def _vision_config(patch_size: int, **extra) -> dict:
+    """2 blocks x hidden 64, merge 2, projected to the text width 128."""
+    return dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=patch_size,
+                spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=128, **extra)
+
+
+def _build_vl(config_cls, model_cls, tok, seed: int, text_config: dict, vision_config: dict):
     ids = _token_ids(tok)
-    config = Qwen2_5_VLConfig(
-        # head_dim 32 -> rotary half-dim 16 split over (t, h, w), like the real 128 -> [16, 24, 24].
-        text_config=_text_config(tok, [4, 6, 6]),
-        vision_config=dict(
-            depth=2,
-            hidden_size=64,
-            intermediate_size=128,
-            num_heads=2,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=56,
-            fullatt_block_indexes=[1],
-            out_hidden_size=128,
-        ),
+    config = config_cls(
+        text_config=text_config,
+        vision_config=vision_config,
         image_token_id=ids["image_token_id"],
         video_token_id=ids["video_token_id"],
         vision_start_token_id=ids["vision_start_token_id"],
@@ -229,43 +221,35 @@ def build_tiny_qwen2_5_vl(seed: int = 0) -> tuple[Qwen2_5_VLForConditionalGenera
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
+        return _finish(model_cls(config), tok)
+
+
+def build_tiny_qwen2_5_vl(seed: int = 0) -> tuple[Qwen2_5_VLForConditionalGeneration, TinyQwen2_5_VLProcessor]:
+    """Tiny Qwen2.5-VL: text 2 layers x hidden 128 (4 heads of 32), vision 2 blocks x hidden 64, patch 14."""
+    tok = build_tiny_tokenizer()
+    model = _build_vl(
+        Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, tok, seed,
+        # head_dim 32 -> rotary half-dim 16 split over (t, h, w), like the real 128 -> [16, 24, 24].
+        text_config=_text_config(tok, [4, 6, 6]),
+        vision_config=_vision_config(14, window_size=56, fullatt_block_indexes=[1]),
+    )
     clip_mean, clip_std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
     processor = TinyQwen2_5_VLProcessor(_image_processor(14, clip_mean, clip_std), tok, chat_template=CHAT_TEMPLATE)
-    return _finish(model, tok), processor
+    return model, processor
 
 
 def build_tiny_qwen3_vl(seed: int = 0) -> tuple[Qwen3VLForConditionalGeneration, TinyQwen3VLProcessor]:
     """Tiny Qwen3-VL: text 2 layers x hidden 128 (head_dim 32), vision 2 blocks x hidden 64, patch 16,
     deepstack features taken after vision block 0."""
     tok = build_tiny_tokenizer()
-    ids = _token_ids(tok)
-    config = Qwen3VLConfig(
+    model = _build_vl(
+        Qwen3VLConfig, Qwen3VLForConditionalGeneration, tok, seed,
         # Real: head_dim 128 -> [24, 20, 20] interleaved; scaled to head_dim 32.
         text_config={**_text_config(tok, [6, 5, 5], mrope_interleaved=True), "head_dim": 32},
-        vision_config=dict(
-            depth=2,
-            hidden_size=64,
-            intermediate_size=128,
-            num_heads=2,
-            patch_size=16,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            out_hidden_size=128,
-            num_position_embeddings=256,
-            deepstack_visual_indexes=[0],
-        ),
-        image_token_id=ids["image_token_id"],
-        video_token_id=ids["video_token_id"],
-        vision_start_token_id=ids["vision_start_token_id"],
-        vision_end_token_id=ids["vision_end_token_id"],
-        tie_word_embeddings=False,
+        vision_config=_vision_config(16, num_position_embeddings=256, deepstack_visual_indexes=[0]),
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen3VLForConditionalGeneration(config)
     processor = TinyQwen3VLProcessor(_image_processor(16, [0.5] * 3, [0.5] * 3), tok, chat_template=CHAT_TEMPLATE)
-    return _finish(model, tok), processor
+    return model, processor
 
 
 # --- save / load --------------------------------------------------------------------------------------------

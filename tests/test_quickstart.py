@@ -30,3 +30,21 @@ def test_smoke_runs_every_stage_and_resumes(tmp_path):
 def test_warmstart_key_tracks_its_settings():
     assert Settings().warmstart_key() == Settings(opsd_steps=1).warmstart_key()
     assert Settings().warmstart_key() != Settings(sft_steps=1).warmstart_key()
+
+
+def test_shipped_warmstart_matches_the_defaults():
+    from opsd_trl.quickstart.pipeline import _shipped
+
+    assert _shipped(Settings()) is not None  # else every `opsd-trl quickstart` silently retrains the warm-start
+
+
+def test_cpu_recipe_follows_the_quickstart_defaults():
+    from pathlib import Path
+
+    from opsd_trl.train import parse_args
+
+    s = Settings()
+    recipe = Path(__file__).resolve().parents[1] / "recipes/cpu_quickstart.yaml"
+    _, t, _ = parse_args(["--config", str(recipe)])
+    assert (t.beta, t.jsd_clip, t.teacher_mode, t.learning_rate, t.max_steps, t.per_device_train_batch_size) == (
+        s.beta, s.jsd_clip, s.teacher_mode, s.opsd_lr, s.opsd_steps, s.opsd_batch)

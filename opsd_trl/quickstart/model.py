@@ -7,12 +7,19 @@ numbers, the few prompt words) keeps every answer token a single, meaningful pre
 
 from __future__ import annotations
 
-import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from ..models.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, TinyQwen2_5_VLProcessor, _finish, _image_processor
+from ..models.tiny import (
+    CHAT_TEMPLATE,
+    SPECIAL_TOKENS,
+    TinyQwen2_5_VLProcessor,
+    _build_vl,
+    _image_processor,
+    _text_config,
+    _vision_config,
+)
 
 VOCAB_SIZE = 64
 # Prompt words of the student ("solve maze answer") and teacher ("hint" VTs "answer") contexts, the moves, and
@@ -42,30 +49,13 @@ def build_word_tokenizer() -> PreTrainedTokenizerFast:
 def build_quickstart_model(seed: int = 0) -> tuple[Qwen2_5_VLForConditionalGeneration, TinyQwen2_5_VLProcessor]:
     """Fresh `(model, processor)`, fp32, deterministic by seed."""
     tok = build_word_tokenizer()
-    special = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
-            eos_token_id=special["<|im_end|>"], pad_token_id=special["<|im_end|>"],
-            bos_token_id=special["<|endoftext|>"],
-        ),
-        vision_config=dict(
-            depth=1, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=14, spatial_merge_size=2,
-            temporal_patch_size=2, window_size=56, fullatt_block_indexes=[0], out_hidden_size=128,
-        ),
-        image_token_id=special["<|image_pad|>"],
-        video_token_id=special["<|video_pad|>"],
-        vision_start_token_id=special["<|vision_start|>"],
-        vision_end_token_id=special["<|vision_end|>"],
-        tie_word_embeddings=False,
+    model = _build_vl(
+        Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, tok, seed,
+        text_config={**_text_config(tok, [4, 6, 6]), "vocab_size": VOCAB_SIZE, "num_hidden_layers": 3,
+                     "max_position_embeddings": 1024},
+        vision_config={**_vision_config(14, window_size=56, fullatt_block_indexes=[0]), "depth": 1},
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
     processor = TinyQwen2_5_VLProcessor(_image_processor(14, [0.5] * 3, [0.5] * 3), tok, chat_template=CHAT_TEMPLATE)
-    model = _finish(model, tok)
     model.generation_config.max_new_tokens = 16
     return model, processor
 

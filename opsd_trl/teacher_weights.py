@@ -89,6 +89,19 @@ class ShadowWeights:
         if release_gathered is not None:
             release_gathered()
             _check_partitioned(self._params)
+        if not any(hasattr(p, "ds_tensor") for p in self._params) and all(
+            p.dtype == sh.dtype for p, sh in zip(self._params, self.shadow, strict=True)
+        ):
+            # Same dtype, no ZeRO-3: point the parameters at the shadow tensors, no copy of the model is made.
+            live = [p.data for p in self._params]
+            for p, sh in zip(self._params, self.shadow, strict=True):
+                p.data = sh
+            try:
+                yield
+            finally:
+                for p, data in zip(self._params, live, strict=True):
+                    p.data = data
+            return
         views = [_local_view(p) for p in self._params]
         stash = [v.clone() for v in views]
         for v, s in zip(views, self.shadow, strict=True):

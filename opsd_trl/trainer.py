@@ -290,8 +290,7 @@ class VisualOPSDTrainer(DistillationTrainer):
     def _problem_image_tokens(self, output, n_samples: int) -> list[list[int]]:
         """Per sample, the placeholder count of each problem image (from the student's image grids)."""
         grids, counts = output.get("image_grid_thw"), output.get("num_images") or [0] * n_samples
-        merge = getattr(getattr(self.processing_class, "image_processor", None), "merge_size", 1)
-        tokens = (grids.prod(-1) // merge**2).tolist() if grids is not None else []
+        tokens = self._placeholders_per_image(grids) if grids is not None else []
         offsets = [sum(counts[:i]) for i in range(n_samples)]
         return [tokens[o : o + n] for o, n in zip(offsets, counts, strict=True)]
 
@@ -305,10 +304,13 @@ class VisualOPSDTrainer(DistillationTrainer):
         kept = images[: self.args.max_vt_images]
         if not kept:
             return None, None, [], len(images)
-        image_processor = self.processing_class.image_processor
-        pixels = image_processor(images=kept, return_tensors="pt")
-        merge = getattr(image_processor, "merge_size", 1)
-        return None, pixels, (pixels["image_grid_thw"].prod(-1) // merge**2).tolist(), len(images)
+        pixels = self.processing_class.image_processor(images=kept, return_tensors="pt")
+        return None, pixels, self._placeholders_per_image(pixels["image_grid_thw"]), len(images)
+
+    def _placeholders_per_image(self, grid_thw) -> list[int]:
+        """Image placeholder tokens per image: its pre-merge patch grid `(n, 3)` over the merge window."""
+        merge = getattr(getattr(self.processing_class, "image_processor", None), "merge_size", 1)
+        return (grid_thw.prod(-1) // merge**2).tolist()
 
     def _teacher_prompt(self, x, n_vt: int, tokens_per_slot: list[int], use_vt_text: bool):
         """Render and tokenize one sample's teacher context (slots: problem images, then VTs)."""
@@ -511,20 +513,10 @@ class VisualOPSDTrainer(DistillationTrainer):
                     "trainer_state.json); "
                     + (f"resume from {previous} instead." if previous else "no complete checkpoint is next to it.")
                 )
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self._remember_resume(resume_from_checkpoint)
-
-    def _load_rng_state(self, checkpoint):
-        super()._load_rng_state(checkpoint)
-        self._remember_resume(checkpoint)
-
-    def _remember_resume(self, checkpoint) -> None:
-        if checkpoint is not None and self._needs_shadow():
-            self._resume_dir = checkpoint
+        if resume_from_checkpoint is not None and self._needs_shadow():
+            self._resume_dir = resume_from_checkpoint
             self._shadow = None  # rebuilt and loaded from the checkpoint at first use
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _needs_shadow(self) -> bool:
         return self.args.teacher_mode == "ema" or (self.args.teacher_mode == "fixed" and not self._peft)

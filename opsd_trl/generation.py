@@ -15,12 +15,14 @@ from __future__ import annotations
 import functools
 import importlib.util
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 from unittest import mock
 
 import torch
+
+from .zero3 import gathered
 
 __all__ = [
     "GenerationResult",
@@ -276,15 +278,6 @@ def _max_over_ranks(n: int) -> int:
 # --- weights, one parameter at a time --------------------------------------------------------------------------
 
 
-def _gathered(params):
-    """Gather ZeRO-3 partitioned params (all ranks must enter); a no-op for ordinary tensors."""
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
-    return nullcontext()
-
-
 def _vllm_name(name: str) -> str:
     # PEFT wrapping and activation checkpointing add prefixes that vLLM's checkpoint loaders do not know.
     name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
@@ -307,13 +300,13 @@ def iter_policy_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
             layer = modules[owner]
             adapters = [a for a in layer.active_adapters if a in layer.lora_A and not layer.merged]
             extra = [p for a in adapters for p in (layer.lora_A[a].weight, layer.lora_B[a].weight)]
-            with _gathered([param, *extra]):
+            with gathered([param, *extra]):
                 weight = param.data
                 for a in adapters:
                     weight = weight + layer.get_delta_weight(a).to(weight.dtype)
                 yield _vllm_name(name), weight
         else:
-            with _gathered([param]):
+            with gathered([param]):
                 # vLLM buffers a fused layer's inputs (q, k, v) until complete: copy what ZeRO-3 will free.
                 yield _vllm_name(name), param.data.clone() if hasattr(param, "ds_id") else param.data
 

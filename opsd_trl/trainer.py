@@ -35,8 +35,9 @@ from .generation import build_generator, require_vllm
 from .losses import generalized_jsd, sampled_token_reverse_kl
 from .models.adapters import SlotFeatures, get_adapter, head_logits, unwrap_base
 from .teacher_context import teacher_messages, tokenize_teacher_prompt
-from .teacher_weights import ShadowWeights, gathered
+from .teacher_weights import ShadowWeights
 from .vt_cache import VTCache, check_compatible
+from .zero3 import gathered
 
 logger = logging.get_logger(__name__)
 

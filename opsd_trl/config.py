@@ -15,6 +15,7 @@ _CHOICES = {
     "teacher_mode": ("self", "ema", "fixed"),
     "vt_source": ("cache", "online"),
     "on_missing_vt": ("error", "no_vt_teacher"),
+    "noise_vt_space": ("pixels", "embeddings"),
 }
 
 
@@ -66,7 +67,14 @@ class VisualOPSDConfig(DistillationConfig):
     )
     noise_vt: bool = field(
         default=False,
-        metadata={"help": "Control run: replace VT embeddings by Gaussian noise with each image's mean and std."},
+        metadata={"help": "Control run: the teacher's VTs carry no information (see noise_vt_space)."},
+    )
+    noise_vt_space: str = field(
+        default="pixels",
+        metadata={"help": "pixels (the paper's control): each VT's pixel tensor becomes standard Gaussian noise of its "
+                  "shape, encoded by the vision tower, fresh every step | embeddings: VT features become Gaussian "
+                  "noise with each image's mean and std (not the paper's). Text LMs: embedding VTs always get "
+                  "embedding noise; text VTs (`vt_text`) become random vocabulary tokens, about as many as they had."},
     )
     image_skip_marker: str = field(
         default="<image_start>",

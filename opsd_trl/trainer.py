@@ -313,6 +313,18 @@ class VisualOPSDTrainer(DistillationTrainer):
         merge = getattr(getattr(self.processing_class, "image_processor", None), "merge_size", 1)
         return (grid_thw.prod(-1) // merge**2).tolist()
 
+    def _vt_text(self, x) -> str | None:
+        """The sample's text VTs; under `noise_vt`, random vocabulary tokens as many as the VT text has (fresh every
+        step; decoded, so re-tokenised about as long), so the control keeps the context length, not the content."""
+        text = x.get("vt_text")
+        if not (self.args.noise_vt and text):
+            return text
+        tok = self._tokenizer
+        n = len(tok(text, add_special_tokens=False)["input_ids"])
+        special = set(tok.all_special_ids)
+        ids = [i for i in torch.randint(len(tok), (2 * n + 8,)).tolist() if i not in special][:n]
+        return tok.decode(ids)
+
     def _teacher_prompt(self, x, n_vt: int, tokens_per_slot: list[int], use_vt_text: bool):
         """Render and tokenize one sample's teacher context (slots: problem images, then VTs)."""
         messages = x["prompt"]
@@ -320,7 +332,7 @@ class VisualOPSDTrainer(DistillationTrainer):
             messages = prepare_multimodal_messages(messages, images=x.get("images") or [])
         messages = teacher_messages(
             messages, n_vt=n_vt, intro=self.args.teacher_intro, transition=self.args.teacher_transition,
-            vt_text=x.get("vt_text") if use_vt_text and not self.adapter.uses_images else None,
+            vt_text=self._vt_text(x) if use_vt_text and not self.adapter.uses_images else None,
             as_images=self.adapter.uses_images,
         )
         text = self.processing_class.apply_chat_template(
@@ -357,7 +369,7 @@ class VisualOPSDTrainer(DistillationTrainer):
         """Row-major slot features: per sample its problem images (encoded now, under the teacher weights), then
         its VTs (from the cache, or encoded now)."""
         if not self.adapter.uses_images:
-            return [s for per in inputs["vt_slots"] for s in self._maybe_noise(per)]
+            return [s for per in inputs["vt_slots"] for s in self._embedding_noise(per)]
         problem: list[SlotFeatures] = []
         if inputs.get("pixel_values") is not None:
             problem = self.adapter.encode_images(unwrapped, inputs["pixel_values"], inputs["image_grid_thw"])
@@ -366,15 +378,27 @@ class VisualOPSDTrainer(DistillationTrainer):
         for n_img, cached, pixels in zip(counts, inputs["vt_slots"], inputs["vt_pixels"], strict=True):
             slots += problem[offset : offset + n_img]
             offset += n_img
-            if pixels is not None:
-                cached = self.adapter.encode_images(
-                    unwrapped, pixels["pixel_values"].to(self.accelerator.device), pixels["image_grid_thw"]
-                )
-            slots += self._maybe_noise(cached)
+            slots += self._vt_features(unwrapped, cached, pixels)
         return slots
 
-    def _maybe_noise(self, slots: list[SlotFeatures]) -> list[SlotFeatures]:
-        if not self.args.noise_vt:
+    def _vt_features(self, unwrapped, cached: list[SlotFeatures], pixels) -> list[SlotFeatures]:
+        """One sample's VT features: cached, or encoded now; under `noise_vt`, the paper's control encodes standard
+        Gaussian pixels of each VT's shape instead (fresh every step), or noises the features (`embeddings`)."""
+        pixel_noise = self.args.noise_vt and self.args.noise_vt_space == "pixels"
+        if pixels is None and not (pixel_noise and cached):
+            return self._embedding_noise(cached)
+        device = self.accelerator.device
+        grid = pixels["image_grid_thw"] if pixels is not None else torch.stack([s.grid_thw for s in cached])
+        if pixel_noise:
+            values = torch.randn(int(grid.prod(-1).sum()), self.adapter.pixel_dim(), device=device)
+        else:
+            values = pixels["pixel_values"].to(device)
+        return self._embedding_noise(self.adapter.encode_images(unwrapped, values, grid))
+
+    def _embedding_noise(self, slots: list[SlotFeatures]) -> list[SlotFeatures]:
+        """`noise_vt_space="embeddings"` (and text LMs' embedding VTs, which have no pixels): Gaussian features with
+        each image's mean and std."""
+        if not self.args.noise_vt or (self.adapter.uses_images and self.args.noise_vt_space == "pixels"):
             return slots
         def noise(t):
             return torch.randn_like(t) * t.std() + t.mean() if t is not None else None

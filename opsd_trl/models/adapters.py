@@ -84,6 +84,11 @@ class QwenVLAdapter:
     def hidden_size(self) -> int:
         return self.config.get_text_config().hidden_size
 
+    def pixel_dim(self) -> int:
+        """Width of one row of `pixel_values`: a flattened (temporal x spatial) patch of every channel."""
+        v = self.config.vision_config
+        return v.in_channels * v.temporal_patch_size * v.patch_size**2
+
     @torch.no_grad()
     def encode_images(self, model: nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
         """Vision tower + projector. `pixel_values` `(sum patches, D)`, `image_grid_thw` `(n_images, 3)` ->

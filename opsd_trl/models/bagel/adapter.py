@@ -25,6 +25,11 @@ class BagelAdapter:
     def hidden_size(self) -> int:
         return self.config.text_config.hidden_size
 
+    def pixel_dim(self) -> int:
+        """Width of one row of `pixel_values`: a flattened p x p patch of every channel."""
+        v = self.config.vision_config
+        return v.num_channels * v.patch_size**2
+
     @torch.no_grad()
     def encode_images(self, model: nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
         """`pixel_values` `(sum patches, p*p*3)`, `image_grid_thw` `(n, 3)` -> one `SlotFeatures` per image."""

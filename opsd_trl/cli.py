@@ -102,7 +102,8 @@ def _eval(args) -> int:
         dataset = make_dataset("maze", args.split, args.n, size=args.size, seed=args.seed, dedupe=args.split != "train",
                                prompt=args.prompt, answer_format=args.answer_format)
     results = evaluate_checkpoints(args.model, dataset, reference_path=args.reference, baseline_path=args.baseline,
-                                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+                                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                   predictions_dir=args.predictions_dir)
     print(json.dumps(results, indent=1))
     return 0
 
@@ -121,13 +122,16 @@ def _add_eval(sub) -> None:
     p.add_argument("--answer-format", default="numbered", choices=["plain", "numbered"])
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--predictions-dir", help="write model/baseline.predictions.jsonl here (id, maze, completion, "
+                   "parsed moves, correct: re-score them with any simulator)")
     p.set_defaults(func=_eval)
 
 
 def _quickstart(args) -> int:
     from opsd_trl.quickstart import run_quickstart
 
-    run_quickstart(args.out, smoke=args.smoke, rebuild_warmstart=args.rebuild_warmstart, threads=args.threads)
+    run_quickstart(args.out, smoke=args.smoke, rebuild_warmstart=args.rebuild_warmstart, threads=args.threads,
+                   seeds=args.seeds, docs=args.docs)
     return 0
 
 
@@ -137,6 +141,9 @@ def _add_quickstart(sub) -> None:
     p.add_argument("--smoke", action="store_true", help="a few steps of every stage (a test, not a result)")
     p.add_argument("--rebuild-warmstart", action="store_true", help="train the warm-start instead of the shipped one")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="distillation seeds (default 1; 3 for the docs table); seeds already trained are reused")
+    p.add_argument("--docs", default=None, help="also rewrite this page's generated section (docs/quickstart.md)")
     p.set_defaults(func=_quickstart)
 
 

@@ -15,6 +15,8 @@ the spliced forward, so eval and training see token-for-token the same sequences
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass
 
@@ -24,7 +26,8 @@ from tqdm.auto import tqdm
 from .config import TEACHER_INTRO, TEACHER_TRANSITION
 from .generation import HFGenerator, SamplingSettings
 from .models.adapters import get_adapter
-from .tasks import score
+from .tasks import parse, score
+from .tasks.common import load_meta
 from .teacher_context import teacher_messages, tokenize_teacher_prompt
 
 
@@ -119,7 +122,9 @@ def evaluate(model, processor, dataset, *, reference=None, teacher_context: bool
     """Greedy-decode every sample and score it; with `reference`, also the KL(T||S) diagnostic.
 
     `teacher_context=True` evaluates `model` as the teacher (VTs in its context): teacher-with-VT accuracy.
-    Returns {"n", "accuracy", "mean_output_tokens", "latency_s_per_sample", "batch_size"[, "kl_teacher_student"]}.
+    Returns {"n", "accuracy", "mean_output_tokens", "latency_s_per_sample", "batch_size"[, "kl_teacher_student"],
+    "predictions"}: one record per sample (id, task, meta, completion, parsed answer, correct), so anyone can
+    re-score the outputs with their own simulator.
     """
     contexts = contexts or Contexts(processor)
     model.eval()
@@ -129,7 +134,7 @@ def evaluate(model, processor, dataset, *, reference=None, teacher_context: bool
     generator = HFGenerator(model, processor, settings,
                             generation_kwargs={"suppress_tokens": vision_token_ids(processor)})
     eos = generator.eos_token_ids
-    correct, n_tokens, gen_time, kls = 0, 0, 0.0, []
+    n_tokens, gen_time, kls, predictions = 0, 0.0, [], []
     rows_all = list(dataset)
     for start in tqdm(range(0, len(rows_all), batch_size), desc=desc, disable=not progress, leave=False):
         rows = rows_all[start : start + batch_size]
@@ -142,7 +147,9 @@ def evaluate(model, processor, dataset, *, reference=None, teacher_context: bool
         gen_time += time.perf_counter() - t0
         for r, comp in zip(rows, completions, strict=True):
             text = contexts.tokenizer.decode(comp, skip_special_tokens=True)
-            correct += score(r.get("task") or "maze", r["meta"], text)
+            task = r.get("task") or "maze"
+            predictions.append({"id": r.get("id"), "task": task, "meta": load_meta(r["meta"]), "completion": text,
+                                "parsed": parse(task, text), "correct": bool(score(task, r["meta"], text))})
             n_tokens += sum(t not in eos for t in comp)
         if reference is not None:
             completions = [c or [min(eos)] for c in completions]  # an empty completion still scores its EOS
@@ -153,14 +160,25 @@ def evaluate(model, processor, dataset, *, reference=None, teacher_context: bool
     n = len(rows_all)
     out = {
         "n": n,
-        "accuracy": correct / n,
+        "accuracy": sum(p["correct"] for p in predictions) / n,
         "mean_output_tokens": n_tokens / n,
         "latency_s_per_sample": gen_time / n,
         "batch_size": batch_size,
     }
     if kls:
         out["kl_teacher_student"] = torch.cat(kls).mean().item()
+    out["predictions"] = predictions
     return out
+
+
+def write_predictions(metrics: dict, path) -> dict:
+    """Move `metrics["predictions"]` to a JSON-lines file at `path` (one sample a line); returns the metrics
+    without them."""
+    metrics = dict(metrics)
+    with open(path, "w") as f:
+        for record in metrics.pop("predictions", []):
+            f.write(json.dumps(record) + "\n")
+    return metrics
 
 
 def load_checkpoint(path: str):
@@ -175,11 +193,12 @@ def load_checkpoint(path: str):
 
 
 def evaluate_checkpoints(model_path: str, dataset, *, reference_path: str | None = None,
-                         baseline_path: str | None = None, **kwargs) -> dict:
+                         baseline_path: str | None = None, predictions_dir: str | None = None, **kwargs) -> dict:
     """Metrics of `model_path` (and of `baseline_path`, then KL-gap closure between them) on `dataset`.
 
     The KL needs visual thoughts and a fixed reference teacher: `reference_path`, else the baseline. Rows without
-    VTs (e.g. a VLMEvalKit TSV) get accuracy, tokens and latency only.
+    VTs (e.g. a VLMEvalKit TSV) get accuracy, tokens and latency only. Per-sample predictions go to
+    `predictions_dir/{model,baseline}.predictions.jsonl` when it is given; the returned metrics never hold them.
     """
     reference_path = reference_path or baseline_path
     has_vts = any(dataset["vt_images"]) if "vt_images" in dataset.column_names else False
@@ -189,8 +208,12 @@ def evaluate_checkpoints(model_path: str, dataset, *, reference_path: str | None
         if path:
             model, processor = load_checkpoint(path)
             contexts = Contexts(processor, **_prompt_words(processor))
-            results[name] = evaluate(model, processor, dataset, reference=reference, contexts=contexts,
-                                     desc=name, **kwargs)
+            metrics = evaluate(model, processor, dataset, reference=reference, contexts=contexts, desc=name,
+                               **kwargs)
+            if predictions_dir is not None:
+                os.makedirs(predictions_dir, exist_ok=True)
+                metrics = write_predictions(metrics, os.path.join(predictions_dir, f"{name}.predictions.jsonl"))
+            results[name] = {k: v for k, v in metrics.items() if k != "predictions"}
     if reference is not None and "baseline" in results:
         results["kl_gap_closure"] = kl_gap_closure(results["baseline"]["kl_teacher_student"],
                                                    results["model"]["kl_teacher_student"])

@@ -101,13 +101,14 @@ class Sweep:
             self._eval_data = load_eval_dataset(self.script_args)
         return self._reference, self._contexts, self._eval_data
 
-    def _run_eval(self, model, processor, desc: str) -> dict:
-        from .eval import evaluate
+    def _run_eval(self, model, processor, desc: str, predictions_path: Path) -> dict:
+        from .eval import evaluate, write_predictions
 
         reference, contexts, data = self._eval_setup()
-        return evaluate(model, processor, data, reference=reference, contexts=contexts, desc=desc,
-                        batch_size=self.script_args.eval_batch_size,
-                        max_new_tokens=self.script_args.eval_max_new_tokens, progress=self.progress)
+        metrics = evaluate(model, processor, data, reference=reference, contexts=contexts, desc=desc,
+                           batch_size=self.script_args.eval_batch_size,
+                           max_new_tokens=self.script_args.eval_max_new_tokens, progress=self.progress)
+        return write_predictions(metrics, predictions_path)
 
     def _baseline(self) -> dict:
         """The initial policy's metrics (the KL-gap closure's 'before'), computed once per sweep folder."""
@@ -116,8 +117,9 @@ class Sweep:
             import copy
 
             reference, contexts, _ = self._eval_setup()
-            path.write_text(json.dumps(self._run_eval(copy.deepcopy(reference), contexts.processor, "baseline"),
-                                       indent=1))
+            metrics = self._run_eval(copy.deepcopy(reference), contexts.processor, "baseline",
+                                     self.out / "baseline_predictions.jsonl")
+            path.write_text(json.dumps(metrics, indent=1))
         return json.loads(path.read_text())
 
     def _evaluate(self, run_dir: Path) -> dict:
@@ -125,7 +127,7 @@ class Sweep:
         from .model_card import add_eval_results
 
         model, processor = self._model(str(run_dir))
-        metrics = self._run_eval(model, processor, run_dir.name)
+        metrics = self._run_eval(model, processor, run_dir.name, run_dir / "predictions.jsonl")
         metrics["kl_gap_closure"] = kl_gap_closure(self._baseline()["kl_teacher_student"],
                                                    metrics["kl_teacher_student"])
         train = json.loads((run_dir / "train_results.json").read_text())

@@ -8,9 +8,11 @@ import torch
 
 from opsd_trl.eval import Contexts, completion_logits, evaluate, evaluate_checkpoints, kl_gap_closure
 from opsd_trl.quickstart.model import TEACHER_INTRO, TEACHER_TRANSITION, build_quickstart_model, save_weights
-from opsd_trl.tasks import make_dataset
+from opsd_trl.tasks import make_dataset, score
+from opsd_trl.tasks.maze import parse_moves
 
-METRICS = {"n", "accuracy", "mean_output_tokens", "latency_s_per_sample", "batch_size", "kl_teacher_student"}
+METRICS = {"n", "accuracy", "mean_output_tokens", "latency_s_per_sample", "batch_size", "kl_teacher_student",
+           "predictions"}
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +51,12 @@ def test_evaluate_produces_every_metric(setup):
     assert out["latency_s_per_sample"] > 0 and out["kl_teacher_student"] > 0
     teacher = evaluate(model, processor, data, teacher_context=True, contexts=contexts, progress=False)
     assert set(teacher) == METRICS - {"kl_teacher_student"}
+    # One record per sample, in dataset order, that re-scores to the reported accuracy with the task's scorer.
+    records = out["predictions"]
+    assert [r["id"] for r in records] == list(data["id"])
+    assert all(r["parsed"] == parse_moves(r["completion"]) for r in records)
+    assert all(score("maze", r["meta"], r["completion"]) == r["correct"] for r in records)
+    assert sum(r["correct"] for r in records) / 6 == out["accuracy"]
 
 
 def test_kl_gap_closure():
@@ -66,3 +74,21 @@ def test_evaluate_checkpoints_reports_closure(setup, tmp_path):
     assert set(out) == {"baseline", "model", "kl_gap_closure"}
     assert out["model"]["accuracy"] == out["baseline"]["accuracy"]
     assert abs(out["kl_gap_closure"]) < 1e-6  # same weights: nothing closed
+
+
+def test_cli_eval_writes_rescorable_predictions(setup, tmp_path, capsys):
+    import json
+
+    from opsd_trl.cli import main
+
+    model, _, _, _ = setup
+    save_weights(model, tmp_path / "model.safetensors")
+    rc = main(["eval", "--model", str(tmp_path / "model.safetensors"), "--baseline", str(tmp_path / "model.safetensors"),
+               "--split", "validation", "--n", "6", "--batch-size", "6", "--predictions-dir", str(tmp_path / "pred")])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert "predictions" not in printed["model"]
+    for name in ("model", "baseline"):
+        records = [json.loads(x) for x in (tmp_path / "pred" / f"{name}.predictions.jsonl").read_text().splitlines()]
+        assert len(records) == 6 and all(set(r["meta"]) >= {"grid", "path"} for r in records)
+        assert sum(score("maze", r["meta"], r["completion"]) for r in records) / 6 == printed[name]["accuracy"]

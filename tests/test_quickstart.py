@@ -6,25 +6,50 @@ import pytest
 
 from opsd_trl.quickstart import run_quickstart
 from opsd_trl.quickstart.pipeline import SMOKE, Settings
+from opsd_trl.quickstart.report import GENERATED
+from opsd_trl.tasks import score
 
-ROWS = ["teacher-with-VT accuracy", "student accuracy before", "after Visual-OPSD", "after noise control",
-        "KL-gap closure, Visual-OPSD", "KL-gap closure, noise control", "mean output tokens"]
+ROWS = ["teacher with VTs", "student before (warm-start)", "| Visual-OPSD |", "noise-VT control", "supervised baseline",
+        "KL-gap closure", "output tokens", "paper: accuracy", "moves ("]
+MODELS = {"teacher_with_vt", "student_before", "visual_opsd_seed0", "noise_control_seed0", "supervised_seed0"}
 
 
-@pytest.mark.slow  # ~20 s alone, ~30 s on a busy 2-core machine
-def test_smoke_runs_every_stage_and_resumes(tmp_path):
+@pytest.mark.slow  # ~20 s alone, ~40 s on a busy 2-core machine
+def test_smoke_runs_every_stage_resumes_and_writes_the_docs_section(tmp_path):
     results = run_quickstart(tmp_path, smoke=True, progress=False)
-    assert set(results) == {"teacher_with_vt", "student_before", "visual_opsd", "noise_control"}
-    assert "kl_gap_closure" in results["visual_opsd"] and "kl_gap_closure" in results["noise_control"]
+    assert set(results) == MODELS
+    assert all("kl_gap_closure" in results[m] for m in MODELS - {"teacher_with_vt", "student_before"})
     report = (tmp_path / "results.md").read_text()
-    assert all(row in report for row in ROWS)
+    assert all(row in report for row in ROWS), report
     assert (tmp_path / "curves.png").stat().st_size > 1000
-    for run in ("visual_opsd", "noise_control"):
-        history = json.loads((tmp_path / run / "history.json").read_text())
+    for run in ("visual_opsd", "noise_control", "supervised"):
+        history = json.loads((tmp_path / run / "seed0" / "history.json").read_text())
         assert [p["step"] for p in history["validation"]] == [0, SMOKE.eval_every]
-    stamp = (tmp_path / "visual_opsd" / "final.safetensors").stat().st_mtime_ns
-    assert run_quickstart(tmp_path, smoke=True, progress=False) == results  # every stage reused
-    assert (tmp_path / "visual_opsd" / "final.safetensors").stat().st_mtime_ns == stamp
+    # Each evaluated model's predictions re-score to its reported accuracy with the task's own scorer.
+    for name in MODELS:
+        lines = (tmp_path / "test" / f"{name}.predictions.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        assert len(records) == SMOKE.n_test
+        assert all(score("maze", r["meta"], r["completion"]) == r["correct"] for r in records)
+        assert sum(r["correct"] for r in records) / len(records) == results[name]["accuracy"]
+    stamp = (tmp_path / "visual_opsd" / "seed0" / "final.safetensors").stat().st_mtime_ns
+    page = tmp_path / "page.md"
+    page.write_text(f"# title\n\nprose\n\n{GENERATED[0]}\nold\n{GENERATED[1]}\n\nmore prose\n")
+    assert run_quickstart(tmp_path, smoke=True, progress=False, docs=page) == results  # every stage reused
+    assert (tmp_path / "visual_opsd" / "seed0" / "final.safetensors").stat().st_mtime_ns == stamp
+    text = page.read_text()
+    assert "old" not in text and text.startswith("# title\n\nprose") and text.endswith("more prose\n")
+    assert all(row in text for row in ROWS) and (tmp_path / "quickstart_curves.png").exists()
+
+
+@pytest.mark.slow
+def test_more_seeds_reuse_the_first(tmp_path):
+    run_quickstart(tmp_path, smoke=True, progress=False)
+    stamp = (tmp_path / "visual_opsd" / "seed0" / "final.safetensors").stat().st_mtime_ns
+    results = run_quickstart(tmp_path, smoke=True, progress=False, seeds=2)
+    assert {"visual_opsd_seed1", "noise_control_seed1", "supervised_seed1"} <= set(results)
+    assert (tmp_path / "visual_opsd" / "seed0" / "final.safetensors").stat().st_mtime_ns == stamp
+    assert "2 seeds: mean (min to max)" in (tmp_path / "results.md").read_text()
 
 
 def test_warmstart_key_tracks_its_settings():

@@ -57,6 +57,9 @@ def build_quickstart_model(seed: int = 0) -> tuple[Qwen2_5_VLForConditionalGener
     )
     processor = TinyQwen2_5_VLProcessor(_image_processor(14, [0.5] * 3, [0.5] * 3), tok, chat_template=CHAT_TEMPLATE)
     model.generation_config.max_new_tokens = 16
+    for config in (model.config, model.generation_config):  # the tokenizer's specials (else a warning per trainer)
+        config.pad_token_id = config.eos_token_id = tok.eos_token_id
+        config.bos_token_id = None
     return model, processor
 
 

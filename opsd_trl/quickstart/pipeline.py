@@ -1,10 +1,11 @@
-"""`opsd-trl quickstart`: tasks -> tiny Qwen2.5-VL -> warm-start SFT -> VT cache -> Visual-OPSD and the noise-VT
-control -> eval on the held-out test split -> results.md + curves.png.
+"""`opsd-trl quickstart`: tasks -> tiny Qwen2.5-VL -> warm-start SFT -> VT cache -> per seed: Visual-OPSD, the
+noise-VT control and the supervised baseline -> eval on the held-out test split -> results.md + curves.png.
 
-Every stage writes its output under `--out` and is skipped when that output exists, so a rerun resumes. Nothing is
-tuned on the test split: training curves and model choices use the validation split; test is evaluated once at the
-end. The warm-start is the slow stage; a checkpoint made by this exact stage (`--rebuild-warmstart`) ships as
-package data and is used when its settings match.
+Every stage writes its output under `--out` and is skipped when that output exists, so a rerun resumes (and a run
+with more seeds reuses the seeds already trained). Nothing is tuned on the test split: training curves and model
+choices use the validation split; test is evaluated once per model at the end. The warm-start is the slow stage; a
+checkpoint made by this exact stage (`--rebuild-warmstart`) ships as package data and is used when its settings
+match.
 """
 
 from __future__ import annotations
@@ -14,20 +15,24 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
 
+import datasets as datasets_lib
 import torch
 
-from ..eval import Contexts, evaluate, kl_gap_closure
+from ..eval import Contexts, evaluate, kl_gap_closure, write_predictions
 from ..tasks import make_dataset
 from .model import TEACHER_INTRO, TEACHER_TRANSITION, build_quickstart_model, load_weights, save_weights
-from .opsd import train_opsd, vt_cache
-from .report import write_report
+from .opsd import ValidationCurve, freeze_vision, train_opsd, vt_cache
+from .report import LABELS, write_docs, write_report
 from .sft import warm_start
 
 SHIPPED_WARMSTART = "quickstart_warmstart.safetensors"
+# The trained students, each from the same warm-start with the same steps x batch: the method, the paper's control
+# (Gaussian VT pixels) and the supervised baseline (reference answers in the student context).
+METHODS = ("visual_opsd", "noise_control", "supervised")
 
 
 @dataclass
@@ -44,16 +49,15 @@ class Settings:
     opsd_steps: int = 300
     opsd_batch: int = 32
     opsd_lr: float = 5e-4
-    # Chosen on the validation split (docs/quickstart.md, "What was tried"): fixed teacher, forward KL(T||S), no clip,
-    # lr 5e-4, 300 steps. The paper's 0.05 clip removes, on a 64-word vocabulary, the gradient of exactly the
-    # confident disagreements that decide the answer; beta 0.5 / 1 and an EMA teacher closed less KL, lr 1e-3 / 2e-3
-    # dipped deeper for no final gain.
     beta: float = 0.0
     jsd_clip: float | None = None
     teacher_mode: str = "fixed"
     ema_decay: float = 0.99
+    temperature: float = 1.0
+    supervised_lr: float = 5e-4  # the supervised baseline's learning rate (same steps x batch as Visual-OPSD)
     eval_every: int = 50
-    seed: int = 0
+    seed: int = 0  # data and warm-start
+    seeds: int = 1  # distillation seeds 0 .. seeds-1 (each trains every method from the shared warm-start)
 
     def warmstart_key(self) -> str:
         fields = ("n_train", "sft_steps", "sft_batch", "sft_lr", "sft_teacher_share", "seed")
@@ -82,67 +86,117 @@ def _shipped(s: Settings) -> Path | None:
     return None
 
 
+def _contexts(processor) -> Contexts:
+    return Contexts(processor, intro=TEACHER_INTRO, transition=TEACHER_TRANSITION)
+
+
 def warmstart_stage(s: Settings, data: dict, out: Path, rebuild: bool, progress: bool) -> Path:
     path = out / "warmstart.safetensors"
     if path.exists():
         return path
     shipped = None if rebuild else _shipped(s)
     if shipped is not None:
-        print(f"warm-start: using the shipped checkpoint {shipped.name} (rebuild with --rebuild-warmstart)")
+        if progress:
+            print(f"warm-start: the shipped checkpoint {shipped.name} (rebuild with --rebuild-warmstart)")
         return shipped
     model, processor = build_quickstart_model(s.seed)
-    contexts = Contexts(processor, intro=TEACHER_INTRO, transition=TEACHER_TRANSITION)
-    losses = warm_start(model, contexts, data["train"], steps=s.sft_steps, batch_size=s.sft_batch, lr=s.sft_lr,
-                        teacher_share=s.sft_teacher_share, seed=s.seed, progress=progress)
+    losses = warm_start(model, _contexts(processor), data["train"], steps=s.sft_steps, batch_size=s.sft_batch,
+                        lr=s.sft_lr, teacher_share=s.sft_teacher_share, seed=s.seed, progress=progress)
     save_weights(model, path)
     (out / "warmstart.json").write_text(json.dumps({"key": s.warmstart_key(), "settings": asdict(s),
                                                     "losses": losses}))
     return path
 
 
-def opsd_stage(name: str, s: Settings, data: dict, warm: Path, out: Path, cache, noise_vt: bool,
+def run_dir(out: Path, method: str, seed: int) -> Path:
+    return out / method / f"seed{seed}"
+
+
+def opsd_stage(method: str, s: Settings, data: dict, warm: Path, out: Path, cache, seed: int,
                progress: bool) -> Path:
-    path = out / name / "final.safetensors"
+    """Visual-OPSD (`visual_opsd`) or the noise-VT control (`noise_control`), distillation seed `seed`."""
+    folder = run_dir(out, method, seed)
+    path = folder / "final.safetensors"
     if path.exists():
         return path
     model, processor = load_weights(warm, s.seed)
     reference, _ = load_weights(warm, s.seed)
-    train_opsd(model, processor, data["train"], data["validation"], reference, out / name, cache=cache,
-               noise_vt=noise_vt, steps=s.opsd_steps, teacher_mode=s.teacher_mode, lr=s.opsd_lr,
+    train_opsd(model, processor, data["train"], data["validation"], reference, folder, cache=cache,
+               noise_vt=method == "noise_control", steps=s.opsd_steps, teacher_mode=s.teacher_mode, lr=s.opsd_lr,
                batch_size=s.opsd_batch, ema_decay=s.ema_decay, eval_every=s.eval_every, beta=s.beta,
-               jsd_clip=s.jsd_clip, seed=s.seed,
-               progress=progress)
+               jsd_clip=s.jsd_clip, seed=seed, temperature=s.temperature, progress=progress,
+               desc=f"{LABELS[method]} (seed {seed})")
+    save_weights(model, path)
+    return path
+
+
+def supervised_stage(s: Settings, data: dict, warm: Path, out: Path, seed: int, progress: bool) -> Path:
+    """The supervised baseline: cross-entropy on the reference answers in the student context, from the same
+    warm-start, with Visual-OPSD's steps x batch and frozen vision tower (the analogue of the paper's text-only SFT)."""
+    folder = run_dir(out, "supervised", seed)
+    path = folder / "final.safetensors"
+    if path.exists():
+        return path
+    model, processor = load_weights(warm, s.seed)
+    reference, _ = load_weights(warm, s.seed)
+    freeze_vision(model)
+    curve = ValidationCurve(processor, data["validation"], reference, s.eval_every)
+    curve.record(model, 0)
+
+    def on_step(step: int) -> dict:
+        curve.maybe_record(model, step, s.opsd_steps)
+        return curve.postfix()
+
+    losses = warm_start(model, _contexts(processor), data["train"], steps=s.opsd_steps, batch_size=s.opsd_batch,
+                        lr=s.supervised_lr, warmup=max(1, s.opsd_steps // 20), teacher_share=0.0, seed=seed,
+                        progress=progress, desc=f"{LABELS['supervised']} (seed {seed})", on_step=on_step)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "history.json").write_text(json.dumps({"log": [{"step": i + 1, "loss": x} for i, x in
+                                                             enumerate(losses)], "validation": curve.points}))
     save_weights(model, path)
     return path
 
 
 def eval_stage(data: dict, warm: Path, runs: dict[str, Path], out: Path, seed: int, progress: bool) -> dict:
-    """Test-split metrics, once: the teacher with VTs, the student before, and each trained student."""
-    path = out / "test_metrics.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    reference, processor = load_weights(warm, seed)
-    contexts = Contexts(processor, intro=TEACHER_INTRO, transition=TEACHER_TRANSITION)
-    test = data["test"]
-    results = {"teacher_with_vt": evaluate(reference, processor, test, teacher_context=True, contexts=contexts,
-                                           progress=progress, desc="test: teacher"),
-               "student_before": evaluate(copy.deepcopy(reference), processor, test, reference=reference,
-                                          contexts=contexts, progress=progress, desc="test: student before")}
-    for name, ckpt in runs.items():
-        model, _ = load_weights(ckpt, seed)
-        results[name] = evaluate(model, processor, test, reference=reference, contexts=contexts,
-                                 progress=progress, desc=f"test: {name}")
-        results[name]["kl_gap_closure"] = kl_gap_closure(results["student_before"]["kl_teacher_student"],
-                                                         results[name]["kl_teacher_student"])
-    path.write_text(json.dumps(results, indent=1))
+    """Test-split metrics, once per model: the teacher with VTs, the student before, and each trained student.
+    Each model's per-sample predictions go to `out/test/<name>.predictions.jsonl`; metrics to `<name>.json`."""
+    folder = out / "test"
+    folder.mkdir(parents=True, exist_ok=True)
+    reference, processor = None, None
+    todo = {"teacher_with_vt": warm, "student_before": warm, **runs}
+    for name, ckpt in todo.items():
+        path = folder / f"{name}.json"
+        if not path.exists():
+            if reference is None:
+                reference, processor = load_weights(warm, seed)
+            model = reference if name == "teacher_with_vt" else load_weights(ckpt, seed)[0]
+            metrics = evaluate(model, processor, data["test"], teacher_context=name == "teacher_with_vt",
+                               reference=None if name == "teacher_with_vt" else reference,
+                               contexts=_contexts(processor), progress=progress, desc=f"test: {name}")
+            path.write_text(json.dumps(write_predictions(metrics, folder / f"{name}.predictions.jsonl"), indent=1))
+    return {name: metrics for name, metrics in load_results(out).items() if name in todo}
+
+
+def load_results(out: Path) -> dict:
+    """The test metrics of every evaluated model in a quickstart folder, by name."""
+    results = {p.stem: json.loads(p.read_text()) for p in sorted((Path(out) / "test").glob("*.json"))}
+    before = results["student_before"]["kl_teacher_student"]
+    for name, metrics in results.items():
+        if name not in ("teacher_with_vt", "student_before"):
+            metrics["kl_gap_closure"] = kl_gap_closure(before, metrics["kl_teacher_student"])
     return results
 
 
 def run_quickstart(out: str | os.PathLike = "quickstart_out", *, smoke: bool = False, rebuild_warmstart: bool = False,
-                   threads: int = 1, progress: bool = True, settings: Settings | None = None) -> dict:
-    """Run (or resume) every stage; returns the test metrics and writes results.md / curves.png under `out`."""
+                   threads: int = 1, progress: bool = True, seeds: int | None = None,
+                   settings: Settings | None = None, docs: str | os.PathLike | None = None) -> dict:
+    """Run (or resume) every stage; returns the test metrics by model name (`<method>_seed<k>` for the trained
+    students) and writes results.md / curves.png under `out` (and, with `docs`, that page's generated section)."""
     s = settings or (SMOKE if smoke else Settings())
+    if seeds is not None:
+        s = replace(s, seeds=seeds)
     torch.set_num_threads(threads)  # one thread: measured faster than two on a shared 2-core machine
+    datasets_lib.disable_progress_bars()  # one bar per stage: the image-column casts add one per trainer
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -150,12 +204,18 @@ def run_quickstart(out: str | os.PathLike = "quickstart_out", *, smoke: bool = F
     warm = warmstart_stage(s, data, out, rebuild_warmstart, progress)
     model, processor = load_weights(warm, s.seed)
     cache = vt_cache(model, processor, data["train"], out / "vt_cache", progress=progress)
-    runs = {
-        "visual_opsd": opsd_stage("visual_opsd", s, data, warm, out, cache, noise_vt=False, progress=progress),
-        "noise_control": opsd_stage("noise_control", s, data, warm, out, cache, noise_vt=True, progress=progress),
-    }
-    results = eval_stage(data, warm, runs, out, s.seed, progress)
-    histories = {name: json.loads((out / name / "history.json").read_text()) for name in runs}
+    runs = {}
+    for seed in range(s.seeds):
+        for method in METHODS:
+            if method == "supervised":
+                runs[f"{method}/seed{seed}"] = supervised_stage(s, data, warm, out, seed, progress)
+            else:
+                runs[f"{method}/seed{seed}"] = opsd_stage(method, s, data, warm, out, cache, seed, progress)
+    results = eval_stage(data, warm, {k.replace("/", "_"): v for k, v in runs.items()}, out, s.seed, progress)
+    histories = {k: json.loads((out / k / "history.json").read_text()) for k in runs}
     table = write_report(results, histories, out, settings=asdict(s), minutes=(time.perf_counter() - t0) / 60)
-    print(table)
+    if docs is not None:
+        write_docs(out, Path(docs), load_results(out))
+    if progress:
+        print(table)
     return results

@@ -22,8 +22,12 @@ def answer_ids(tokenizer, answer: str) -> list[int]:
 
 
 def warm_start(model, contexts: Contexts, dataset, *, steps: int, batch_size: int = 32, lr: float = 2e-3,
-               warmup: int = 30, teacher_share: float = 0.5, seed: int = 0, progress: bool = True) -> list[float]:
-    """Train `model` in place; returns the loss per step. Pixels are preprocessed once per sample and context."""
+               warmup: int = 30, teacher_share: float = 0.5, seed: int = 0, progress: bool = True,
+               desc: str = "warm-start SFT", on_step=None) -> list[float]:
+    """Train `model` in place; returns the loss per step. Pixels are preprocessed once per sample and context.
+
+    `teacher_share=0` is the supervised baseline (reference answers in the student context only). `on_step(step)`,
+    if given, runs after every optimizer step (validation curves) and may return more numbers for the progress bar."""
     rows = list(dataset)
     rng = random.Random(seed)
     pixels = {}  # (row index, teacher) -> processor output; the vision tower trains, so features are recomputed
@@ -33,14 +37,14 @@ def warm_start(model, contexts: Contexts, dataset, *, steps: int, batch_size: in
             pixels[i, teacher] = contexts.pixels(contexts.images(rows[i], teacher))
         return pixels[i, teacher]
 
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))
     )
     model.train()
     losses = []
-    bar = tqdm(range(steps), desc="warm-start SFT", disable=not progress)
-    for _ in bar:
+    bar = tqdm(range(steps), desc=desc, disable=not progress)
+    for step in bar:
         batch = rng.sample(range(len(rows)), min(batch_size, len(rows)))
         loss = torch.zeros(())
         for teacher in (False, True):  # one forward per context; each sample goes to one of them
@@ -59,6 +63,8 @@ def warm_start(model, contexts: Contexts, dataset, *, steps: int, batch_size: in
         opt.step()
         sched.step()
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        shown = on_step(step + 1) if on_step is not None else None
+        bar.set_postfix({"loss": f"{loss.item():.3f}", **(shown or {})}, refresh=False)
+        model.train()
     model.eval()
     return losses

@@ -17,10 +17,11 @@ from . import jigsaw, maze
 from .common import FEATURES, SPLITS, split_of, to_dataset
 from .vlmevalkit import load_vlmevalkit_tsv
 
-# task name -> (row builder, scorer). A row builder takes (split, n, **params) and returns standard-layout rows.
-TASKS: dict[str, tuple[Callable[..., list[dict]], Callable[..., bool]]] = {
-    "maze": (maze.make_rows, maze.score),
-    "jigsaw": (jigsaw.make_rows, jigsaw.score),
+# task name -> (row builder, scorer, parser). A row builder takes (split, n, **params) and returns standard-layout
+# rows; the parser returns what a completion commits to (moves, piece order) or None.
+TASKS: dict[str, tuple[Callable[..., list[dict]], Callable[..., bool], Callable[[str], object]]] = {
+    "maze": (maze.make_rows, maze.score, maze.parse_moves),
+    "jigsaw": (jigsaw.make_rows, jigsaw.score, jigsaw.parse_order),
 }
 
 
@@ -43,4 +44,11 @@ def score(task: str, meta: str | dict, completion: str) -> bool:
     return TASKS[task][1](meta, completion)
 
 
-__all__ = ["FEATURES", "SPLITS", "TASKS", "load_vlmevalkit_tsv", "make_dataset", "score", "split_of"]
+def parse(task: str, completion: str):
+    """What `completion` commits to, as the scorer reads it (maze: a move string; jigsaw: a piece order), or None."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {sorted(TASKS)}")
+    return TASKS[task][2](completion)
+
+
+__all__ = ["FEATURES", "SPLITS", "TASKS", "load_vlmevalkit_tsv", "make_dataset", "parse", "score", "split_of"]

@@ -130,6 +130,20 @@ def _add_eval(sub) -> None:
 def _quickstart(args) -> int:
     from opsd_trl.quickstart import run_quickstart
 
+    if args.tune:
+        from pathlib import Path
+
+        import torch
+
+        from opsd_trl.quickstart.report import replace_section
+        from opsd_trl.quickstart.tuning import run_tuning
+
+        torch.set_num_threads(args.threads)
+        table = run_tuning(Path(args.out), names=args.tune_only)
+        if args.docs:
+            replace_section(Path(args.docs), "validation", table)
+        print(table)
+        return 0
     run_quickstart(args.out, smoke=args.smoke, rebuild_warmstart=args.rebuild_warmstart, threads=args.threads,
                    seeds=args.seeds, docs=args.docs)
     return 0
@@ -144,6 +158,9 @@ def _add_quickstart(sub) -> None:
     p.add_argument("--seeds", type=int, default=None,
                    help="distillation seeds (default 1; 3 for the docs table); seeds already trained are reused")
     p.add_argument("--docs", default=None, help="also rewrite this page's generated section (docs/quickstart.md)")
+    p.add_argument("--tune", action="store_true",
+                   help="instead: the validation runs behind the defaults (opsd_trl/quickstart/tuning.py), as a table")
+    p.add_argument("--tune-only", nargs="+", default=None, metavar="NAME", help="with --tune: these candidates only")
     p.set_defaults(func=_quickstart)
 
 

@@ -123,8 +123,8 @@ def evaluate(model, processor, dataset, *, reference=None, teacher_context: bool
 
     `teacher_context=True` evaluates `model` as the teacher (VTs in its context): teacher-with-VT accuracy.
     Returns {"n", "accuracy", "mean_output_tokens", "latency_s_per_sample", "batch_size"[, "kl_teacher_student"],
-    "predictions"}: one record per sample (id, task, meta, completion, parsed answer, correct), so anyone can
-    re-score the outputs with their own simulator.
+    "predictions"}: one record per sample (id, task, meta, completion, parsed answer, correct[, its mean
+    KL(T||S) and its token count]), so anyone can re-score the outputs with their own simulator.
     """
     contexts = contexts or Contexts(processor)
     model.eval()
@@ -156,7 +156,10 @@ def evaluate(model, processor, dataset, *, reference=None, teacher_context: bool
             t_logits, mask = completion_logits(reference, contexts, rows, completions, teacher=True)
             s_logits, _ = completion_logits(model, contexts, rows, completions, teacher=False,
                                             pixels=None if teacher_context else pixels)
-            kls.append(per_token_kl(t_logits, s_logits, mask))
+            kl = per_token_kl(t_logits, s_logits, mask)
+            kls.append(kl)
+            for record, row_kl in zip(predictions[-len(rows):], kl.split(mask.sum(-1).tolist()), strict=True):
+                record.update(kl_teacher_student=row_kl.mean().item(), kl_tokens=len(row_kl))  # over its tokens
     n = len(rows_all)
     out = {
         "n": n,

@@ -57,6 +57,8 @@ def test_evaluate_produces_every_metric(setup):
     assert all(r["parsed"] == parse_moves(r["completion"]) for r in records)
     assert all(score("maze", r["meta"], r["completion"]) == r["correct"] for r in records)
     assert sum(r["correct"] for r in records) / 6 == out["accuracy"]
+    tokens = sum(r["kl_tokens"] for r in records)  # per-sample KLs, token-weighted, give the overall KL
+    assert abs(sum(r["kl_teacher_student"] * r["kl_tokens"] for r in records) / tokens - out["kl_teacher_student"]) < 1e-5
 
 
 def test_kl_gap_closure():

@@ -6,7 +6,7 @@ import pytest
 
 from opsd_trl.quickstart import run_quickstart
 from opsd_trl.quickstart.pipeline import SMOKE, Settings
-from opsd_trl.quickstart.report import GENERATED
+from opsd_trl.quickstart.report import markers
 from opsd_trl.tasks import score
 
 ROWS = ["teacher with VTs", "student before (warm-start)", "| Visual-OPSD |", "noise-VT control", "supervised baseline",
@@ -34,7 +34,8 @@ def test_smoke_runs_every_stage_resumes_and_writes_the_docs_section(tmp_path):
         assert sum(r["correct"] for r in records) / len(records) == results[name]["accuracy"]
     stamp = (tmp_path / "visual_opsd" / "seed0" / "final.safetensors").stat().st_mtime_ns
     page = tmp_path / "page.md"
-    page.write_text(f"# title\n\nprose\n\n{GENERATED[0]}\nold\n{GENERATED[1]}\n\nmore prose\n")
+    start, end = markers("results")
+    page.write_text(f"# title\n\nprose\n\n{start}\nold\n{end}\n\nmore prose\n")
     assert run_quickstart(tmp_path, smoke=True, progress=False, docs=page) == results  # every stage reused
     assert (tmp_path / "visual_opsd" / "seed0" / "final.safetensors").stat().st_mtime_ns == stamp
     text = page.read_text()

@@ -15,6 +15,8 @@ _CHOICES = {
     "teacher_mode": ("self", "ema", "fixed"),
     "vt_source": ("cache", "online"),
     "on_missing_vt": ("error", "no_vt_teacher"),
+    "jsd_clip_form": ("reference", "nonnegative"),
+    "loss_normalization": ("tokens", "samples"),
 }
 
 
@@ -39,6 +41,18 @@ class VisualOPSDConfig(DistillationConfig):
     )
     jsd_clip: float | None = field(
         default=0.05, metadata={"help": "Clamp each (token, vocab entry) divergence term to at most this value."}
+    )
+    jsd_clip_form: str = field(
+        default="reference",
+        metadata={"help": "Which per-entry terms jsd_clip clamps: reference (p log(p/q), as the reference code; can be "
+                  "negative at beta 0 / 1) | nonnegative (p log(p/q) - p + q). Same loss for 0 < beta < 1 or "
+                  "without a clip."},
+    )
+    loss_normalization: str = field(
+        default="tokens",
+        metadata={"help": "tokens (TRL: sum over the completion tokens of the accumulation window / their count; long "
+                  "completions weigh more) | samples (the reference: mean over each completion, then mean over "
+                  "the samples of the window; every sample weighs the same)."},
     )
     fused_loss: bool = field(
         default=True,

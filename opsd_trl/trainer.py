@@ -7,8 +7,9 @@ The step (one micro-batch), top to bottom:
   3. teacher forward, no_grad, under the teacher weights (live | EMA shadow | fixed), *before* the student forward so
      that swapping weights never touches tensors the student's backward needs;
   4. student forward on [prompt ; completion] with grad;
-  5. loss on the completion positions (aligned token for token), normalised by completion tokens over the whole
-     gradient-accumulation window; EMA update after each optimizer step (callback).
+  5. loss on the completion positions (aligned token for token), normalised over the whole gradient-accumulation
+     window by its completion tokens (`loss_normalization="tokens"`) or its samples (`"samples"`, each sample's
+     mean first); EMA update after each optimizer step (callback).
 """
 
 from __future__ import annotations
@@ -202,8 +203,11 @@ class VisualOPSDTrainer(DistillationTrainer):
         if any(self._empty_completions):
             empty = torch.tensor(self._empty_completions, device=output["completion_mask"].device)
             output["completion_mask"][empty] = 0
-        # Recounted on every rank (a collective): the masked-out empty completions carry no tokens.
-        output["num_items_in_batch"] = self.accelerator.gather(output["completion_mask"].sum()).sum()
+        # Recounted on every rank (a collective): the masked-out empty completions carry no tokens. What the loss is
+        # divided by over the accumulation window: its completion tokens, or its samples with at least one token.
+        mask = output["completion_mask"]
+        local = mask.sum() if self.args.loss_normalization == "tokens" else (mask.sum(-1) > 0).sum()
+        output["num_items_in_batch"] = self.accelerator.gather(local).sum()
         self._metrics[self._mode]["completions/empty"].append(float(sum(self._empty_completions)))
         output.update(self._teacher_batch(inputs, output))
         eos = torch.tensor(
@@ -417,15 +421,18 @@ class VisualOPSDTrainer(DistillationTrainer):
                 student_hidden, teacher_hidden, head.weight, teacher_lm_head_weight=teacher_head, mask=mask,
                 beta=args.beta, top_k=args.teacher_top_k, clip=args.jsd_clip, temperature=args.temperature,
                 num_items_in_batch=num_items_in_batch, return_per_token=True, chunk_size=args.loss_chunk_size,
+                clip_form=args.jsd_clip_form, normalization=args.loss_normalization,
             )
         else:
             student_logits = head_logits(unwrapped_student, student_hidden)
             teacher_logits = head_logits(unwrapped_student, teacher_hidden, weight=teacher_weight).detach()
             common = dict(temperature=args.temperature, mask=mask, num_items_in_batch=num_items_in_batch,
-                          return_per_token=True, chunk_size=args.loss_chunk_size)
+                          return_per_token=True, chunk_size=args.loss_chunk_size,
+                          normalization=args.loss_normalization)
             if args.loss_type == "gjsd":
                 loss, per_token = generalized_jsd(student_logits, teacher_logits, beta=args.beta,
-                                                  top_k=args.teacher_top_k, clip=args.jsd_clip, **common)
+                                                  top_k=args.teacher_top_k, clip=args.jsd_clip,
+                                                  clip_form=args.jsd_clip_form, **common)
             else:
                 loss, per_token = sampled_token_reverse_kl(student_logits, teacher_logits, inputs["completion_ids"],
                                                            **common)

@@ -54,6 +54,12 @@ class VisualOPSDConfig(DistillationConfig):
                   "completions weigh more) | samples (the reference: mean over each completion, then mean over "
                   "the samples of the window; every sample weighs the same)."},
     )
+    close_truncated_completions: bool = field(
+        default=True,
+        metadata={"help": "A completion cut at max_completion_length keeps its first max_completion_length - 1 "
+                  "sampled tokens and ends with image_skip_token (<|im_end|>), scored like a sampled EOS (the "
+                  "reference). False: the cut completion is scored as sampled, with no EOS position."},
+    )
     fused_loss: bool = field(
         default=True,
         metadata={"help": "Compute the loss from hidden states and the lm_head tile by tile (no full logits)."},
@@ -87,7 +93,9 @@ class VisualOPSDConfig(DistillationConfig):
         metadata={"help": "A round ending on EOS whose text contains this marker gets one more round."},
     )
     image_skip_token: str = field(
-        default="<|im_end|>", metadata={"help": "Token text appended before an image-skip continuation round."}
+        default="<|im_end|>",
+        metadata={"help": "Token that closes a turn: closes an image-skip round before the next one opens, and a "
+                  "truncated completion (close_truncated_completions)."},
     )
     max_image_skips: int = field(default=1, metadata={"help": "Continuation rounds allowed per completion."})
     on_missing_vt: str = field(

@@ -195,6 +195,30 @@ class VisualOPSDTrainer(DistillationTrainer):
         self._empty_completions = [not ids for ids in result.completion_ids]
         return [ids or [self._tokenizer.pad_token_id] for ids in result.completion_ids]
 
+    def _generate(self, prompts: list):
+        """The parent's generation (which logs lengths and `completions/clipped_ratio` of the sampled completions),
+        then, with `close_truncated_completions`, the reference's closing of a cut completion: its last sampled token
+        is replaced by the turn-closing token, which is scored like a sampled EOS (the reference's sampler drops the
+        last token of a round cut by the budget, and its packer ends every completion with `<|im_end|>`)."""
+        prompt_ids, completion_ids, tool_mask, images, tool_images = super()._generate(prompts)
+        empty = self._empty_completions or [False] * len(completion_ids)
+        sampled_eos = [not e and ids[-1] in self.eos_token_ids for ids, e in zip(completion_ids, empty, strict=True)]
+        eos = torch.tensor(sampled_eos, dtype=torch.float32, device=self.accelerator.device)
+        self._metrics[self._mode]["completions/eos_rate"].append(self.accelerator.gather(eos).mean().item())
+        if self.args.close_truncated_completions:
+            close = self._closing_token_id()
+            completion_ids = [
+                ids if e or ended else [*ids[:-1], close]
+                for ids, e, ended in zip(completion_ids, empty, sampled_eos, strict=True)
+            ]
+        return prompt_ids, completion_ids, tool_mask, images, tool_images
+
+    def _closing_token_id(self) -> int:
+        """`image_skip_token` (`<|im_end|>`) when it is one of the EOS ids, else the tokenizer's EOS."""
+        tok = self._tokenizer
+        close = tok.convert_tokens_to_ids(self.args.image_skip_token)
+        return close if close in self.eos_token_ids else tok.eos_token_id
+
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         inputs = [decode_sample_images(x) for x in inputs]
         self._check_samples(inputs)
@@ -210,17 +234,7 @@ class VisualOPSDTrainer(DistillationTrainer):
         output["num_items_in_batch"] = self.accelerator.gather(local).sum()
         self._metrics[self._mode]["completions/empty"].append(float(sum(self._empty_completions)))
         output.update(self._teacher_batch(inputs, output))
-        eos = torch.tensor(
-            [bool(ids) and ids[-1] in self.eos_token_ids for ids in self._completion_lists(output)],
-            dtype=torch.float32, device=self.accelerator.device,
-        )
-        self._metrics[self._mode]["completions/eos_rate"].append(self.accelerator.gather(eos).mean().item())
         return output
-
-    @staticmethod
-    def _completion_lists(output) -> list[list[int]]:
-        return [ids[mask.bool()].tolist() for ids, mask in zip(output["completion_ids"], output["completion_mask"],
-                                                                  strict=True)]
 
     def _check_samples(self, inputs) -> None:
         for x in inputs:

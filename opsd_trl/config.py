@@ -16,6 +16,8 @@ _CHOICES = {
     "vt_source": ("cache", "online"),
     "on_missing_vt": ("error", "no_vt_teacher"),
     "noise_vt_space": ("pixels", "embeddings"),
+    "jsd_clip_form": ("reference", "nonnegative"),
+    "loss_normalization": ("tokens", "samples"),
 }
 
 
@@ -40,6 +42,24 @@ class VisualOPSDConfig(DistillationConfig):
     )
     jsd_clip: float | None = field(
         default=0.05, metadata={"help": "Clamp each (token, vocab entry) divergence term to at most this value."}
+    )
+    jsd_clip_form: str = field(
+        default="reference",
+        metadata={"help": "Which per-entry terms jsd_clip clamps: reference (p log(p/q), as the reference code; can be "
+                  "negative at beta 0 / 1) | nonnegative (p log(p/q) - p + q). Same loss for 0 < beta < 1 or "
+                  "without a clip."},
+    )
+    loss_normalization: str = field(
+        default="tokens",
+        metadata={"help": "tokens (TRL: sum over the completion tokens of the accumulation window / their count; long "
+                  "completions weigh more) | samples (the reference: mean over each completion, then mean over "
+                  "the samples of the window; every sample weighs the same)."},
+    )
+    close_truncated_completions: bool = field(
+        default=True,
+        metadata={"help": "A completion cut at max_completion_length keeps its first max_completion_length - 1 "
+                  "sampled tokens and ends with image_skip_token (<|im_end|>), scored like a sampled EOS (the "
+                  "reference). False: the cut completion is scored as sampled, with no EOS position."},
     )
     fused_loss: bool = field(
         default=True,
@@ -81,7 +101,9 @@ class VisualOPSDConfig(DistillationConfig):
         metadata={"help": "A round ending on EOS whose text contains this marker gets one more round."},
     )
     image_skip_token: str = field(
-        default="<|im_end|>", metadata={"help": "Token text appended before an image-skip continuation round."}
+        default="<|im_end|>",
+        metadata={"help": "Token that closes a turn: closes an image-skip round before the next one opens, and a "
+                  "truncated completion (close_truncated_completions)."},
     )
     max_image_skips: int = field(default=1, metadata={"help": "Continuation rounds allowed per completion."})
     on_missing_vt: str = field(

@@ -72,7 +72,9 @@ class _FusedDivergence(torch.autograd.Function):
     """Per-token generalized JSD from counted hidden rows ``(N, H)`` and ``lm_head`` weights ``(V, H)``."""
 
     @staticmethod
-    def forward(ctx, student_hidden, teacher_hidden, weight, teacher_weight, beta, top_k, clip, temperature, chunk):
+    def forward(
+        ctx, student_hidden, teacher_hidden, weight, teacher_weight, beta, top_k, clip, temperature, chunk, clip_form
+    ):
         dtype = compute_dtype(student_hidden.dtype)
         need_grad = any(ctx.needs_input_grad[i] for i in (0, 2))
         values, jacobians, supports = [], [], []
@@ -86,14 +88,14 @@ class _FusedDivergence(torch.autograd.Function):
             student = (student / temperature).requires_grad_(need_grad and support is not None)
             with torch.set_grad_enabled(student.requires_grad):
                 value = per_token_divergence(
-                    F.log_softmax(student, dim=-1), teacher_log_probs, beta=beta, clip=clip
+                    F.log_softmax(student, dim=-1), teacher_log_probs, beta=beta, clip=clip, clip_form=clip_form
                 ) * (temperature**2)
             if student.requires_grad:
                 (jacobian,) = torch.autograd.grad(value, student, torch.ones_like(value))
                 jacobians.append(jacobian / temperature)
                 supports.append(support)
             values.append(value.detach())
-        ctx.hyper = (beta, top_k, clip, temperature, chunk)
+        ctx.hyper = (beta, top_k, clip, temperature, chunk, clip_form)
         ctx.jacobians, ctx.supports = jacobians, supports
         ctx.save_for_backward(student_hidden, teacher_hidden, weight, teacher_weight)
         return torch.cat(values) if values else student_hidden.new_zeros(0, dtype=dtype)
@@ -102,7 +104,7 @@ class _FusedDivergence(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_values):
         student_hidden, teacher_hidden, weight, teacher_weight = ctx.saved_tensors
-        beta, top_k, clip, temperature, chunk = ctx.hyper
+        beta, top_k, clip, temperature, chunk, clip_form = ctx.hyper
         dtype = compute_dtype(weight.dtype)
         grad_hidden = torch.zeros_like(student_hidden)
         grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
@@ -116,7 +118,8 @@ class _FusedDivergence(torch.autograd.Function):
                 student = (h_s @ weight.T).to(dtype).detach().requires_grad_()
                 with torch.enable_grad():
                     value = per_token_divergence(
-                        F.log_softmax(student / temperature, dim=-1), teacher_log_probs, beta=beta, clip=clip
+                        F.log_softmax(student / temperature, dim=-1), teacher_log_probs, beta=beta, clip=clip,
+                        clip_form=clip_form,
                     ) * (temperature**2)
                 (grad_logits,) = torch.autograd.grad(value, student, upstream.squeeze(1).to(value.dtype))
                 grad_logits = grad_logits.to(weight.dtype)
@@ -128,7 +131,7 @@ class _FusedDivergence(torch.autograd.Function):
                 grad_hidden[rows] = torch.einsum("ck,ckh->ch", grad_logits, _gather_rows(weight, support))
                 outer = (grad_logits[:, :, None] * h_s[:, None, :]).to(dtype)
                 grad_weight.index_add_(0, support.reshape(-1), outer.reshape(-1, weight.size(1)))
-        return grad_hidden, None, grad_weight.to(weight.dtype), None, None, None, None, None, None
+        return grad_hidden, None, grad_weight.to(weight.dtype), None, None, None, None, None, None, None
 
 
 def fused_generalized_jsd(
@@ -145,12 +148,15 @@ def fused_generalized_jsd(
     num_items_in_batch: int | float | torch.Tensor | None = None,
     return_per_token: bool = False,
     chunk_size: int = 128,
+    clip_form: str = "reference",
+    normalization: str = "tokens",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`opsd_trl.losses.generalized_jsd` of ``student_hidden @ W.T`` vs ``teacher_hidden @ W_t.T``, fused.
 
     Same semantics as the logits-in function (beta convention = TRL's, teacher top-K with both distributions
-    renormalised on the teacher's support, per-entry clip before the support sum, ``temperature**2``, sum over
-    ``num_items_in_batch`` or mean over counted tokens, connected zero for an all-False mask). Only counted positions
+    renormalised on the teacher's support, per-entry clip (``clip_form``) before the support sum, ``temperature**2``,
+    reduction by ``normalization`` over ``num_items_in_batch`` or the local count, connected zero for an all-False
+    mask). Only counted positions
     are projected. Gradients flow to ``student_hidden`` and ``lm_head_weight`` (not through the teacher's use of
     it); see the module docstring for what the caller must do under ZeRO-3 and with tied embeddings.
 
@@ -160,7 +166,8 @@ def fused_generalized_jsd(
         lm_head_weight (torch.Tensor): the student's (and by default the teacher's) head, shape ``(V, H)``.
         teacher_lm_head_weight (torch.Tensor | None): a separate teacher head, shape ``(V, H_t)``.
         mask (torch.Tensor | None): bool, shape ``(B, T)``; True marks a counted completion token.
-        beta, top_k, clip, temperature, num_items_in_batch, return_per_token: as in ``generalized_jsd``.
+        beta, top_k, clip, temperature, num_items_in_batch, return_per_token, clip_form, normalization: as in
+            ``generalized_jsd``.
         chunk_size (int): counted positions projected at once (``C``); a chunk holds a few ``(C, V)`` fp32 tiles.
 
     Returns:
@@ -190,6 +197,8 @@ def fused_generalized_jsd(
         temperature=temperature,
         vocab_size=lm_head_weight.size(0),
         chunk_size=chunk_size,
+        clip_form=clip_form,
+        normalization=normalization,
     )
     validate_num_items(num_items_in_batch)
     rows = counted_rows(mask, batch, length, student_hidden.device)
@@ -203,5 +212,6 @@ def fused_generalized_jsd(
         clip,
         float(temperature),
         chunk_size,
+        clip_form,
     )
-    return reduce_per_token(per_token, rows, (batch, length), num_items_in_batch, return_per_token)
+    return reduce_per_token(per_token, rows, (batch, length), num_items_in_batch, return_per_token, normalization)

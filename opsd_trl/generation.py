@@ -4,8 +4,10 @@
 - `VLLMGenerator`: TRL 1.16's `VLLMGeneration` (colocate or server) with our own weight sync, which works in any
   vLLM dtype, never gathers the whole model on one rank, merges LoRA per layer, and also resets vLLM's encoder cache
   (TRL only resets the prefix cache, so a repeated image could reuse vision embeddings of the old weights).
-- Image-skip rounds (both backends): a round that ends on EOS and whose text contains the marker gets the skip token
-  appended and one more round, under the same total new-token budget. See docs/generation.md.
+- Image-skip rounds (both backends), as the reference sampler: a round that ends on EOS and whose text contains the
+  marker is followed by one more round, whose context closes the turn with one `<|im_end|>` and opens the next as the
+  chat format opens an assistant turn; the completion is the rounds' texts concatenated without those separators,
+  all under one new-token budget. See docs/generation.md.
 
 vllm is imported only when `VLLMGenerator` is built.
 """
@@ -35,6 +37,7 @@ __all__ = [
     "iter_policy_weights",
     "push_weights_to_vllm",
     "run_rounds",
+    "turn_opening",
 ]
 
 VLLM_INSTALL_HINT = (
@@ -48,14 +51,14 @@ VLLM_INSTALL_HINT = (
 class SamplingSettings:
     """How completions are sampled. `temperature=0` means greedy."""
 
-    max_new_tokens: int = 1024  # total over all rounds, appended skip tokens included
+    max_new_tokens: int = 1024  # total over all rounds, the separators between rounds included
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     image_skip_marker: str | None = "<image_start>"  # None disables image-skip rounds
-    image_skip_token: str = "<|im_end|>"
+    image_skip_token: str = "<|im_end|>"  # closes the turn before the next round opens
     max_image_skips: int = 1
     eos_token_ids: Sequence[int] | None = None  # None: the model's generation config + the tokenizer's eos
     # Never sampled (e.g. a VLM's image placeholder, which would match no image features in the forward).
@@ -67,7 +70,7 @@ class GenerationResult:
     """Per sample: completion ids (rounds concatenated), 1/0 mask of sampled tokens, number of skip rounds."""
 
     completion_ids: list[list[int]]
-    sampled_mask: list[list[int]]  # 0 where a skip token was appended rather than sampled
+    sampled_mask: list[list[int]]  # 1 per token: the separators between rounds are not part of the completion
     num_image_skips: list[int]
 
 
@@ -101,6 +104,14 @@ class Generator:
 # --- image-skip rounds (backend independent) ------------------------------------------------------------------
 
 
+def turn_opening(prompt_ids: Sequence[int], close_id: int) -> list[int]:
+    """The tokens after the last `close_id` of a student prompt: how its chat format opens the assistant turn after
+    closing the previous one (Qwen: `\\n<|im_start|>assistant\\n`; BAGEL: `<|im_start|>`); empty when the prompt
+    never closes a turn (a raw text prompt)."""
+    last = max((k for k, t in enumerate(prompt_ids) if t == close_id), default=None)
+    return [] if last is None else list(prompt_ids[last + 1 :])
+
+
 def run_rounds(
     sample: Callable[[list[list[int]], Images, int], list[list[int]]],
     prompt_ids: list[list[int]],
@@ -110,13 +121,21 @@ def run_rounds(
     eos_token_ids: set[int],
     lockstep: Callable[[int], int] | None = None,
 ) -> GenerationResult:
-    """Drive up to `1 + max_image_skips` rounds of `sample(prompts, images, max_new_tokens) -> token lists`."""
+    """Drive up to `1 + max_image_skips` rounds of `sample(prompts, images, max_new_tokens) -> token lists`.
+
+    The reference sampler's rule, token for token: a round that ends on EOS, whose text (without that EOS) contains
+    `image_skip_marker`, is followed by another round if the budget leaves room for the separator and one sampled
+    token. That round's context is the prompt, the text so far, one `image_skip_token` closing the turn, and the
+    turn opening of the prompt (`turn_opening`). The completion is the rounds' texts concatenated, without the
+    separators and without the EOS of a skipped round: every token of it was sampled. The separators count against
+    `max_new_tokens`, as the reference's budget counts its injected `<|im_end|>` and each round's opening token.
+    """
     n = len(prompt_ids)
     images = images if images is not None else [None] * n
-    completions: list[list[int]] = [[] for _ in range(n)]
-    masks: list[list[int]] = [[] for _ in range(n)]
+    completions: list[list[int]] = [[] for _ in range(n)]  # what is scored
+    history: list[list[int]] = [[] for _ in range(n)]  # what the policy has seen after the prompt (+ separators)
     skips = [0] * n
-    skip_id = tokenizer.convert_tokens_to_ids(settings.image_skip_token)
+    close_id = tokenizer.convert_tokens_to_ids(settings.image_skip_token)
     budget = settings.max_new_tokens
     active = list(range(n))
     for round_idx in range(settings.max_image_skips + 1):
@@ -125,27 +144,29 @@ def run_rounds(
             break  # decided from the global count under lockstep, so all ranks stop together
         # Padding requests keep collective rounds aligned across ranks; their outputs are dropped.
         rows = active + [active[0] if active else 0] * (n_requests - len(active))
-        budgets = [budget - len(completions[i]) for i in rows]
-        outs = sample([list(prompt_ids[i]) + completions[i] for i in rows], [images[i] for i in rows], max(budgets))
+        budgets = [budget - len(history[i]) for i in rows]
+        outs = sample([list(prompt_ids[i]) + history[i] for i in rows], [images[i] for i in rows], max(budgets))
         next_active = []
         for i, out, room in zip(active, outs, budgets, strict=False):
             out = list(out)[:room]  # one batch-wide max_new_tokens; each sample keeps its own budget
-            completions[i] += out
-            masks[i] += [1] * len(out)
             ends_on_eos = bool(out) and out[-1] in eos_token_ids
+            text = out[:-1] if ends_on_eos else out
+            separator = [close_id, *turn_opening(prompt_ids[i], close_id)]
             if (
                 round_idx < settings.max_image_skips
                 and settings.image_skip_marker
                 and ends_on_eos
-                and len(completions[i]) + 1 < budget  # room for the skip token and at least one sampled token
-                and settings.image_skip_marker in tokenizer.decode(out, skip_special_tokens=False)
+                and room - len(text) - len(separator) >= 1  # the next round can sample at least one token
+                and settings.image_skip_marker in tokenizer.decode(text, skip_special_tokens=False)
             ):
-                completions[i].append(skip_id)
-                masks[i].append(0)
+                completions[i] += text
+                history[i] += text + separator
                 skips[i] += 1
                 next_active.append(i)
+            else:
+                completions[i] += out
         active = next_active
-    return GenerationResult(completions, masks, skips)
+    return GenerationResult(completions, [[1] * len(c) for c in completions], skips)
 
 
 def _eos_ids(settings: SamplingSettings, model, tokenizer) -> set[int]:

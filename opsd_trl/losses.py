@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "CLIP_FORMS",
+    "NORMALIZATIONS",
     "compute_dtype",
     "counted_rows",
     "generalized_jsd",
@@ -30,10 +32,26 @@ __all__ = [
 ]
 
 
+CLIP_FORMS = ("reference", "nonnegative")
+NORMALIZATIONS = ("tokens", "samples")
+
+
 def validate_divergence_args(
-    *, beta: float, top_k: int | None, clip: float | None, temperature: float, vocab_size: int, chunk_size: int
+    *,
+    beta: float,
+    top_k: int | None,
+    clip: float | None,
+    temperature: float,
+    vocab_size: int,
+    chunk_size: int,
+    clip_form: str = "reference",
+    normalization: str = "tokens",
 ) -> None:
     """Raise ``ValueError`` naming the offending argument."""
+    if clip_form not in CLIP_FORMS:
+        raise ValueError(f"clip_form must be one of {CLIP_FORMS}, got {clip_form!r}")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     if top_k is not None and not 1 <= top_k <= vocab_size:
@@ -86,42 +104,56 @@ def teacher_support(teacher_logits: torch.Tensor, top_k: int | None) -> tuple[to
     return F.log_softmax(values, dim=-1), indices
 
 
-def _entry_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """Per-entry ``p (log p - log q) - p + q``: never negative, and summing to ``KL(p || q)`` when ``p`` and ``q``
-    are distributions on the same support (the ``- p + q`` parts cancel in the sum). Non-negative entries keep the
-    per-entry clip meaningful at beta = 0 and 1, where plain ``p log(p / q)`` terms can be negative and a clipped
-    sum could fall below zero. Exactly ``q`` where ``p = 0``, with finite gradients there."""
+def _entry_kl(log_p: torch.Tensor, log_q: torch.Tensor, nonnegative: bool) -> torch.Tensor:
+    """Per-entry KL term from log-probabilities: ``p (log p - log q)`` (the reference's ``F.kl_div`` entries, which
+    can be negative), or with ``nonnegative`` ``p (log p - log q) - p + q`` (never negative). Both sum to
+    ``KL(p || q)`` when ``p`` and ``q`` are distributions on the same support (the ``- p + q`` parts cancel in the
+    sum); they differ entry by entry, so a per-entry clip gives different sums. Where ``p = 0`` the term is 0
+    (resp. ``q``), with finite gradients."""
     absent = log_p == -math.inf
     safe_log_p = log_p.masked_fill(absent, 0.0)
     p = safe_log_p.exp().masked_fill(absent, 0.0)
-    return p * (safe_log_p - log_q.masked_fill(absent, 0.0)) - p + log_q.exp()
+    terms = p * (safe_log_p - log_q.masked_fill(absent, 0.0))
+    return terms - p + log_q.exp() if nonnegative else terms
 
 
 def per_token_divergence(
-    student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, *, beta: float, clip: float | None
+    student_log_probs: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    *,
+    beta: float,
+    clip: float | None,
+    clip_form: str = "reference",
 ) -> torch.Tensor:
     """Generalized JSD per position, summed over the support, from log-probabilities on a shared support.
 
     With ``S`` the student and ``T`` the teacher distribution and ``M = beta * T + (1 - beta) * S``, the per-entry
     term is ``kl(T_v, S_v)`` for beta = 0, ``kl(S_v, T_v)`` for beta = 1, and
-    ``beta * kl(T_v, M_v) + (1 - beta) * kl(S_v, M_v)`` in between, with ``kl(p, q) = p log(p / q) - p + q`` (all in
-    log space). Every per-entry term is >= 0 and the sums are the usual KL / generalized JSD (the ``- p + q`` parts
-    cancel over a shared support; in between they cancel entry by entry). ``clip`` clamps each per-entry term to at
-    most ``clip`` before the sum over the support.
+    ``beta * kl(T_v, M_v) + (1 - beta) * kl(S_v, M_v)`` in between. ``clip_form`` picks ``kl``:
+
+    - ``"reference"``: ``kl(p, q) = p log(p / q)``, the entries of ``F.kl_div`` that the reference implementation
+      clamps. At beta = 0 and 1 single entries can be negative.
+    - ``"nonnegative"``: ``kl(p, q) = p log(p / q) - p + q``, never negative.
+
+    The sums are the usual KL / generalized JSD in both forms (the ``- p + q`` parts cancel over a shared support;
+    for 0 < beta < 1 they cancel entry by entry, so the two forms agree there even with a clip). ``clip`` clamps each
+    per-entry term to at most ``clip`` before the sum over the support; at beta = 0 and 1 the two forms then differ.
 
     Args:
         student_log_probs (torch.Tensor): shape ``(N, K)``.
         teacher_log_probs (torch.Tensor): shape ``(N, K)``.
         beta (float): in ``[0, 1]``.
         clip (float | None): upper bound on each per-entry term, or None.
+        clip_form (str): ``"reference"`` or ``"nonnegative"``.
 
     Returns:
         torch.Tensor: shape ``(N,)``.
     """
+    nonnegative = clip_form == "nonnegative"
     if beta == 0.0:
-        terms = _entry_kl(teacher_log_probs, student_log_probs)
+        terms = _entry_kl(teacher_log_probs, student_log_probs, nonnegative)
     elif beta == 1.0:
-        terms = _entry_kl(student_log_probs, teacher_log_probs)
+        terms = _entry_kl(student_log_probs, teacher_log_probs, nonnegative)
     else:
         # Entries absent from both distributions would make the mixture -inf and its gradient NaN; both of their
         # terms are zero anyway, so give them a finite placeholder.
@@ -130,7 +162,9 @@ def per_token_divergence(
             student_log_probs.masked_fill(both_absent, 0.0) + math.log1p(-beta),
             teacher_log_probs.masked_fill(both_absent, 0.0) + math.log(beta),
         )
-        terms = beta * _entry_kl(teacher_log_probs, mixture) + (1.0 - beta) * _entry_kl(student_log_probs, mixture)
+        terms = beta * _entry_kl(teacher_log_probs, mixture, nonnegative) + (1.0 - beta) * _entry_kl(
+            student_log_probs, mixture, nonnegative
+        )
         terms = terms.masked_fill(both_absent, 0.0)
     if clip is not None:
         terms = terms.clamp(max=clip)
@@ -143,20 +177,37 @@ def reduce_per_token(
     shape: tuple[int, int],
     num_items_in_batch: int | float | torch.Tensor | None,
     return_per_token: bool,
+    normalization: str = "tokens",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Sum of the counted per-token values over ``num_items_in_batch`` (or their count, at least 1).
+    """Reduce the counted per-token values to the loss.
+
+    ``normalization="tokens"`` (TRL's): the sum of the values over ``num_items_in_batch`` (the counted tokens of the
+    accumulation window), or over their local count (at least 1). ``"samples"`` (the reference's): each sample's
+    values are averaged over its own counted tokens, and these per-sample means are summed over
+    ``num_items_in_batch`` (the samples with at least one counted token in the window), or over their local count
+    (at least 1): every sample weighs the same, whatever its length.
 
     Args:
         per_token (torch.Tensor): values on the counted positions, shape ``(N,)``.
         rows (torch.Tensor): their flat indices into ``(B, T)``, shape ``(N,)``.
         shape (tuple[int, int]): ``(B, T)``.
-        num_items_in_batch: global number of counted tokens across gradient-accumulation micro-batches, or None.
-        return_per_token (bool): also return the values scattered to ``(B, T)`` (0 at uncounted positions).
+        num_items_in_batch: global number of counted tokens (``"tokens"``) or of samples (``"samples"``) across
+            gradient-accumulation micro-batches, or None.
+        return_per_token (bool): also return the (unweighted) values scattered to ``(B, T)`` (0 at uncounted
+            positions).
+        normalization (str): ``"tokens"`` or ``"samples"``.
     """
-    denominator = max(per_token.numel(), 1) if num_items_in_batch is None else num_items_in_batch
+    if normalization == "samples":
+        sample = torch.div(rows, shape[1], rounding_mode="floor").to(per_token.device)
+        counts = torch.bincount(sample, minlength=shape[0])
+        weighted = per_token / counts[sample].to(per_token.dtype)
+        local = max(int((counts > 0).sum()), 1)
+    else:
+        weighted, local = per_token, max(per_token.numel(), 1)
+    denominator = local if num_items_in_batch is None else num_items_in_batch
     if isinstance(denominator, torch.Tensor):
         denominator = denominator.to(per_token.device, per_token.dtype)
-    loss = per_token.sum() / denominator
+    loss = weighted.sum() / denominator
     if not return_per_token:
         return loss
     full = per_token.new_zeros(shape[0] * shape[1]).index_put((rows,), per_token)
@@ -172,7 +223,7 @@ class _LogitsDivergence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student_flat, teacher_flat, rows, beta, top_k, clip, temperature, chunk_size):
+    def forward(ctx, student_flat, teacher_flat, rows, beta, top_k, clip, temperature, chunk_size, clip_form):
         dtype = compute_dtype(student_flat.dtype)
         need_grad = ctx.needs_input_grad[0]
         values, jacobians, supports = [], [], []
@@ -183,7 +234,9 @@ class _LogitsDivergence(torch.autograd.Function):
             student = (student.to(dtype) / temperature).requires_grad_(need_grad)
             with torch.set_grad_enabled(need_grad):
                 value = (
-                    per_token_divergence(F.log_softmax(student, dim=-1), teacher_log_probs, beta=beta, clip=clip)
+                    per_token_divergence(
+                        F.log_softmax(student, dim=-1), teacher_log_probs, beta=beta, clip=clip, clip_form=clip_form
+                    )
                     * temperature**2
                 )
             if need_grad:
@@ -210,7 +263,7 @@ class _LogitsDivergence(torch.autograd.Function):
                 grad[rows[chunk]] = scaled
             else:
                 grad[rows[chunk, None], support] = scaled
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
@@ -238,6 +291,8 @@ def generalized_jsd(
     num_items_in_batch: int | float | torch.Tensor | None = None,
     return_per_token: bool = False,
     chunk_size: int = 128,
+    clip_form: str = "reference",
+    normalization: str = "tokens",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Generalized Jensen-Shannon divergence between teacher and student next-token distributions.
 
@@ -252,14 +307,19 @@ def generalized_jsd(
     distributions on the same K-entry support (the student gets no gradient outside it).
 
     Clip: each (position, support entry) term of the divergence is clamped to at most ``clip`` before the sum over the
-    support (the reference uses 0.05); the clamp applies before the ``temperature**2`` factor.
+    support (the reference uses 0.05); the clamp applies before the ``temperature**2`` factor. ``clip_form`` says
+    which per-entry terms are clamped (see :func:`per_token_divergence`): ``"reference"`` (``p log(p / q)``, as the
+    reference implementation) or ``"nonnegative"`` (``p log(p / q) - p + q``); they differ only at beta = 0 and 1
+    with the clip on.
 
     Temperature: both logits are divided by ``temperature`` before the softmaxes and the per-token values are
     multiplied by ``temperature**2``.
 
-    Reduction: the sum over counted positions divided by ``num_items_in_batch`` when given (the global number of
-    counted tokens across gradient-accumulation micro-batches, TRL's convention: accumulating 2 micro-batches of 1
-    gives the gradient of one batch of 2), else by the local number of counted positions. An all-False mask returns a
+    Reduction (``normalization="tokens"``, TRL's): the sum over counted positions divided by ``num_items_in_batch``
+    when given (the global number of counted tokens across gradient-accumulation micro-batches: accumulating 2
+    micro-batches of 1 gives the gradient of one batch of 2), else by the local number of counted positions. With
+    ``normalization="samples"`` (the reference's) each sample's values are first averaged over its own counted
+    tokens and ``num_items_in_batch`` counts samples instead (see :func:`reduce_per_token`). An all-False mask returns a
     zero that is still connected to ``student_logits``: a rank or micro-batch whose completions were all truncated
     must still run backward (collective gradient sync under DDP/ZeRO), and 0 is its exact contribution to the sum.
 
@@ -278,6 +338,8 @@ def generalized_jsd(
         num_items_in_batch (int | float | torch.Tensor | None): global counted-token count, or None.
         return_per_token (bool): also return per-token values.
         chunk_size (int): counted positions per chunk.
+        clip_form (str): ``"reference"`` or ``"nonnegative"``.
+        normalization (str): ``"tokens"`` or ``"samples"``.
 
     Returns:
         torch.Tensor | tuple[torch.Tensor, torch.Tensor]: the scalar loss (fp32, or fp64 for fp64 inputs), and with
@@ -286,7 +348,8 @@ def generalized_jsd(
     _check_logits(student_logits, teacher_logits)
     batch, length, vocab = student_logits.shape
     validate_divergence_args(
-        beta=beta, top_k=top_k, clip=clip, temperature=temperature, vocab_size=vocab, chunk_size=chunk_size
+        beta=beta, top_k=top_k, clip=clip, temperature=temperature, vocab_size=vocab, chunk_size=chunk_size,
+        clip_form=clip_form, normalization=normalization,
     )
     validate_num_items(num_items_in_batch)
     rows = counted_rows(mask, batch, length, student_logits.device)
@@ -299,8 +362,9 @@ def generalized_jsd(
         clip,
         float(temperature),
         chunk_size,
+        clip_form,
     )
-    return reduce_per_token(per_token, rows, (batch, length), num_items_in_batch, return_per_token)
+    return reduce_per_token(per_token, rows, (batch, length), num_items_in_batch, return_per_token, normalization)
 
 
 def sampled_token_reverse_kl(
@@ -313,6 +377,7 @@ def sampled_token_reverse_kl(
     num_items_in_batch: int | float | torch.Tensor | None = None,
     return_per_token: bool = False,
     chunk_size: int = 128,
+    normalization: str = "tokens",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sampled-token reverse-KL policy-gradient loss (the "tinker" alternative objective).
 
@@ -331,6 +396,7 @@ def sampled_token_reverse_kl(
         num_items_in_batch (int | float | torch.Tensor | None): global counted-token count, or None.
         return_per_token (bool): also return the per-token loss terms, shape ``(B, T)``.
         chunk_size (int): counted positions per chunk.
+        normalization (str): ``"tokens"`` or ``"samples"``, as in :func:`generalized_jsd`.
 
     Returns:
         torch.Tensor | tuple[torch.Tensor, torch.Tensor]: the scalar loss, and optionally the per-token terms.
@@ -342,7 +408,8 @@ def sampled_token_reverse_kl(
             f"completion_ids must have shape (B, T) = {(batch, length)}, got {tuple(completion_ids.shape)}"
         )
     validate_divergence_args(
-        beta=0.5, top_k=None, clip=None, temperature=temperature, vocab_size=vocab, chunk_size=chunk_size
+        beta=0.5, top_k=None, clip=None, temperature=temperature, vocab_size=vocab, chunk_size=chunk_size,
+        normalization=normalization,
     )
     validate_num_items(num_items_in_batch)
     rows = counted_rows(mask, batch, length, student_logits.device)
@@ -363,4 +430,4 @@ def sampled_token_reverse_kl(
             advantage = token_log_prob(teacher_flat, chunk) - student_lp
         terms.append(-advantage * student_lp)
     per_token = torch.cat(terms) if terms else student_flat[:0, 0].to(dtype)
-    return reduce_per_token(per_token, rows, (batch, length), num_items_in_batch, return_per_token)
+    return reduce_per_token(per_token, rows, (batch, length), num_items_in_batch, return_per_token, normalization)

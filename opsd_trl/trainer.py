@@ -7,8 +7,9 @@ The step (one micro-batch), top to bottom:
   3. teacher forward, no_grad, under the teacher weights (live | EMA shadow | fixed), *before* the student forward so
      that swapping weights never touches tensors the student's backward needs;
   4. student forward on [prompt ; completion] with grad;
-  5. loss on the completion positions (aligned token for token), normalised by completion tokens over the whole
-     gradient-accumulation window; EMA update after each optimizer step (callback).
+  5. loss on the completion positions (aligned token for token), normalised over the whole gradient-accumulation
+     window by its completion tokens (`loss_normalization="tokens"`) or its samples (`"samples"`, each sample's
+     mean first); EMA update after each optimizer step (callback).
 """
 
 from __future__ import annotations
@@ -194,6 +195,30 @@ class VisualOPSDTrainer(DistillationTrainer):
         self._empty_completions = [not ids for ids in result.completion_ids]
         return [ids or [self._tokenizer.pad_token_id] for ids in result.completion_ids]
 
+    def _generate(self, prompts: list):
+        """The parent's generation (which logs lengths and `completions/clipped_ratio` of the sampled completions),
+        then, with `close_truncated_completions`, the reference's closing of a cut completion: its last sampled token
+        is replaced by the turn-closing token, which is scored like a sampled EOS (the reference's sampler drops the
+        last token of a round cut by the budget, and its packer ends every completion with `<|im_end|>`)."""
+        prompt_ids, completion_ids, tool_mask, images, tool_images = super()._generate(prompts)
+        empty = self._empty_completions or [False] * len(completion_ids)
+        sampled_eos = [not e and ids[-1] in self.eos_token_ids for ids, e in zip(completion_ids, empty, strict=True)]
+        eos = torch.tensor(sampled_eos, dtype=torch.float32, device=self.accelerator.device)
+        self._metrics[self._mode]["completions/eos_rate"].append(self.accelerator.gather(eos).mean().item())
+        if self.args.close_truncated_completions:
+            close = self._closing_token_id()
+            completion_ids = [
+                ids if e or ended else [*ids[:-1], close]
+                for ids, e, ended in zip(completion_ids, empty, sampled_eos, strict=True)
+            ]
+        return prompt_ids, completion_ids, tool_mask, images, tool_images
+
+    def _closing_token_id(self) -> int:
+        """`image_skip_token` (`<|im_end|>`) when it is one of the EOS ids, else the tokenizer's EOS."""
+        tok = self._tokenizer
+        close = tok.convert_tokens_to_ids(self.args.image_skip_token)
+        return close if close in self.eos_token_ids else tok.eos_token_id
+
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         inputs = [decode_sample_images(x) for x in inputs]
         self._check_samples(inputs)
@@ -202,21 +227,14 @@ class VisualOPSDTrainer(DistillationTrainer):
         if any(self._empty_completions):
             empty = torch.tensor(self._empty_completions, device=output["completion_mask"].device)
             output["completion_mask"][empty] = 0
-        # Recounted on every rank (a collective): the masked-out empty completions carry no tokens.
-        output["num_items_in_batch"] = self.accelerator.gather(output["completion_mask"].sum()).sum()
+        # Recounted on every rank (a collective): the masked-out empty completions carry no tokens. What the loss is
+        # divided by over the accumulation window: its completion tokens, or its samples with at least one token.
+        mask = output["completion_mask"]
+        local = mask.sum() if self.args.loss_normalization == "tokens" else (mask.sum(-1) > 0).sum()
+        output["num_items_in_batch"] = self.accelerator.gather(local).sum()
         self._metrics[self._mode]["completions/empty"].append(float(sum(self._empty_completions)))
         output.update(self._teacher_batch(inputs, output))
-        eos = torch.tensor(
-            [bool(ids) and ids[-1] in self.eos_token_ids for ids in self._completion_lists(output)],
-            dtype=torch.float32, device=self.accelerator.device,
-        )
-        self._metrics[self._mode]["completions/eos_rate"].append(self.accelerator.gather(eos).mean().item())
         return output
-
-    @staticmethod
-    def _completion_lists(output) -> list[list[int]]:
-        return [ids[mask.bool()].tolist() for ids, mask in zip(output["completion_ids"], output["completion_mask"],
-                                                                  strict=True)]
 
     def _check_samples(self, inputs) -> None:
         for x in inputs:
@@ -441,15 +459,18 @@ class VisualOPSDTrainer(DistillationTrainer):
                 student_hidden, teacher_hidden, head.weight, teacher_lm_head_weight=teacher_head, mask=mask,
                 beta=args.beta, top_k=args.teacher_top_k, clip=args.jsd_clip, temperature=args.temperature,
                 num_items_in_batch=num_items_in_batch, return_per_token=True, chunk_size=args.loss_chunk_size,
+                clip_form=args.jsd_clip_form, normalization=args.loss_normalization,
             )
         else:
             student_logits = head_logits(unwrapped_student, student_hidden)
             teacher_logits = head_logits(unwrapped_student, teacher_hidden, weight=teacher_weight).detach()
             common = dict(temperature=args.temperature, mask=mask, num_items_in_batch=num_items_in_batch,
-                          return_per_token=True, chunk_size=args.loss_chunk_size)
+                          return_per_token=True, chunk_size=args.loss_chunk_size,
+                          normalization=args.loss_normalization)
             if args.loss_type == "gjsd":
                 loss, per_token = generalized_jsd(student_logits, teacher_logits, beta=args.beta,
-                                                  top_k=args.teacher_top_k, clip=args.jsd_clip, **common)
+                                                  top_k=args.teacher_top_k, clip=args.jsd_clip,
+                                                  clip_form=args.jsd_clip_form, **common)
             else:
                 loss, per_token = sampled_token_reverse_kl(student_logits, teacher_logits, inputs["completion_ids"],
                                                            **common)

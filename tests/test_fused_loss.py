@@ -40,7 +40,14 @@ def _run(fused, hs, ht, w, wt, mask, weights, **kw):
 SETTINGS = [
     dict(beta=beta, top_k=top_k, clip=clip, temperature=tau)
     for beta, top_k, clip, tau in itertools.product([0.0, 0.5, 1.0], [None, 5], [None, 0.05], [1.0])
-] + [dict(beta=0.25, top_k=7, clip=0.02, temperature=1.7), dict(beta=0.75, top_k=None, clip=None, temperature=0.6)]
+] + [
+    dict(beta=0.25, top_k=7, clip=0.02, temperature=1.7),
+    dict(beta=0.75, top_k=None, clip=None, temperature=0.6),
+    *[dict(beta=beta, top_k=top_k, clip=0.05, temperature=1.0, clip_form="nonnegative")
+      for beta, top_k in itertools.product([0.0, 1.0], [None, 5])],
+    dict(beta=0.0, top_k=5, clip=0.05, temperature=1.0, normalization="samples"),
+    dict(beta=0.5, top_k=None, clip=None, temperature=1.0, normalization="samples", clip_form="nonnegative"),
+]
 
 
 @pytest.mark.parametrize("untied", [False, True])
@@ -146,6 +153,8 @@ def test_bf16_inputs():
         ({"top_k": 30}, "top_k"),
         ({"beta": 2.0}, "beta"),
         ({"clip": -1.0}, "clip"),
+        ({"clip_form": "x"}, "clip_form"),
+        ({"normalization": "x"}, "normalization"),
         ({"mask": torch.ones(2, 5)}, "mask"),
     ],
 )

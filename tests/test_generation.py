@@ -40,6 +40,14 @@ class ForceMarkerThenEos(LogitsProcessor):
         return scores
 
 
+def reference_skip_separator(tok) -> list[int]:
+    """The reference's rule, re-stated from the chat template: one <|im_end|> closes the turn, then the assistant
+    turn opens as the template opens it (the generation-prompt text after the last <|im_end|>)."""
+    text = tok.apply_chat_template([{"role": "user", "content": "q"}], add_generation_prompt=True, tokenize=False)
+    opening = text[text.rindex("<|im_end|>") + len("<|im_end|>") :]
+    return [tok.convert_tokens_to_ids("<|im_end|>"), *tok(opening, add_special_tokens=False)["input_ids"]]
+
+
 def _chat_ids(tok, texts):
     msgs = [[{"role": "user", "content": t}] for t in texts]
     return [tok.apply_chat_template(m, add_generation_prompt=True, return_dict=True)["input_ids"] for m in msgs]
@@ -89,15 +97,18 @@ def test_forced_image_skip_round(text_lm):
     marker, eos = tok.convert_tokens_to_ids(IMAGE_MARKER), tok.convert_tokens_to_ids("<|im_end|>")
     force = LogitsProcessorList([ForceMarkerThenEos(marker, eos)])
     prompts = _chat_ids(tok, ["draw", "a longer question"])
-    budget = 9
+    separator = reference_skip_separator(tok)
+    budget = 1 + len(separator) + 6  # the separator counts against the budget: 6 tokens left for round 2
     gen = HFGenerator(model, tok, SamplingSettings(max_new_tokens=budget, **GREEDY), logits_processor=force)
     res = gen.generate(prompts)
+    assert separator[0] == eos and len(separator) > 1  # <|im_end|> (== eos here), then "\n<|im_start|>assistant\n"
     for prompt, comp, mask in zip(prompts, res.completion_ids, res.sampled_mask, strict=True):
-        assert comp[:3] == [marker, eos, eos]  # round 1, then the appended <|im_end|> (== eos in the tiny tokenizer)
-        assert mask[:3] == [1, 1, 0] and mask[3:] == [1] * (len(comp) - 3)
-        assert len(comp) <= budget
-        # Round 2 is a fresh request on prompt + round 1 + skip token, with what is left of the budget.
-        assert comp[3:] == _reference(model, prompt + comp[:3], budget - 3, logits_processor=force)
+        # Round 2 is a fresh request on prompt + round-1 text + <|im_end|> + turn opening, with what is left of the
+        # budget (the separator counts); the completion is round-1 text + round 2, without the separator.
+        round2 = _reference(model, prompt + [marker] + separator, budget - 1 - len(separator), logits_processor=force)
+        assert comp == [marker, *round2]
+        assert mask == [1] * len(comp) and len(comp) <= budget
+        assert eos not in comp[:-1]  # no EOS mid-completion: inference stops at the first one
     assert res.num_image_skips == [1, 1]
 
 
@@ -106,10 +117,17 @@ def test_image_skip_needs_room_and_is_capped(text_lm):
     marker, eos = tok.convert_tokens_to_ids(IMAGE_MARKER), tok.convert_tokens_to_ids("<|im_end|>")
     force = LogitsProcessorList([ForceMarkerThenEos(marker, eos)])
     prompts = _chat_ids(tok, ["q"])
-    tight = HFGenerator(model, tok, SamplingSettings(max_new_tokens=3, **GREEDY), logits_processor=force)
-    assert tight.generate(prompts).completion_ids == [[marker, eos]]  # no room for skip token + a sampled token
+    separator = reference_skip_separator(tok)
+    # [marker, eos] uses 2; a skip needs the separator and one more sampled token.
+    tight_budget = 1 + len(separator)
+    tight = HFGenerator(model, tok, SamplingSettings(max_new_tokens=tight_budget, **GREEDY), logits_processor=force)
+    res = tight.generate(prompts)
+    assert res.completion_ids == [[marker, eos]] and res.num_image_skips == [0]
+    just = HFGenerator(model, tok, SamplingSettings(max_new_tokens=tight_budget + 1, **GREEDY), logits_processor=force)
+    res = just.generate(prompts)
+    assert res.num_image_skips == [1] and len(res.completion_ids[0]) == 2  # marker + one round-2 token
     off = HFGenerator(
-        model, tok, SamplingSettings(max_new_tokens=9, max_image_skips=0, **GREEDY), logits_processor=force
+        model, tok, SamplingSettings(max_new_tokens=40, max_image_skips=0, **GREEDY), logits_processor=force
     )
     res = off.generate(prompts)
     assert res.completion_ids == [[marker, eos]] and res.num_image_skips == [0]
@@ -129,8 +147,29 @@ def test_run_rounds_lockstep_pads_and_drops():
     settings = SamplingSettings(max_new_tokens=10, max_image_skips=1)
     res = run_rounds(sample, [[1], [2]], None, settings, tok, {eos}, lockstep=lambda n: n + 1)
     assert calls == [3, 2]  # round 1: 2 + 1 padding; round 2: 1 continuation + 1 padding
-    assert res.completion_ids == [[marker, eos, eos, 7, eos], [7, eos]]
-    assert res.sampled_mask == [[1, 1, 0, 1, 1], [1, 1]]
+    assert res.completion_ids == [[marker, 7, eos], [7, eos]]
+    assert res.sampled_mask == [[1, 1, 1], [1, 1]]
+
+
+def test_run_rounds_context_of_the_next_round():
+    """The continuation request is prompt + round-1 text + <|im_end|> + the prompt's turn opening."""
+    tok = build_tiny_text_lm()[1]
+    marker, eos = tok.convert_tokens_to_ids(IMAGE_MARKER), tok.eos_token_id
+    prompt = _chat_ids(tok, ["q"])[0]
+    seen = []
+
+    def sample(prompts, images, max_new):
+        seen.append((prompts[0], max_new))
+        return [[5, marker, eos]] if len(seen) == 1 else [[6, 6, 6]]
+
+    res = run_rounds(sample, [prompt], None, SamplingSettings(max_new_tokens=20), tok, {eos})
+    separator = reference_skip_separator(tok)
+    assert seen[1] == (prompt + [5, marker] + separator, 20 - 2 - len(separator))
+    assert res.completion_ids == [[5, marker, 6, 6, 6]] and res.num_image_skips == [1]
+    # A prompt that never closes a turn (raw text): only the closing token separates the rounds.
+    seen.clear()
+    run_rounds(sample, [[1, 2]], None, SamplingSettings(max_new_tokens=20), tok, {eos})
+    assert seen[1][0] == [1, 2, 5, marker, eos]
 
 
 def test_hf_qwen2_5_vl_with_image():

@@ -11,7 +11,8 @@ from opsd_trl.losses import generalized_jsd, sampled_token_reverse_kl
 
 
 def reference_jsd(student, teacher, *, beta, top_k=None, clip=None, temperature=1.0, mask=None):
-    """Dense float64 generalized JSD written from the definition with probabilities (not log space)."""
+    """Dense float64 generalized JSD written from the definition with probabilities (not log space), with the
+    non-negative per-entry terms (``clip_form="nonnegative"``)."""
     s, t = student.double() / temperature, teacher.double() / temperature
     if top_k is not None:
         idx = t.topk(top_k, dim=-1).indices
@@ -37,6 +38,31 @@ def reference_jsd(student, teacher, *, beta, top_k=None, clip=None, temperature=
     return per_token.sum() / max(int(mask.sum()), 1), per_token
 
 
+def reference_implementation_jsd(student, teacher, *, beta, top_k, clip, temperature=1.0):
+    """The reference implementation's formula, re-stated in float64 for one flat batch of positions ``(N, V)``:
+    gather the teacher's top-K, log-softmax both, ``F.kl_div(..., reduction="none", log_target=True)`` entries
+    (``exp(target) * (target - input)``), clamp each entry at ``clip``, sum over the entries, times tau^2; returns the
+    per-position values."""
+    s, t = student.double(), teacher.double()
+    if top_k is not None:
+        idx = t.topk(top_k, dim=-1).indices
+        s, t = s.gather(-1, idx), t.gather(-1, idx)
+    s_logp, t_logp = F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1)
+    if beta == 0.0:
+        per_entry = F.kl_div(s_logp, t_logp, reduction="none", log_target=True)
+    elif beta == 1.0:
+        per_entry = F.kl_div(t_logp, s_logp, reduction="none", log_target=True)
+    else:
+        b = torch.tensor(beta, dtype=torch.float64)
+        mix = torch.logsumexp(torch.stack([s_logp + torch.log1p(-b), t_logp + torch.log(b)]), dim=0)
+        per_entry = beta * F.kl_div(mix, t_logp, reduction="none", log_target=True) + (1 - beta) * F.kl_div(
+            mix, s_logp, reduction="none", log_target=True
+        )
+    if clip is not None:
+        per_entry = per_entry.clamp(max=clip)
+    return per_entry.sum(-1) * temperature**2
+
+
 def _logits(*shape, scale=3.0, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
@@ -60,12 +86,68 @@ def test_matches_dense_reference(beta, top_k, clip, temperature):
     b, t, v = 2, 7, 19
     s, te, m = _logits(b, t, v, seed=1), _logits(b, t, v, seed=2), _mask(b, t)
     loss, per_token = generalized_jsd(
-        s, te, beta=beta, top_k=top_k, clip=clip, temperature=temperature, mask=m, return_per_token=True, chunk_size=3
+        s, te, beta=beta, top_k=top_k, clip=clip, temperature=temperature, mask=m, return_per_token=True, chunk_size=3,
+        clip_form="nonnegative",
     )
     ref_loss, ref_per_token = reference_jsd(s, te, beta=beta, top_k=top_k, clip=clip, temperature=temperature, mask=m)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(per_token, ref_per_token, rtol=1e-10, atol=1e-12)
     assert loss.dtype == torch.float64
+
+
+@pytest.mark.parametrize("top_k", [None, 5])
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+@pytest.mark.parametrize("beta", [0.0, 0.25, 0.5, 1.0])
+def test_reference_clip_form_matches_the_reference_formula(beta, temperature, top_k):
+    """Default clip form, clip on: per-position values equal the reference implementation's formula (float64)."""
+    b, t, v = 2, 7, 19
+    s, te, m = _logits(b, t, v, seed=31), _logits(b, t, v, seed=32), _mask(b, t, seed=3)
+    _, per_token = generalized_jsd(
+        s, te, beta=beta, top_k=top_k, clip=0.05, temperature=temperature, mask=m, return_per_token=True, chunk_size=4
+    )
+    want = reference_implementation_jsd(
+        s[m], te[m], beta=beta, top_k=top_k, clip=0.05, temperature=temperature
+    )
+    torch.testing.assert_close(per_token[m], want, rtol=1e-10, atol=1e-12)
+    # The two forms: identical for 0 < beta < 1, different at the endpoints (negative reference entries).
+    _, nonneg = generalized_jsd(s, te, beta=beta, top_k=top_k, clip=0.05, temperature=temperature, mask=m,
+                                return_per_token=True, clip_form="nonnegative")
+    if 0 < beta < 1:
+        torch.testing.assert_close(nonneg, per_token, rtol=1e-10, atol=1e-12)
+    else:
+        assert (nonneg[m] - per_token[m]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_clip_forms_agree_without_clip(beta):
+    s, te = _logits(2, 5, 13, seed=33), _logits(2, 5, 13, seed=34)
+    a = generalized_jsd(s, te, beta=beta, top_k=6, clip_form="reference")
+    b = generalized_jsd(s, te, beta=beta, top_k=6, clip_form="nonnegative")
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def reference_sample_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The reference's weighting, re-stated: per sample the mean over its counted tokens, then the mean over samples
+    with at least one counted token."""
+    means = [per_token[i][mask[i]].mean() for i in range(mask.shape[0]) if mask[i].any()]
+    return torch.stack(means).mean()
+
+
+def test_samples_normalization_weighs_every_sample_the_same():
+    s, te = _logits(3, 6, 17, seed=35), _logits(3, 6, 17, seed=36)
+    m = _mask(3, 6)
+    m[1, 1:] = False  # one short sample: token and sample weighting differ
+    m[2] = False  # a sample with no counted token carries no weight at all
+    loss, per_token = generalized_jsd(s, te, top_k=5, clip=0.05, mask=m, return_per_token=True,
+                                      normalization="samples")
+    torch.testing.assert_close(loss, reference_sample_mean(per_token, m), rtol=1e-12, atol=1e-12)
+    tokens = generalized_jsd(s, te, top_k=5, clip=0.05, mask=m)
+    assert abs(loss.item() - tokens.item()) > 1e-3
+    # Global sample count given: the sum of the per-sample means over it.
+    torch.testing.assert_close(
+        generalized_jsd(s, te, top_k=5, clip=0.05, mask=m, normalization="samples", num_items_in_batch=5),
+        reference_sample_mean(per_token, m) * 2 / 5,
+    )
 
 
 @settings(max_examples=40, deadline=None)
@@ -93,6 +175,7 @@ def test_hypothesis_matches_reference(b, t, v, beta, use_top_k, clip, temperatur
         mask=m,
         return_per_token=True,
         chunk_size=chunk_size,
+        clip_form="nonnegative",
     )
     ref_loss, ref_per_token = reference_jsd(s, te, beta=beta, top_k=top_k, clip=clip, temperature=temperature, mask=m)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-11)
@@ -157,22 +240,24 @@ def test_gradient_only_to_student_and_not_to_masked_positions():
     )
 
 
+@pytest.mark.parametrize("normalization", ["tokens", "samples"])
 @pytest.mark.parametrize("fn", ["jsd", "rkl"])
-def test_gradient_accumulation_invariance(fn):
+def test_gradient_accumulation_invariance(fn, normalization):
     s, te = _logits(2, 6, 17, seed=13), _logits(2, 6, 17, seed=14)
     ids = torch.randint(0, 17, (2, 6), generator=torch.Generator().manual_seed(0))
     m = _mask(2, 6)
     m[1, :2] = False  # unequal token counts per sample: mean-of-means would differ
 
     def loss(sl, sel, n=None):
+        kw = dict(mask=m[sel], num_items_in_batch=n, normalization=normalization)
         if fn == "jsd":
-            return generalized_jsd(sl, te[sel], beta=0.5, top_k=5, clip=0.05, mask=m[sel], num_items_in_batch=n)
-        return sampled_token_reverse_kl(sl, te[sel], ids[sel], mask=m[sel], num_items_in_batch=n)
+            return generalized_jsd(sl, te[sel], beta=0.5, top_k=5, clip=0.05, **kw)
+        return sampled_token_reverse_kl(sl, te[sel], ids[sel], **kw)
 
     full = s.clone().requires_grad_()
     loss(full, slice(0, 2)).backward()
     micro = s.clone().requires_grad_()
-    n = int(m.sum())
+    n = int(m.sum()) if normalization == "tokens" else 2
     for i in range(2):
         loss(micro[i : i + 1], slice(i, i + 1), n).backward()
     torch.testing.assert_close(micro.grad, full.grad)
@@ -231,6 +316,8 @@ def test_bf16_upcast_close_to_fp32():
         ({"temperature": 0.0}, "temperature"),
         ({"chunk_size": 0}, "chunk_size"),
         ({"num_items_in_batch": 0}, "num_items_in_batch"),
+        ({"clip_form": "positive"}, "clip_form must be one of"),
+        ({"normalization": "sequence"}, "normalization must be one of"),
         ({"mask": torch.ones(2, 4, dtype=torch.bool)}, r"mask.*\(2, 3\)"),
         ({"mask": torch.ones(2, 3)}, "mask.*bool"),
     ],

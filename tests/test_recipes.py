@@ -65,6 +65,25 @@ def test_paper_recipe_hyperparameters():
     assert not m.use_peft
 
 
+@pytest.mark.parametrize("name", ["qwen2_5_vl_7b_thinkmorph", "qwen3_vl_8b_thinkmorph"])
+def test_paper_recipes_set_the_reference_behaviour_explicitly(name):
+    """Every field where the project can differ from the reference (docs/fidelity.md) is written in the recipe, at
+    the reference's value, so that a change of a library default cannot change the paper recipes."""
+    from opsd_trl.config import TEACHER_INTRO, TEACHER_TRANSITION
+
+    written = yaml.safe_load((REPO / "recipes" / f"{name}.yaml").read_text())
+    reference = dict(
+        jsd_clip_form="reference", loss_normalization="samples", close_truncated_completions=True,
+        image_skip_marker="<image_start>", image_skip_token="<|im_end|>", max_image_skips=1, noise_vt=False,
+        teacher_mode="ema", ema_decay=0.995, beta=0.5, teacher_top_k=256, jsd_clip=0.05, max_vt_images=8,
+        temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, max_completion_length=1024,
+        teacher_intro=TEACHER_INTRO, teacher_transition=TEACHER_TRANSITION,
+    )  # fmt: skip
+    assert {k: written.get(k) for k in reference} == reference
+    _, t, _ = parse_recipe(REPO / "recipes" / f"{name}.yaml")
+    assert {k: getattr(t, k) for k in reference} == reference
+
+
 def test_lora_recipe():
     s, t, m = parse_recipe(REPO / "recipes/qwen2_5_vl_7b_lora.yaml")
     assert (m.use_peft, m.lora_r, m.lora_alpha, t.learning_rate, t.teacher_mode) == (True, 64, 128, 2e-4, "fixed")

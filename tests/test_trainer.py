@@ -199,8 +199,15 @@ def test_completion_without_eos_is_trained_and_counted(tmp_path):
     trainer = make_trainer(model, tok, dataset, tmp_path, max_completion_length=3)
     batch = generation_batch(trainer, dataset)
     assert batch["completion_mask"].sum() == 6
-    assert trainer._metrics["train"]["completions/eos_rate"] == [0.0]
+    assert trainer._metrics["train"]["completions/eos_rate"] == [0.0]  # of the sampled completions
+    assert trainer._metrics["train"]["completions/clipped_ratio"] == [1.0]
+    # Closed as the reference closes them: the last sampled token gives way to <|im_end|>, which is scored.
+    assert batch["completion_ids"][:, -1].tolist() == [tok.convert_tokens_to_ids("<|im_end|>")] * 2
     assert _loss(trainer, batch) > 0
+    unclosed = make_trainer(model, tok, dataset, tmp_path, max_completion_length=3, close_truncated_completions=False)
+    torch.manual_seed(0)
+    kept = generation_batch(unclosed, dataset)
+    assert kept["completion_mask"].sum() == 6 and not (kept["completion_ids"][:, -1] == tok.eos_token_id).any()
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "logits"])
@@ -250,3 +257,66 @@ def test_vlm_generation_never_samples_the_image_placeholder(tmp_path):
     batch = generation_batch(trainer, dataset)
     assert not (batch["completion_ids"][batch["completion_mask"].bool()] == image_token).any()
     assert torch.isfinite(_loss(trainer, batch))
+
+
+def test_forced_image_skip_round_follows_the_reference_rule(tmp_path):
+    """A step with a forced image-skip round: the completion ids, the loss mask and the teacher's view of them equal a
+    small re-statement of the reference sampler + packer: round 1 ends on EOS with the marker in its text, so its
+    EOS is dropped, one <|im_end|> closes the turn and the assistant turn opens as the chat template opens it; round 2
+    samples with the rest of the budget; the completion is round-1 text + round 2 (no separator), closed with
+    <|im_end|> when cut by the budget, and every one of its tokens is scored."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from opsd_trl.models.tiny import IMAGE_MARKER
+
+    model, tok = build_tiny_text_lm()
+    marker, im_end = tok.convert_tokens_to_ids(IMAGE_MARKER), tok.convert_tokens_to_ids("<|im_end|>")
+    assert im_end == tok.eos_token_id
+
+    class MarkerThenEos(LogitsProcessor):  # the first two tokens: <image_start>, EOS; then free (greedy)
+        def __call__(self, input_ids, scores):
+            for row in range(input_ids.shape[0]):
+                seq = input_ids[row]
+                target = im_end if seq[-1] == marker else None if (seq == marker).any() else marker
+                if target is not None:
+                    scores[row] = torch.full_like(scores[row], -float("inf"))
+                    scores[row, target] = 0.0
+            return scores
+
+    force = LogitsProcessorList([MarkerThenEos()])
+    gen_prompt = tok.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False)
+    opening = tok(gen_prompt[gen_prompt.rindex("<|im_end|>") + len("<|im_end|>") :], add_special_tokens=False)
+    separator = [im_end, *opening["input_ids"]]
+    budget = 1 + len(separator) + 5
+    dataset = text_dataset(n=2)
+    trainer = make_trainer(model, tok, dataset, tmp_path, max_completion_length=budget, teacher_mode="self")
+    trainer.generator.settings.temperature = 0.0
+    trainer.generator.logits_processor = force
+    batch = generation_batch(trainer, dataset)
+
+    expected = []
+    for b in range(2):
+        prompt = batch["prompt_ids"][b][batch["prompt_mask"][b].bool()].tolist()
+        context = torch.tensor([prompt + [marker] + separator])
+        out = model.generate(input_ids=context, attention_mask=torch.ones_like(context), do_sample=False,
+                             max_new_tokens=budget - 1 - len(separator), logits_processor=force,
+                             eos_token_id=im_end, pad_token_id=im_end)[0, context.shape[1] :].tolist()
+        round2 = out[: out.index(im_end) + 1] if im_end in out else out[:-1] + [im_end]
+        expected.append([marker, *round2])
+        n = len(expected[b])
+        assert batch["completion_ids"][b, :n].tolist() == expected[b]
+        assert batch["completion_mask"][b].tolist() == [1] * n + [0] * (batch["completion_mask"].shape[1] - n)
+        assert im_end not in expected[b][:-1]  # no EOS inside the scored completion
+    assert trainer._metrics["train"]["image_skips"] == [1.0]
+
+    # The teacher scores the same ids after its own prompt.
+    teacher = completion_logits(trainer, batch)
+    for b in range(2):
+        ids = torch.tensor([batch["teacher_prompt_ids"][b] + expected[b]])
+        with torch.no_grad():
+            want = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -len(expected[b]) - 1 : -1]
+        torch.testing.assert_close(teacher[b, : len(expected[b])], want, atol=1e-5, rtol=1e-5)
+
+    loss = _loss(trainer, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0

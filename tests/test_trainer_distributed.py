@@ -44,6 +44,9 @@ CASES = [
     pytest.param("text_lm", "text", ALL_MODES, "cpu_ddp", [], marks=pytest.mark.slow, id="text-ddp"),
     pytest.param("text_lm", "text", "ema", "cpu_zero3", ["--fused", "0"], marks=pytest.mark.slow,
                  id="text-zero3-logits-path"),
+    # Per-sample means over the samples of both ranks (num_items_in_batch counts samples); uneven completion lengths
+    # are covered by the single-process GA test below.
+    pytest.param("text_lm", "text", "ema,self", "cpu_zero3", ["--norm", "samples"], id="text-zero3-samples"),
 ]
 
 
@@ -69,3 +72,16 @@ def test_gradient_accumulation_2x1_equals_batch_2(mode, tiny_model_dirs, tmp_pat
     ga = _single_process(tiny_model_dirs["text_lm"], tmp_path / "ga", [*base, "--ga", "2"])["runs"][mode]
     batch = _single_process(tiny_model_dirs["text_lm"], tmp_path / "batch", [*base, "--ga", "1"])["runs"][mode]
     _compare(ga, batch)
+
+
+def test_gradient_accumulation_2x1_equals_batch_2_per_sample_mean(tiny_model_dirs, tmp_path):
+    """loss_normalization="samples": each sample's mean, over the samples of the whole accumulation window. The
+    completions have different lengths, so the two normalizations give different losses."""
+    base = ["--kind", "text", "--mode", "self", "--global-batch", "4", "--uneven", "1"]
+    model = tiny_model_dirs["text_lm"]
+    ga = _single_process(model, tmp_path / "ga", [*base, "--ga", "2", "--norm", "samples"])["runs"]["self"]
+    batch = _single_process(model, tmp_path / "batch", [*base, "--ga", "1", "--norm", "samples"])["runs"]["self"]
+    _compare(ga, batch)
+    assert any(lo < mean for lo, mean in zip(batch["min_length"], batch["mean_length"], strict=True))
+    tokens = _single_process(model, tmp_path / "tokens", [*base, "--ga", "1"])["runs"]["self"]
+    assert abs(tokens["loss"][0] - batch["loss"][0]) > 1e-3 * batch["loss"][0], (tokens["loss"], batch["loss"])

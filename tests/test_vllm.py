@@ -19,7 +19,13 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from trainer_utils import text_dataset, vl_dataset  # noqa: E402
 
-from opsd_trl.generation import HFGenerator, SamplingSettings, VLLMGenerator, _collapse_image_runs  # noqa: E402
+from opsd_trl.generation import (  # noqa: E402
+    HFGenerator,
+    SamplingSettings,
+    VLLMGenerator,
+    _collapse_image_runs,
+    turn_opening,
+)
 from opsd_trl.models.tiny import build_tiny_qwen2_5_vl, build_tiny_text_lm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent / "vllm_support"))
@@ -71,12 +77,15 @@ def test_text_greedy_matches_hf(text_engine):
 
 def test_text_image_skip_continuation_matches_hf(text_engine):
     """Round 1 is made to stop after its 4th token (an extra EOS id, honoured by both backends) and the marker is
-    that round's 2nd token, so a skip round must happen; both backends must produce the same concatenation."""
+    that round's 2nd token, so a skip round must happen; both backends must produce the same concatenation: round-1
+    text (its EOS dropped) + round 2, the separator (<|im_end|> + turn opening) only in round 2's context."""
     model, tok, vgen = text_engine
     prompt = _chat(tok, "draw it")
     first = vgen.generate([prompt]).completion_ids[0]
     marker, stop = tok.decode([first[1]]), first[3]
-    settings = SamplingSettings(max_new_tokens=12, temperature=0.0, image_skip_marker=marker,
+    skip_id = tok.convert_tokens_to_ids("<|im_end|>")
+    separator = [skip_id, *turn_opening(prompt, skip_id)]
+    settings = SamplingSettings(max_new_tokens=3 + len(separator) + 6, temperature=0.0, image_skip_marker=marker,
                                 eos_token_ids=[tok.eos_token_id, stop])  # fmt: skip
     eng = VLLMGenerator.__new__(VLLMGenerator)  # same engine, other settings
     eng.__dict__.update(vgen.__dict__, settings=settings, eos_token_ids=set(settings.eos_token_ids))
@@ -87,10 +96,10 @@ def test_text_image_skip_continuation_matches_hf(text_engine):
     finally:
         vgen.vllm.generation_kwargs = saved
     want = HFGenerator(model, tok, settings).generate([prompt])
-    skip_id = tok.convert_tokens_to_ids("<|im_end|>")
     assert got.num_image_skips == [1]
-    assert got.completion_ids[0][:5] == first[:4] + [skip_id]
-    assert got.sampled_mask[0][:5] == [1, 1, 1, 1, 0] and len(got.completion_ids[0]) <= 12
+    assert got.completion_ids[0][:3] == first[:3] and len(got.completion_ids[0]) > 3
+    assert got.sampled_mask[0] == [1] * len(got.completion_ids[0])
+    assert len(got.completion_ids[0]) <= settings.max_new_tokens - len(separator)
     assert got.completion_ids == want.completion_ids and got.sampled_mask == want.sampled_mask
 
 

@@ -29,11 +29,35 @@ def parse_args(argv=None):
     parser.add_argument("--global-batch", type=int, default=2)
     parser.add_argument("--ga", type=int, default=1)
     parser.add_argument("--fused", type=int, default=1)
+    parser.add_argument("--norm", default="tokens", help="loss_normalization: tokens | samples")
+    parser.add_argument("--uneven", type=int, default=0, help="1: completion lengths differ between samples")
     parser.add_argument("--resume", default=None, help="checkpoint folder to resume from, or 'last'")
     parser.add_argument("--save-steps", type=int, default=0)
     parser.add_argument("--sample", type=int, default=0, help="1: sample at temperature 1 (tests RNG restore)")
     parser.add_argument("--kill-during-save-at", type=int, default=0, help="SIGKILL this process mid-save at step N")
     return parser.parse_args(argv)
+
+
+def stop_after_prompt_digit(tok):
+    """A logits processor that forces EOS after `1 + d % 3` generated tokens, `d` the first digit of the prompt: the
+    greedy completions of the tiny models get different lengths per sample, the same whatever the process count."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    start = tok.convert_tokens_to_ids("<|im_start|>")
+    digits = {tok.convert_tokens_to_ids(str(d)): d for d in range(10)}
+    opening = len(tok.encode("assistant\n"))
+
+    class StopAfterPromptDigit(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            for r, row in enumerate(input_ids.tolist()):
+                pos = len(row) - 1 - row[::-1].index(start)  # the assistant turn's <|im_start|>
+                digit = next(digits[t] for t in row[:pos] if t in digits)
+                if len(row) - pos - 1 - opening == 1 + digit % 3:
+                    scores[r] = -float("inf")
+                    scores[r, tok.eos_token_id] = 0.0
+            return scores
+
+    return LogitsProcessorList([StopAfterPromptDigit()])
 
 
 def train_one(args, mode: str, out_dir: Path) -> dict:
@@ -65,10 +89,14 @@ def train_one(args, mode: str, out_dir: Path) -> dict:
         save_steps=args.save_steps or 500,
         ddp_backend="gloo" if world > 1 else None,
         max_completion_length=6,
+        loss_normalization=args.norm,
     )
     trainer = VisualOPSDTrainer(model=model, args=config, train_dataset=dataset, processing_class=processing_class)
     if not args.sample:
         trainer.generator.settings.temperature = 0.0  # greedy: the same completions whatever the process count
+    if args.uneven:
+        trainer.generator.logits_processor = stop_after_prompt_digit(getattr(processing_class, "tokenizer",
+                                                                              processing_class))
     if args.kill_during_save_at:
         save_rng = trainer._save_rng_state
 
@@ -90,6 +118,8 @@ def train_one(args, mode: str, out_dir: Path) -> dict:
     shadow = trainer._shadow.state_dict() if trainer._shadow is not None else None
     return {
         "loss": [h["loss"] for h in history],
+        "mean_length": [h["completions/mean_length"] for h in history],
+        "min_length": [h["completions/min_length"] for h in history],
         "grad_norm": [h["grad_norm"] for h in history],
         "weights": str(weights),
         "shadow_numel": None if shadow is None else sum(v.numel() for v in shadow.values()),

@@ -34,6 +34,7 @@ from .fused_loss import fused_generalized_jsd, unfusable_reason
 from .generation import build_generator, require_vllm
 from .losses import generalized_jsd, sampled_token_reverse_kl
 from .models.adapters import SlotFeatures, get_adapter, head_logits, unwrap_base
+from .models.loading import has_full_weights, load_checkpoint_weights
 from .teacher_context import teacher_messages, tokenize_teacher_prompt
 from .teacher_weights import ShadowWeights
 from .vt_cache import VTCache, check_compatible
@@ -518,6 +519,16 @@ class VisualOPSDTrainer(DistillationTrainer):
             self._resume_dir = resume_from_checkpoint
             self._shadow = None  # rebuilt and loaded from the checkpoint at first use
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Full weights (no DeepSpeed: DeepSpeed resumes from its own engine state) go through the model's key
+        mapping and must load completely; the parent's `load_state_dict(strict=False)` only warns, and matches
+        none of the renamed Qwen2.5-VL keys."""
+        model = self.model if model is None else model
+        if not self._peft and not self.is_fsdp_enabled and has_full_weights(resume_from_checkpoint):
+            load_checkpoint_weights(self.accelerator.unwrap_model(model), resume_from_checkpoint)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _needs_shadow(self) -> bool:
         return self.args.teacher_mode == "ema" or (self.args.teacher_mode == "fixed" and not self._peft)

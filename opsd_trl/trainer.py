@@ -28,7 +28,7 @@ from trl.trainer.utils import pad
 
 from .checkpoints import is_complete, last_complete_checkpoint, mark_complete, mark_incomplete
 from .config import VisualOPSDConfig
-from .data import decode_sample_images, defer_image_decoding, validate_standard
+from .data import decode_sample_images, defer_image_decoding, validate_prompt, validate_standard
 from .diagnostics import token_diagnostics
 from .fused_loss import fused_generalized_jsd, unfusable_reason
 from .generation import build_generator, require_vllm
@@ -223,19 +223,28 @@ class VisualOPSDTrainer(DistillationTrainer):
         for x in inputs:
             if "id" not in x:
                 raise ValueError("every sample needs an `id` column (the VT cache key and the name used in errors).")
+            validate_prompt(x)
             if self.adapter.uses_images:
                 validate_standard({"images": [], **x})
             n_vt = len(x.get("vt_images") or []) if self.adapter.uses_images else None
-            if (
-                self.args.on_missing_vt == "error"
-                and not x.get("vt_text")
-                and not n_vt
-                and not (self.vt_cache is not None and x["id"] in self.vt_cache)
-            ):
+            if self.args.on_missing_vt != "error":
+                continue
+            if self.vt_cache is not None and x["id"] in self.vt_cache:  # the cache is then the only VT source
+                if self._cached_vt_count(x["id"]) == 0:
+                    raise ValueError(
+                        f"sample {x['id']!r} is in the VT cache {self.args.vt_cache_dir} with no visual thoughts (its "
+                        "VT columns were empty when the cache was built); fix the data and rebuild the cache, or set "
+                        "on_missing_vt='no_vt_teacher'."
+                    )
+            elif not x.get("vt_text") and not n_vt:
                 raise ValueError(
                     f"sample {x['id']!r} has no visual thoughts (vt_images / vt_text empty, not in the VT cache); "
                     "fix the data or set on_missing_vt='no_vt_teacher'."
                 )
+
+    def _cached_vt_count(self, sample_id) -> int:
+        counter = getattr(self.vt_cache, "num_images", None)  # a VTCache counts from its index, reading nothing
+        return counter(sample_id) if counter is not None else len(self.vt_cache[sample_id].embeds)
 
     # ----------------------------------------------------------------------------------------------- teacher batch
     def _vt_slots(self, x) -> list[SlotFeatures] | None:

@@ -20,7 +20,12 @@ def verify_vt_cache(path: str | Path) -> list[str]:
     Returns the problems found (empty when the cache is intact); each names the file it concerns.
     """
     path = Path(path)
-    manifest = read_json(path / MANIFEST, "manifest")
+    try:
+        manifest = read_json(path / MANIFEST, "manifest")
+    except VTCacheError as e:  # missing or unreadable: reported, not raised
+        return [str(e)]
+    if not path.is_dir() or not (path / INDEX).is_file():
+        return [f"{path / INDEX}: missing (the cache is incomplete)"]
     problems = []
     if sha256_file(path / INDEX) != manifest["index_sha256"]:
         return [f"{path / INDEX}: sha256 does not match the manifest (index altered)"]

@@ -178,3 +178,21 @@ def test_cli_qwen2_5_vl_folder_two_processes_zero3(tiny_model_dirs, tmp_path):
     model, _ = load_pretrained(str(tmp_path / "run"), dtype="float32")  # gathered from the 2 ZeRO-3 shards
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
     assert json.loads((tmp_path / "run/train_results.json").read_text())["step"] == 2
+
+
+def test_resume_from_checkpoint_true_on_the_command_line(tmp_path):
+    out = tmp_path / "run"
+    _, t, _ = parse_args(["--config", str(CPU_RECIPE), "--resume_from_checkpoint", "true"])
+    assert t.resume_from_checkpoint is True  # as YAML `true`, not a folder named "true"
+    assert parse_args(["--config", str(CPU_RECIPE), "--resume_from_checkpoint", "false"])[1].resume_from_checkpoint \
+        is None
+    base = ["train", "--config", str(CPU_RECIPE), *SHORT, "--report_to", "none", "--logging_steps", "1",
+            "--output_dir", str(out)]
+    with pytest.raises(ValueError, match=f"no complete checkpoint in {out}"):
+        cli_main([*base, "--resume_from_checkpoint", "true"])
+    assert cli_main([*base, "--max_steps", "1", "--save_strategy", "steps", "--save_steps", "1"]) == 0
+    first = json.loads((out / "checkpoint-1/trainer_state.json").read_text())["log_history"]
+    assert cli_main([*base, "--resume_from_checkpoint", "last", "--save_strategy", "steps", "--save_steps", "1"]) == 0
+    resumed = json.loads((out / "checkpoint-2/trainer_state.json").read_text())["log_history"]
+    assert resumed[0] == first[0]  # step 1 came from the checkpoint, step 2 was trained after it
+    assert json.loads((out / "train_results.json").read_text())["step"] == 2

@@ -152,7 +152,11 @@ def load_any(path_or_name: str, split: str = "train"):
         return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
     if os.path.isfile(path_or_name):
         ext = path_or_name.rsplit(".", 1)[-1]
-        builder = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}[ext]
+        builders = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}
+        if ext not in builders:
+            raise ValueError(f"dataset file {path_or_name}: unknown extension .{ext}; give a .jsonl, .json, .parquet or "
+                             ".csv file, or a folder written by Dataset.save_to_disk.")
+        builder = builders[ext]
         return datasets.load_dataset(builder, data_files=path_or_name, split=split)
     return datasets.load_dataset(path_or_name, split=split)
 

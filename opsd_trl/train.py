@@ -18,6 +18,7 @@ from trl import ModelConfig, TrlParser
 from .config import VisualOPSDConfig
 
 TINY_PREFIX = "tiny:"
+NONE_WORDS = ("", "none", "None", "null")
 SHIPPED_WARMSTART = "warmstart"
 
 
@@ -55,9 +56,18 @@ class ScriptArguments:
 
     def __post_init__(self):
         if isinstance(self.task_kwargs, str):
-            self.task_kwargs = json.loads(self.task_kwargs)
-        if self.init_weights in ("", "none", "None", "null"):
-            self.init_weights = None  # the command line cannot spell None
+            try:
+                self.task_kwargs = json.loads(self.task_kwargs)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"task_kwargs must be a JSON object, e.g. '{{\"size\": 4}}'; got {self.task_kwargs!r} "
+                                 f"({e}).") from None
+        if self.task_kwargs is not None and not isinstance(self.task_kwargs, dict):
+            raise ValueError(f"task_kwargs must be a JSON object (field: value), got {self.task_kwargs!r}.")
+        # The command line cannot spell None: these words unset a recipe's value.
+        if self.init_weights in NONE_WORDS:
+            self.init_weights = None
+        if self.task in NONE_WORDS:
+            self.task = None
         if self.dataset_format not in ("standard", "thinkmorph"):
             raise ValueError(f"dataset_format must be 'standard' or 'thinkmorph', got {self.dataset_format!r}.")
         if (self.task is None) == (not self.dataset_name):

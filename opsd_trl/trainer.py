@@ -231,12 +231,13 @@ class VisualOPSDTrainer(DistillationTrainer):
                 continue
             if self.vt_cache is not None and x["id"] in self.vt_cache:  # the cache is then the only VT source
                 if self._cached_vt_count(x["id"]) == 0:
+                    where = self.args.vt_cache_dir or "(vt_cache=)"
                     raise ValueError(
-                        f"sample {x['id']!r} is in the VT cache {self.args.vt_cache_dir} with no visual thoughts (its "
-                        "VT columns were empty when the cache was built); fix the data and rebuild the cache, or set "
+                        f"sample {x['id']!r} is in the VT cache {where} with no visual thoughts (its VT columns were "
+                        "empty when the cache was built); fix the data and rebuild the cache, or set "
                         "on_missing_vt='no_vt_teacher'."
                     )
-            elif not x.get("vt_text") and not n_vt:
+            elif not (n_vt if self.adapter.uses_images else x.get("vt_text")):  # a VLM's teacher never reads vt_text
                 raise ValueError(
                     f"sample {x['id']!r} has no visual thoughts (vt_images / vt_text empty, not in the VT cache); "
                     "fix the data or set on_missing_vt='no_vt_teacher'."

@@ -13,6 +13,7 @@ import torch
 from datasets import Dataset
 from trainer_utils import entry, generation_batch, make_trainer, text_dataset, vl_dataset
 
+from opsd_trl.models.adapters import SlotFeatures
 from opsd_trl.models.tiny import build_tiny_qwen2_5_vl, build_tiny_text_lm
 from opsd_trl.vt_cache import BadImageError, VisionEncoder, VTCacheMismatchError, build_vt_cache
 
@@ -46,7 +47,8 @@ def test_corrupt_image_bytes_name_the_sample_and_column(tmp_path):
 def test_vt_id_absent_from_the_cache(tmp_path):
     model, tok = build_tiny_text_lm()
     with pytest.raises(KeyError, match="sample 't1' is not in the VT cache"):
-        make_trainer(model, tok, text_dataset(n=2), tmp_path, vt_cache={"t0": entry([])}).train()
+        make_trainer(model, tok, text_dataset(n=2), tmp_path,
+                     vt_cache={"t0": entry([SlotFeatures(torch.randn(3, 64), None, None)])}).train()
 
 
 def test_cache_built_for_another_model_is_refused_naming_the_field(tmp_path):
@@ -167,3 +169,12 @@ def test_cached_sample_without_vts_is_an_error_as_without_a_cache(tmp_path):
     # the policy: with on_missing_vt='no_vt_teacher' it trains, the teacher of s1 gets no VTs
     make_trainer(model, processor, dataset, tmp_path, vt_cache_dir=str(cache_dir), max_steps=1,
                  on_missing_vt="no_vt_teacher").train()
+
+
+def test_vlm_sample_with_only_vt_text_has_no_visual_thoughts(tmp_path):
+    # A vision-language teacher reads VTs from vt_images (or the cache), never from vt_text.
+    model, processor = build_tiny_qwen2_5_vl()
+    rows = [{**row, "vt_images": [], "vt_text": "go right"} for row in vl_dataset(n=2).to_list()]
+    dataset = Dataset.from_list(rows, features=None)
+    with pytest.raises(ValueError, match="sample 's0' has no visual thoughts"):
+        make_trainer(model, processor, dataset, tmp_path, max_steps=1).train()

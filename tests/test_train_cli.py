@@ -196,3 +196,16 @@ def test_resume_from_checkpoint_true_on_the_command_line(tmp_path):
     resumed = json.loads((out / "checkpoint-2/trainer_state.json").read_text())["log_history"]
     assert resumed[0] == first[0]  # step 1 came from the checkpoint, step 2 was trained after it
     assert json.loads((out / "train_results.json").read_text())["step"] == 2
+
+
+def test_task_kwargs_and_dataset_file_errors(tmp_path):
+    with pytest.raises(ValueError, match="task_kwargs must be a JSON object"):
+        parse_args(["--config", str(CPU_RECIPE), "--task_kwargs", "{size: 4}"])
+    with pytest.raises(ValueError, match="task_kwargs must be a JSON object"):
+        parse_args(["--config", str(CPU_RECIPE), "--task_kwargs", "[4]"])
+    (tmp_path / "rows.txt").write_text("x")
+    s, _, _ = parse_args(["--config", str(CPU_RECIPE), "--task", "none", "--dataset_name", str(tmp_path / "rows.txt")])
+    assert s.task is None  # the command line unsets the recipe's task
+    with pytest.raises(ValueError, match=r"rows.txt: unknown extension \.txt"):
+        cli_main(["train", "--config", str(CPU_RECIPE), *SHORT, "--task", "none", "--dataset_name",
+                  str(tmp_path / "rows.txt"), "--output_dir", str(tmp_path / "run")])

@@ -540,6 +540,14 @@ class VisualOPSDTrainer(DistillationTrainer):
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
+    def _load_best_model(self):
+        """`load_best_model_at_end` without DeepSpeed: the same complete, key-mapped load as resume."""
+        best = self.state.best_model_checkpoint
+        if not self.is_deepspeed_enabled and not self.is_fsdp_enabled and not self._peft and has_full_weights(best):
+            load_checkpoint_weights(self.accelerator.unwrap_model(self.model), best)
+            return
+        super()._load_best_model()
+
     def _needs_shadow(self) -> bool:
         return self.args.teacher_mode == "ema" or (self.args.teacher_mode == "fixed" and not self._peft)
 

@@ -88,9 +88,9 @@ def test_resume_is_exact_single_process(mode, tiny_model_dirs, tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["text_lm", "qwen2_5_vl"])
-def test_resume_is_exact_under_zero3(family, tiny_model_dirs, tmp_path):
-    common = ["--model-dir", tiny_model_dirs[family], "--kind", KIND[family], "--mode", "ema", "--steps", "4",
+@pytest.mark.parametrize("family", list(KIND))
+def test_resume_is_exact_under_zero3(family, family_model_dirs, tmp_path):
+    common = ["--model-dir", family_model_dirs[family], "--kind", KIND[family], "--mode", "ema", "--steps", "4",
               "--save-steps", "2", "--sample", "1"]
     a = launch("train_opsd", "cpu_zero3", common, tmp_path / "straight", timeout=900)["runs"]["ema"]
     checkpoint = tmp_path / "straight" / "run" / "checkpoint-2"
@@ -120,3 +120,25 @@ def test_killed_save_leaves_the_previous_checkpoint_and_resume_skips_it(tiny_mod
     straight = load_script("train_opsd").run(["--out", str(tmp_path / "straight" / "r.json"), "--model-dir",
                                               model_dir, *common])["runs"]["ema"]
     _assert_same_run(straight, resumed)
+
+
+def test_load_best_model_at_end_restores_the_best_qwen2_5_vl_checkpoint(tmp_path):
+    """`load_best_model_at_end` reads model.safetensors like resume does: through the model's key mapping."""
+    from trainer_utils import make_config, vl_dataset
+
+    from opsd_trl import VisualOPSDTrainer
+    from opsd_trl.models.loading import to_module_keys
+    from opsd_trl.models.tiny import build_tiny_qwen2_5_vl
+
+    model, processor = build_tiny_qwen2_5_vl()
+    config = make_config(tmp_path, max_steps=3, save_strategy="steps", save_steps=1, eval_strategy="steps",
+                         eval_steps=1, load_best_model_at_end=True, metric_for_best_model="loss",
+                         greater_is_better=False, learning_rate=0.1, optim="sgd", per_device_eval_batch_size=2)
+    trainer = VisualOPSDTrainer(model=model, args=config, train_dataset=vl_dataset(n=4), eval_dataset=vl_dataset(n=2),
+                                processing_class=processor)
+    trainer.train()
+    best = load_file(str(Path(trainer.state.best_model_checkpoint) / "model.safetensors"))
+    best = to_module_keys(model, best)
+    for name, value in model.state_dict().items():
+        if name in best:
+            assert torch.equal(value, best[name]), name

@@ -142,3 +142,31 @@ def test_load_best_model_at_end_restores_the_best_qwen2_5_vl_checkpoint(tmp_path
     for name, value in model.state_dict().items():
         if name in best:
             assert torch.equal(value, best[name]), name
+
+
+def test_resume_is_exact_with_lora_fixed_teacher_qwen2_5_vl(tmp_path):
+    """The fixed teacher with PEFT is the LoRA base: the checkpoint holds the adapter, which PEFT reloads."""
+    from peft import LoraConfig
+    from trainer_utils import make_config, vl_dataset
+
+    from opsd_trl import VisualOPSDTrainer
+    from opsd_trl.models.tiny import build_tiny_qwen2_5_vl
+
+    def run(name, resume=None):
+        model, processor = build_tiny_qwen2_5_vl()
+        model.model.visual.requires_grad_(False)
+        config = make_config(tmp_path, output_dir=str(tmp_path / name), max_steps=4, save_strategy="steps",
+                             save_steps=2, teacher_mode="fixed", learning_rate=0.1, optim="sgd",
+                             lr_scheduler_type="constant")
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], exclude_modules=r".*\.visual\..*")
+        trainer = VisualOPSDTrainer(model=model, args=config, train_dataset=vl_dataset(n=8), processing_class=processor,
+                                    peft_config=lora)
+        trainer.train(resume_from_checkpoint=resume)
+        history = [h for h in trainer.state.log_history if "loss" in h]
+        return [h["loss"] for h in history], [h["grad_norm"] for h in history], trainer.model.state_dict()
+
+    straight = run("a")
+    resumed = run("b", str(tmp_path / "a" / "checkpoint-2"))
+    assert straight[:2] == resumed[:2] and len(straight[0]) == 4
+    for name, value in straight[2].items():
+        assert torch.equal(value, resumed[2][name]), name

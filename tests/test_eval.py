@@ -115,3 +115,20 @@ def test_evaluate_checkpoints_refuses_an_empty_dataset(setup, tmp_path):
     save_weights(setup[0], tmp_path / "m.safetensors")
     with pytest.raises(ValueError, match="the evaluation dataset is empty"):
         evaluate_checkpoints(str(tmp_path / "m.safetensors"), setup[2].select([]), progress=False)
+
+
+@pytest.mark.parametrize("size", ["1", "0", "-2"])
+def test_eval_cli_maze_size_below_two_is_refused(size, tmp_path):
+    from opsd_trl.cli import main
+
+    save_weights(build_quickstart_model(seed=0)[0], tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match=f"maze size must be an integer >= 2 \\(cells per side\\), got {size}"):
+        main(["eval", "--model", str(tmp_path / "m.safetensors"), "--n", "2", "--size", size])
+
+
+def test_eval_cli_folder_without_config(tmp_path):
+    from opsd_trl.cli import main
+
+    (tmp_path / "adapter_only").mkdir()
+    with pytest.raises(FileNotFoundError, match="adapter_only has no config.json: it is not a saved model"):
+        main(["eval", "--model", str(tmp_path / "adapter_only"), "--n", "2"])

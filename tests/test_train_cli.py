@@ -209,3 +209,17 @@ def test_task_kwargs_and_dataset_file_errors(tmp_path):
     with pytest.raises(ValueError, match=r"rows.txt: unknown extension \.txt"):
         cli_main(["train", "--config", str(CPU_RECIPE), *SHORT, "--task", "none", "--dataset_name",
                   str(tmp_path / "rows.txt"), "--output_dir", str(tmp_path / "run")])
+
+
+def test_recipe_warmstart_with_another_model_folder_says_init_weights_none(tiny_model_dirs, tmp_path):
+    # cpu_quickstart.yaml sets init_weights: warmstart (the quickstart model's weights); a folder model needs none.
+    with pytest.raises(ValueError, match="does not fit model_name_or_path=.*--init_weights none"):
+        cli_main(["train", "--config", str(CPU_RECIPE), "--model_name_or_path", tiny_model_dirs["qwen2_5_vl"],
+                  "--max_steps", "1", "--task_n_train", "4", "--output_dir", str(tmp_path / "run")])
+
+
+def test_model_folder_without_config_is_a_startup_error(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    rc = cli_main(["train", "--config", str(CPU_RECIPE), *SHORT, "--model_name_or_path", str(tmp_path / "model"),
+                   "--output_dir", str(tmp_path / "run")])
+    assert rc == 2 and "cannot read the config of model_name_or_path" in capsys.readouterr().err

@@ -326,3 +326,19 @@ def test_training_with_a_cache_missing_its_index(synthetic_cache, capsys, tmp_pa
     model.model.visual.requires_grad_(False)
     with pytest.raises(VTCacheError, match="no index"):
         make_trainer(model, processor, vl_dataset(n=2), tmp_path, vt_cache_dir=str(synthetic_cache))
+
+
+def test_foreign_manifest_and_unreadable_index_are_reported(synthetic_cache, capsys):
+    from opsd_trl.cli import main
+
+    manifest = synthetic_cache / "manifest.json"
+    original = manifest.read_text()
+    manifest.write_text("{}")
+    assert main(["verify-vt-cache", str(synthetic_cache)]) == 1
+    assert "not a VT cache manifest of format_version 1" in capsys.readouterr().err
+    manifest.write_text(original)
+    (synthetic_cache / "index.json").write_text("not json")
+    with pytest.raises(VTCacheCorruptError, match="unreadable index"):
+        VTCache(synthetic_cache, verify="none")
+    assert main(["verify-vt-cache", str(synthetic_cache)]) == 1
+    assert "index.json: sha256 does not match" in capsys.readouterr().err

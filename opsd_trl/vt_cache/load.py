@@ -68,7 +68,10 @@ class VTCache:
                                "rebuild it (or restore the file)") from None
         if verify != "none" and hashlib.sha256(raw).hexdigest() != self.manifest["index_sha256"]:
             raise VTCacheCorruptError(f"{self.path / INDEX}: index does not match the manifest's index_sha256")
-        self._index = json.loads(raw)["samples"]
+        try:
+            self._index = json.loads(raw)["samples"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise VTCacheCorruptError(f"{self.path / INDEX}: unreadable index ({e!r}); rebuild the cache") from None
         self._shards = {s["file"]: s for s in self.manifest["shards"]}
         self._handles: OrderedDict = OrderedDict()
         self._pid = os.getpid()

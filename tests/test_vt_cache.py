@@ -342,3 +342,16 @@ def test_foreign_manifest_and_unreadable_index_are_reported(synthetic_cache, cap
         VTCache(synthetic_cache, verify="none")
     assert main(["verify-vt-cache", str(synthetic_cache)]) == 1
     assert "index.json: sha256 does not match" in capsys.readouterr().err
+
+
+def test_cli_build_refuses_a_text_lm_or_a_missing_model_folder(tiny_model_dirs, tmp_path):
+    import datasets
+
+    from opsd_trl.cli import main
+
+    datasets.Dataset.from_list(make_samples(2)).save_to_disk(tmp_path / "ds")
+    args = ["build-vt-cache", "--dataset", str(tmp_path / "ds"), "--output", str(tmp_path / "c"), "--no-progress"]
+    with pytest.raises(ValueError, match="model_type 'qwen2' has no VT encoder"):
+        main([*args, "--model", tiny_model_dirs["text_lm"]])
+    with pytest.raises(FileNotFoundError, match="model folder .*absent not found"):
+        main([*args, "--model", str(tmp_path / "absent")])

@@ -30,8 +30,13 @@ SAFE_WEIGHTS_INDEX = "model.safetensors.index.json"
 
 
 def read_folder_config(path: str) -> dict | None:
-    """`config.json` of a local model folder; None for something that is not a local folder (a hub id)."""
+    """`config.json` of a local model folder; None for a hub id. A local path (absolute, `./`, `../`, `~`) that does
+    not exist is an error, never a hub look-up."""
+    path = os.fspath(path)
     if not os.path.isdir(path):
+        if os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path):
+            raise FileNotFoundError(f"model folder {path} not found (or not a folder); give the folder written by "
+                                    "save_pretrained (e.g. an output_dir of opsd-trl train) or a hub id.")
         return None
     file = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(file):

@@ -45,8 +45,8 @@ class ScriptArguments:
     eval_batch_size: int = field(default=32, metadata={"help": "Samples per generation batch at evaluation."})
     init_weights: str | None = field(
         default=None,
-        metadata={"help": "A .safetensors state dict loaded over the built model (`tiny:` models); 'warmstart' = "
-                  "the quickstart's shipped warm-start checkpoint."},
+        metadata={"help": "A .safetensors state dict (module names) loaded over the model, strictly; 'warmstart' = "
+                  "the quickstart's shipped warm-start checkpoint (for tiny:quickstart); none = nothing."},
     )
     freeze_vision_tower: bool = field(
         default=True,

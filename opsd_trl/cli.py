@@ -18,6 +18,25 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * base ** " kmgt".index(m.group(2) or " "))
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_size(text: str) -> int:
+    """`parse_size`, refusing 0."""
+    value = parse_size(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
+    return value
+
+
 def _build_vt_cache(args) -> int:
     import torch
 
@@ -59,14 +78,14 @@ def _add_build_vt_cache(sub) -> None:
     p.add_argument("--vt-columns", nargs="+", help="default: vt_images (standard), reasoning_image_* (thinkmorph)")
     p.add_argument("--id-column", default="id")
     p.add_argument("--output", required=True)
-    p.add_argument("--batch-size", type=int, default=8, help="samples per encoder call")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="samples per encoder call")
     p.add_argument(
         "--dtype",
         choices=["bfloat16", "float16", "float32"],
         default="bfloat16",
         help="tower compute and storage dtype",
     )
-    p.add_argument("--shard-size", type=parse_size, default=parse_size("1GiB"), help="e.g. 1GiB, 256MB")
+    p.add_argument("--shard-size", type=positive_size, default=parse_size("1GiB"), help="e.g. 1GiB, 256MB")
     p.add_argument("--device", help="default: cuda if available")
     p.add_argument("--skip-bad", action="store_true", help="skip samples with unreadable images (see skipped.json)")
     p.add_argument("--no-resume", action="store_true", help="refuse to continue an interrupted build")
@@ -115,13 +134,13 @@ def _add_eval(sub) -> None:
     p.add_argument("--baseline", help="checkpoint before training: also evaluated, and KL-gap closure reported")
     p.add_argument("--tsv", help="VLMEvalKit maze TSV (no VTs: no KL) instead of generated mazes")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    p.add_argument("--n", type=int, default=300, help="generated mazes")
+    p.add_argument("--n", type=positive_int, default=300, help="generated mazes")
     p.add_argument("--size", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", default="short", help="maze prompt preset (short: the quickstart's vocabulary)")
     p.add_argument("--answer-format", default="numbered", choices=["plain", "numbered"])
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--max-new-tokens", type=positive_int, default=16)
     p.add_argument("--predictions-dir", help="write model/baseline.predictions.jsonl here (id, maze, completion, "
                    "parsed moves, correct: re-score them with any simulator)")
     p.set_defaults(func=_eval)

@@ -100,6 +100,37 @@ def standardize(dataset, fmt: str = "standard", split: str = "train", **kwargs):
     return dataset
 
 
+PROMPT_FORMAT = ('a list of chat messages, e.g. [{"role": "user", "content": [{"type": "image"}, {"type": "text", '
+                 '"text": "..."}]}] (docs/architecture.md, standard dataset layout)')
+
+
+def validate_prompt(example: dict) -> None:
+    """Check one row's `prompt`: conversational (chat messages with a role and string or typed-part content) and
+    with a user turn (the visual thoughts go into the last one). Errors name the sample and the expected format."""
+    sid = example.get("id")
+    if "prompt" not in example or example["prompt"] is None:
+        raise ValueError(f"sample {sid!r} has no prompt column (or it is empty); every sample needs `prompt`: "
+                         f"{PROMPT_FORMAT}.")
+    prompt = example["prompt"]
+    if not isinstance(prompt, list | tuple) or not prompt:
+        raise ValueError(f"sample {sid!r}: prompt must be {PROMPT_FORMAT}; got {type(prompt).__name__} "
+                         f"{str(prompt)[:60]!r}.")
+    for i, message in enumerate(prompt):
+        ok = isinstance(message, dict) and isinstance(message.get("role"), str) and "content" in message
+        content = message.get("content") if ok else None
+        if ok and isinstance(content, list | tuple):
+            ok = all(isinstance(p, dict) and p.get("type") in ("text", "image") for p in content)
+        elif ok:
+            ok = isinstance(content, str)
+        if not ok:
+            raise ValueError(f"sample {sid!r}: prompt message {i} is not a chat message with a role and a string or "
+                             f"[{{'type': 'text' | 'image', ...}}] content: {str(message)[:80]!r}; prompt must be "
+                             f"{PROMPT_FORMAT}.")
+    if not any(m["role"] == "user" for m in prompt):
+        raise ValueError(f"sample {sid!r}: the prompt has no user message (roles: {[m['role'] for m in prompt]}); "
+                         "the visual thoughts go into the last user turn: add one.")
+
+
 def validate_standard(example: dict) -> None:
     """Check one standard row: the prompt has exactly one image part per problem image."""
     parts = [p for m in example["prompt"] if isinstance(m["content"], list) for p in m["content"]]
@@ -121,7 +152,11 @@ def load_any(path_or_name: str, split: str = "train"):
         return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
     if os.path.isfile(path_or_name):
         ext = path_or_name.rsplit(".", 1)[-1]
-        builder = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}[ext]
+        builders = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}
+        if ext not in builders:
+            raise ValueError(f"dataset file {path_or_name}: unknown extension .{ext}; give a .jsonl, .json, .parquet or "
+                             ".csv file, or a folder written by Dataset.save_to_disk.")
+        builder = builders[ext]
         return datasets.load_dataset(builder, data_files=path_or_name, split=split)
     return datasets.load_dataset(path_or_name, split=split)
 

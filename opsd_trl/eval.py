@@ -185,14 +185,49 @@ def write_predictions(metrics: dict, path) -> dict:
 
 
 def load_checkpoint(path: str):
-    """`(model, processor)` from a quickstart weights file (`.safetensors`) or a folder saved by `save_tiny`."""
-    if str(path).endswith(".safetensors"):
+    """`(model, processor)` from a quickstart weights file (`.safetensors`) or a saved model folder of a
+    vision-language family (`opsd_trl.models.loading`). Errors name the path and what to give instead."""
+    import os
+
+    path = str(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"checkpoint {path} not found; give a model folder (the output_dir of opsd-trl train, or a "
+            "save_pretrained folder) or a quickstart .safetensors weights file."
+        )
+    if path.endswith(".safetensors") and os.path.isfile(path):
         from .quickstart.model import load_weights
 
-        return load_weights(path)
-    from .models.tiny import load_tiny
+        try:
+            return load_weights(path)
+        except RuntimeError as e:
+            raise ValueError(
+                f"{path} is not a quickstart weights file (its tensors do not fit the quickstart model: "
+                f"{str(e).splitlines()[0]}); give the model folder instead."
+            ) from e
+    if not os.path.isdir(path):
+        raise ValueError(f"checkpoint {path} is neither a model folder nor a .safetensors weights file.")
+    from .models.loading import load_pretrained
 
-    return load_tiny(path)
+    model, processor = load_pretrained(path, dtype="float32")
+    if getattr(processor, "image_processor", None) is None or not get_adapter(model).uses_images:
+        raise ValueError(
+            f"checkpoint {path} is a {model.config.model_type} model without an image processor; opsd-trl eval "
+            "scores vision-language policies (Qwen2/2.5/3-VL, BAGEL, the quickstart model) on image tasks."
+        )
+    return model.eval(), processor
+
+
+def _check_same_vocabulary(loaded: dict) -> None:
+    """Every checkpoint of one evaluation shares the tokenizer: the KL compares their distributions token by token."""
+    (first, (_, p0)), *rest = loaded.items()
+    for path, (_, processor) in rest:
+        if processor.tokenizer.get_vocab() != p0.tokenizer.get_vocab():
+            raise ValueError(
+                f"checkpoints {first} and {path} have different vocabularies ({len(p0.tokenizer)} vs "
+                f"{len(processor.tokenizer)} tokens): the model, --baseline and --reference must be the same model "
+                "family and tokenizer (checkpoints of one training run)."
+            )
 
 
 def evaluate_checkpoints(model_path: str, dataset, *, reference_path: str | None = None,
@@ -204,12 +239,19 @@ def evaluate_checkpoints(model_path: str, dataset, *, reference_path: str | None
     `predictions_dir/{model,baseline}.predictions.jsonl` when it is given; the returned metrics never hold them.
     """
     reference_path = reference_path or baseline_path
+    if len(dataset) == 0:
+        raise ValueError("the evaluation dataset is empty: nothing to evaluate (check --n, --split or the TSV).")
     has_vts = any(dataset["vt_images"]) if "vt_images" in dataset.column_names else False
-    reference = load_checkpoint(reference_path)[0] if reference_path and has_vts else None
+    paths = [p for p in (model_path, baseline_path, reference_path if has_vts else None) if p]
+    loaded = {p: load_checkpoint(p) for p in dict.fromkeys(paths)}
+    _check_same_vocabulary(loaded)
+    reference = loaded[reference_path][0] if reference_path and has_vts else None
     results = {}
     for name, path in (("baseline", baseline_path), ("model", model_path)):
         if path:
-            model, processor = load_checkpoint(path)
+            model, processor = loaded[path]
+            if model is reference:  # the same checkpoint: evaluated on its own copy, the reference stays fixed
+                model, processor = load_checkpoint(path)
             contexts = Contexts(processor, **_prompt_words(processor))
             metrics = evaluate(model, processor, dataset, reference=reference, contexts=contexts, desc=name,
                                **kwargs)

@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from .vt_cache.format import MANIFEST
+from .vt_cache.format import INDEX, MANIFEST
 
 # The teacher's weight copy (fp32 shadow + the stash of live weights while swapped) may take at most this share of
 # one device's memory: the policy, its gradients and the optimizer state need the rest.
@@ -61,13 +61,13 @@ def validate(script_args, training_args, model_args, launch: Launch | None = Non
     _check_vllm(training_args, launch)
     _check_gloo(training_args, launch)
     if model_config is None:
-        model_config = load_model_config(model_args)
+        model_config = load_model_config(model_args, training_args.trust_remote_code)
     _check_teacher_copy(training_args, model_args, model_config, launch)
     _check_vt_cache(training_args, model_config)
     _check_init_weights(script_args)
 
 
-def load_model_config(model_args):
+def load_model_config(model_args, trust_remote_code: bool = False):
     from .train import build_tiny, tiny_name
 
     name = tiny_name(model_args.model_name_or_path)
@@ -75,10 +75,12 @@ def load_model_config(model_args):
         return build_tiny(name)[0].config
     from transformers import AutoConfig
 
+    from .models import bagel  # noqa: F401  (registers model_type "bagel")
+
     try:
         return AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
-                                          trust_remote_code=model_args.trust_remote_code)
-    except OSError as e:
+                                          trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
         raise StartupError(f"cannot read the config of model_name_or_path={model_args.model_name_or_path!r} ({e}); "
                            "give a local folder, a reachable hub id, or a `tiny:` model.") from e
 
@@ -160,11 +162,12 @@ def _check_teacher_copy(args, model_args, model_config, launch: Launch) -> None:
 def _check_vt_cache(args, model_config) -> None:
     if args.vt_source != "cache":
         return
+    for name in (MANIFEST, INDEX):
+        if not os.path.isfile(os.path.join(args.vt_cache_dir, name)):
+            raise StartupError(f"vt_cache_dir={args.vt_cache_dir!r} holds no complete VT cache ({name} missing); "
+                               "build it with `opsd-trl build-vt-cache --model <policy> --dataset <data> --output "
+                               f"{args.vt_cache_dir}`, or set vt_source: online.")
     path = os.path.join(args.vt_cache_dir, MANIFEST)
-    if not os.path.exists(path):
-        raise StartupError(f"vt_cache_dir={args.vt_cache_dir!r} holds no complete VT cache ({MANIFEST} missing); "
-                           "build it with `opsd-trl build-vt-cache --model <policy> --dataset <data> --output "
-                           f"{args.vt_cache_dir}`, or set vt_source: online.")
     with open(path) as f:
         manifest = json.load(f)
     for key, expected in config_fingerprint(model_config).items():

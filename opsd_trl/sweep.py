@@ -83,11 +83,12 @@ class Sweep:
 
         from .train import load_model
 
+        trust = self.training_args.trust_remote_code
         if path is None:
-            return load_model(self.script_args, self.model_args)
+            return load_model(self.script_args, self.model_args, trust)
         # A trained run folder holds the full weights: no init_weights on top.
         return load_model(replace(self.script_args, init_weights=None),
-                          replace(self.model_args, model_name_or_path=path))
+                          replace(self.model_args, model_name_or_path=path), trust)
 
     def _eval_setup(self):
         if not hasattr(self, "_eval_data"):

@@ -18,6 +18,7 @@ from trl import ModelConfig, TrlParser
 from .config import VisualOPSDConfig
 
 TINY_PREFIX = "tiny:"
+NONE_WORDS = ("", "none", "None", "null")
 SHIPPED_WARMSTART = "warmstart"
 
 
@@ -44,8 +45,8 @@ class ScriptArguments:
     eval_batch_size: int = field(default=32, metadata={"help": "Samples per generation batch at evaluation."})
     init_weights: str | None = field(
         default=None,
-        metadata={"help": "A .safetensors state dict loaded over the built model (`tiny:` models); 'warmstart' = "
-                  "the quickstart's shipped warm-start checkpoint."},
+        metadata={"help": "A .safetensors state dict (module names) loaded over the model, strictly; 'warmstart' = "
+                  "the quickstart's shipped warm-start checkpoint (for tiny:quickstart); none = nothing."},
     )
     freeze_vision_tower: bool = field(
         default=True,
@@ -55,9 +56,18 @@ class ScriptArguments:
 
     def __post_init__(self):
         if isinstance(self.task_kwargs, str):
-            self.task_kwargs = json.loads(self.task_kwargs)
-        if self.init_weights in ("", "none", "None", "null"):
-            self.init_weights = None  # the command line cannot spell None
+            try:
+                self.task_kwargs = json.loads(self.task_kwargs)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"task_kwargs must be a JSON object, e.g. '{{\"size\": 4}}'; got {self.task_kwargs!r} "
+                                 f"({e}).") from None
+        if self.task_kwargs is not None and not isinstance(self.task_kwargs, dict):
+            raise ValueError(f"task_kwargs must be a JSON object (field: value), got {self.task_kwargs!r}.")
+        # The command line cannot spell None: these words unset a recipe's value.
+        if self.init_weights in NONE_WORDS:
+            self.init_weights = None
+        if self.task in NONE_WORDS:
+            self.task = None
         if self.dataset_format not in ("standard", "thinkmorph"):
             raise ValueError(f"dataset_format must be 'standard' or 'thinkmorph', got {self.dataset_format!r}.")
         if (self.task is None) == (not self.dataset_name):
@@ -71,9 +81,25 @@ def make_parser() -> TrlParser:
 def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, VisualOPSDConfig, ModelConfig]:
     argv = list(sys.argv[1:] if argv is None else argv)
     script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
+    training_args.resume_from_checkpoint = resume_spec(training_args.resume_from_checkpoint)
     if script_args.recipe is None and "--config" in argv:
         script_args.recipe = argv[argv.index("--config") + 1]
     return script_args, training_args, model_args
+
+
+RESUME_LAST = ("true", "last")
+RESUME_NONE = ("", "false", "none", "null")
+
+
+def resume_spec(value):
+    """`resume_from_checkpoint` as the trainer takes it. The command line gives a string: `true` / `last` = the last
+    complete checkpoint in output_dir (as YAML `true`), `false` / `none` = start fresh; anything else is a folder."""
+    if isinstance(value, str):
+        if value.strip().lower() in RESUME_LAST:
+            return True
+        if value.strip().lower() in RESUME_NONE:
+            return None
+    return None if value is False else value
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -124,44 +150,40 @@ def init_weights_path(spec: str | None) -> str | None:
     return str(resources.files("opsd_trl.quickstart") / name)
 
 
-def load_model(script_args: ScriptArguments, model_args: ModelConfig):
-    """`(model, processing_class)` for a `tiny:` spec, a `save_tiny` folder or a hub / local checkpoint."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
-
-    from .models.tiny import _PROCESSORS, load_tiny
+def load_model(script_args: ScriptArguments, model_args: ModelConfig, trust_remote_code: bool = False):
+    """`(model, processing_class)` for a `tiny:` spec, a saved model folder of any supported family
+    (`opsd_trl.models.loading`) or a hub id. `trust_remote_code` is `VisualOPSDConfig.trust_remote_code`
+    (TRL's `ModelConfig` has no such field)."""
+    from .models.loading import load_pretrained
 
     path = model_args.model_name_or_path
-    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
     name = tiny_name(path)
     if name is not None:
         model, processing_class = build_tiny(name)
-        if script_args.init_weights:
-            from safetensors.torch import load_file
-
-            model.load_state_dict(load_file(init_weights_path(script_args.init_weights)))
         model.config.name_or_path = path
-    elif _tiny_processor_class(path) in _PROCESSORS:
-        model, processing_class = load_tiny(path)  # AutoProcessor would silently return only the tokenizer
     else:
-        kwargs = dict(revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code,
-                      attn_implementation=model_args.attn_implementation, dtype=dtype or "auto")
-        is_vlm = hasattr(AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code),
-                         "vision_config")
-        auto_model = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
-        model = auto_model.from_pretrained(path, **kwargs)
-        processing_class = AutoProcessor.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+        model, processing_class = load_pretrained(
+            path, dtype=model_args.dtype, attn_implementation=model_args.attn_implementation,
+            revision=model_args.model_revision, trust_remote_code=trust_remote_code,
+        )
+    if script_args.init_weights:
+        _load_init_weights(model, init_weights_path(script_args.init_weights), path)
     if script_args.freeze_vision_tower and hasattr(getattr(model, "model", model), "visual"):
         getattr(model, "model", model).visual.requires_grad_(False)
     return model.train(), processing_class
 
 
-def _tiny_processor_class(path: str) -> str | None:
-    proc_file = os.path.join(path, "processor_config.json")
-    if not os.path.isfile(proc_file):
-        return None
-    with open(proc_file) as f:
-        return json.load(f).get("processor_class")
+def _load_init_weights(model, file: str, model_name: str) -> None:
+    from safetensors.torch import load_file
+
+    try:
+        model.load_state_dict(load_file(file))
+    except RuntimeError as e:
+        raise ValueError(
+            f"init_weights {file} does not fit model_name_or_path={model_name!r} ({str(e).splitlines()[0]} ...); "
+            "pass the state dict of this model, or --init_weights none (the recipe's warm-start is for its own "
+            "model)."
+        ) from e
 
 
 def peft_config(script_args: ScriptArguments, model_args: ModelConfig, model):
@@ -215,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     from .trainer import VisualOPSDTrainer
 
     dataset = load_train_dataset(script_args, training_args)
-    model, processing_class = load_model(script_args, model_args)
+    model, processing_class = load_model(script_args, model_args, training_args.trust_remote_code)
     trainer = VisualOPSDTrainer(
         model=model, args=training_args, train_dataset=dataset, processing_class=processing_class,
         peft_config=peft_config(script_args, model_args, model),

@@ -29,12 +29,13 @@ from trl.trainer.utils import pad
 
 from .checkpoints import is_complete, last_complete_checkpoint, mark_complete, mark_incomplete
 from .config import VisualOPSDConfig
-from .data import decode_sample_images, defer_image_decoding, validate_standard
+from .data import decode_sample_images, defer_image_decoding, validate_prompt, validate_standard
 from .diagnostics import token_diagnostics
 from .fused_loss import fused_generalized_jsd, unfusable_reason
 from .generation import build_generator, require_vllm
 from .losses import generalized_jsd, sampled_token_reverse_kl
 from .models.adapters import SlotFeatures, get_adapter, head_logits, unwrap_base
+from .models.loading import has_full_weights, load_checkpoint_weights
 from .teacher_context import teacher_messages, tokenize_teacher_prompt
 from .teacher_weights import ShadowWeights
 from .vt_cache import VTCache, check_compatible
@@ -240,19 +241,29 @@ class VisualOPSDTrainer(DistillationTrainer):
         for x in inputs:
             if "id" not in x:
                 raise ValueError("every sample needs an `id` column (the VT cache key and the name used in errors).")
+            validate_prompt(x)
             if self.adapter.uses_images:
                 validate_standard({"images": [], **x})
             n_vt = len(x.get("vt_images") or []) if self.adapter.uses_images else None
-            if (
-                self.args.on_missing_vt == "error"
-                and not x.get("vt_text")
-                and not n_vt
-                and not (self.vt_cache is not None and x["id"] in self.vt_cache)
-            ):
+            if self.args.on_missing_vt != "error":
+                continue
+            if self.vt_cache is not None and x["id"] in self.vt_cache:  # the cache is then the only VT source
+                if self._cached_vt_count(x["id"]) == 0:
+                    where = self.args.vt_cache_dir or "(vt_cache=)"
+                    raise ValueError(
+                        f"sample {x['id']!r} is in the VT cache {where} with no visual thoughts (its VT columns were "
+                        "empty when the cache was built); fix the data and rebuild the cache, or set "
+                        "on_missing_vt='no_vt_teacher'."
+                    )
+            elif not (n_vt if self.adapter.uses_images else x.get("vt_text")):  # a VLM's teacher never reads vt_text
                 raise ValueError(
                     f"sample {x['id']!r} has no visual thoughts (vt_images / vt_text empty, not in the VT cache); "
                     "fix the data or set on_missing_vt='no_vt_teacher'."
                 )
+
+    def _cached_vt_count(self, sample_id) -> int:
+        counter = getattr(self.vt_cache, "num_images", None)  # a VTCache counts from its index, reading nothing
+        return counter(sample_id) if counter is not None else len(self.vt_cache[sample_id].embeds)
 
     # ----------------------------------------------------------------------------------------------- teacher batch
     def _vt_slots(self, x) -> list[SlotFeatures] | None:
@@ -563,6 +574,24 @@ class VisualOPSDTrainer(DistillationTrainer):
             self._resume_dir = resume_from_checkpoint
             self._shadow = None  # rebuilt and loaded from the checkpoint at first use
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Full weights (no DeepSpeed: DeepSpeed resumes from its own engine state) go through the model's key
+        mapping and must load completely; the parent's `load_state_dict(strict=False)` only warns, and matches
+        none of the renamed Qwen2.5-VL keys."""
+        model = self.model if model is None else model
+        if not self._peft and not self.is_fsdp_enabled and has_full_weights(resume_from_checkpoint):
+            load_checkpoint_weights(self.accelerator.unwrap_model(model), resume_from_checkpoint)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        """`load_best_model_at_end` without DeepSpeed: the same complete, key-mapped load as resume."""
+        best = self.state.best_model_checkpoint
+        if not self.is_deepspeed_enabled and not self.is_fsdp_enabled and not self._peft and has_full_weights(best):
+            load_checkpoint_weights(self.accelerator.unwrap_model(self.model), best)
+            return
+        super()._load_best_model()
 
     def _needs_shadow(self) -> bool:
         return self.args.teacher_mode == "ema" or (self.args.teacher_mode == "fixed" and not self._peft)

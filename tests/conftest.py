@@ -54,6 +54,16 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, str]:
     return {name: save_tiny(*build(seed=0), root / name) for name, build in TINY_BUILDERS.items()}
 
 
+@pytest.fixture(scope="session")
+def family_model_dirs(tiny_model_dirs, tmp_path_factory) -> dict[str, str]:
+    """`tiny_model_dirs` plus the tiny BAGEL (`"bagel"`): every supported family saved with save_pretrained of the
+    model and its processor / tokenizer, loadable with `opsd_trl.models.loading.load_pretrained`."""
+    from opsd_trl.models.bagel.tiny import build_tiny_bagel, save_bagel
+
+    bagel = save_bagel(*build_tiny_bagel(seed=0), tmp_path_factory.mktemp("tiny_bagel") / "bagel")
+    return {**tiny_model_dirs, "bagel": bagel}
+
+
 def _noise_image(seed: int = 0, size: tuple[int, int] = (56, 56)) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))

@@ -47,7 +47,9 @@ def parse_recipe(path, *overrides: str):
 
 
 def write_manifest(folder: Path, **fields) -> str:
-    """A VT-cache folder holding only a manifest with the given fingerprint fields."""
+    """A VT-cache folder holding a manifest with the given fingerprint fields and an empty index (what the start-up
+    checks read)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "manifest.json").write_text(json.dumps(fields))
+    (folder / "index.json").write_text(json.dumps({"samples": {}}))
     return str(folder)

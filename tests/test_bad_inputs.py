@@ -13,6 +13,7 @@ import torch
 from datasets import Dataset
 from trainer_utils import entry, generation_batch, make_trainer, text_dataset, vl_dataset
 
+from opsd_trl.models.adapters import SlotFeatures
 from opsd_trl.models.tiny import build_tiny_qwen2_5_vl, build_tiny_text_lm
 from opsd_trl.vt_cache import BadImageError, VisionEncoder, VTCacheMismatchError, build_vt_cache
 
@@ -46,7 +47,8 @@ def test_corrupt_image_bytes_name_the_sample_and_column(tmp_path):
 def test_vt_id_absent_from_the_cache(tmp_path):
     model, tok = build_tiny_text_lm()
     with pytest.raises(KeyError, match="sample 't1' is not in the VT cache"):
-        make_trainer(model, tok, text_dataset(n=2), tmp_path, vt_cache={"t0": entry([])}).train()
+        make_trainer(model, tok, text_dataset(n=2), tmp_path,
+                     vt_cache={"t0": entry([SlotFeatures(torch.randn(3, 64), None, None)])}).train()
 
 
 def test_cache_built_for_another_model_is_refused_naming_the_field(tmp_path):
@@ -124,3 +126,55 @@ def test_batch_mixing_vt_counts(tmp_path):
     }
     assert blocks == {"s0": 2, "s1": 4}  # problem image + 1 VT, problem image + 3 VTs
     assert torch.isfinite(trainer.compute_loss(trainer.model, batch))
+
+
+PROMPT_CASES = {
+    "plain string": ("Which way?", "prompt must be a list of chat messages"),
+    "empty string": ("", "prompt must be a list of chat messages"),
+    "empty list": ([], "prompt must be a list of chat messages"),
+    "no user turn": ([{"role": "system", "content": "Be brief."}], "the prompt has no user message"),
+    "message without role": ([{"content": "Which way?"}], "prompt message 0 is not a chat message"),
+    "missing column": (None, "has no prompt column"),
+}
+
+
+@pytest.mark.parametrize("family", ["text_lm", "qwen2_5_vl"])
+@pytest.mark.parametrize("case", list(PROMPT_CASES))
+def test_malformed_prompt_names_the_sample_and_the_format(tmp_path, family, case):
+    prompt, message = PROMPT_CASES[case]
+    if family == "text_lm":
+        (model, processing_class), rows, sid = build_tiny_text_lm(), text_dataset(n=2).to_list(), "t0"
+    else:
+        (model, processing_class), rows, sid = build_tiny_qwen2_5_vl(), vl_dataset(n=2).to_list(), "s0"
+    for row in rows:
+        if case == "missing column":
+            del row["prompt"]
+        else:
+            row["prompt"] = prompt
+    with pytest.raises(ValueError, match=f"sample '{sid}'.*{message}"):
+        make_trainer(model, processing_class, Dataset.from_list(rows), tmp_path, max_steps=1).train()
+
+
+def test_cached_sample_without_vts_is_an_error_as_without_a_cache(tmp_path):
+    model, processor = build_tiny_qwen2_5_vl()
+    model.model.visual.requires_grad_(False)
+    rows = vl_dataset(n=2).to_list()
+    rows[1]["vt_images"] = []
+    dataset = Dataset.from_list(rows, features=vl_dataset(n=1).features)
+    cache_dir = build_vt_cache(dataset, VisionEncoder(model, processor), tmp_path / "cache", progress=False)
+    with pytest.raises(ValueError, match="sample 's1' is in the VT cache .* with no visual thoughts"):
+        make_trainer(model, processor, dataset, tmp_path, vt_cache_dir=str(cache_dir), max_steps=1).train()
+    with pytest.raises(ValueError, match="sample 's1' has no visual thoughts"):  # the same row, no cache
+        make_trainer(model, processor, dataset, tmp_path, max_steps=1).train()
+    # the policy: with on_missing_vt='no_vt_teacher' it trains, the teacher of s1 gets no VTs
+    make_trainer(model, processor, dataset, tmp_path, vt_cache_dir=str(cache_dir), max_steps=1,
+                 on_missing_vt="no_vt_teacher").train()
+
+
+def test_vlm_sample_with_only_vt_text_has_no_visual_thoughts(tmp_path):
+    # A vision-language teacher reads VTs from vt_images (or the cache), never from vt_text.
+    model, processor = build_tiny_qwen2_5_vl()
+    rows = [{**row, "vt_images": [], "vt_text": "go right"} for row in vl_dataset(n=2).to_list()]
+    dataset = Dataset.from_list(rows, features=None)
+    with pytest.raises(ValueError, match="sample 's0' has no visual thoughts"):
+        make_trainer(model, processor, dataset, tmp_path, max_steps=1).train()

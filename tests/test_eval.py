@@ -78,6 +78,72 @@ def test_evaluate_checkpoints_reports_closure(setup, tmp_path):
     assert abs(out["kl_gap_closure"]) < 1e-6  # same weights: nothing closed
 
 
+def test_eval_cli_scores_a_saved_folder_of_each_vl_family(family_model_dirs, capsys):
+    import json
+
+    from opsd_trl.cli import main
+
+    for family in ("qwen2_5_vl", "qwen3_vl", "bagel"):
+        path = family_model_dirs[family]
+        assert main(["eval", "--model", path, "--baseline", path, "--n", "2", "--batch-size", "2"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["model"]["n"] == 2 and out["kl_gap_closure"] == 0.0, family
+
+
+def test_eval_cli_bad_checkpoints_and_counts(family_model_dirs, setup, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from opsd_trl.cli import main
+
+    def run(*args):
+        return main(["eval", *args, "--n", "2", "--batch-size", "2"])
+
+    with pytest.raises(FileNotFoundError, match=f"checkpoint {tmp_path / 'absent'} not found; give a model folder"):
+        run("--model", str(tmp_path / "absent"))
+    with pytest.raises(ValueError, match="is a qwen2 model without an image processor"):
+        run("--model", family_model_dirs["text_lm"])
+    quickstart = tmp_path / "quickstart.safetensors"
+    save_weights(setup[0], quickstart)
+    with pytest.raises(ValueError, match="have different vocabularies"):
+        run("--model", str(quickstart), "--baseline", family_model_dirs["qwen2_5_vl"])
+    other = tmp_path / "other.safetensors"
+    from opsd_trl.models.tiny import build_tiny_qwen2_5_vl
+
+    save_file(build_tiny_qwen2_5_vl()[0].state_dict(), str(other))
+    with pytest.raises(ValueError, match="is not a quickstart weights file"):
+        run("--model", str(other))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="neither a model folder nor a .safetensors"):
+        run("--model", str(tmp_path / "notes.txt"))
+    for flag in ("--n", "--batch-size", "--max-new-tokens"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["eval", "--model", str(quickstart), flag, "0"])
+        assert exit_info.value.code == 2 and f"argument {flag}: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_evaluate_checkpoints_refuses_an_empty_dataset(setup, tmp_path):
+    save_weights(setup[0], tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="the evaluation dataset is empty"):
+        evaluate_checkpoints(str(tmp_path / "m.safetensors"), setup[2].select([]), progress=False)
+
+
+@pytest.mark.parametrize("size", ["1", "0", "-2"])
+def test_eval_cli_maze_size_below_two_is_refused(size, tmp_path):
+    from opsd_trl.cli import main
+
+    save_weights(build_quickstart_model(seed=0)[0], tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match=f"maze size must be an integer >= 2 \\(cells per side\\), got {size}"):
+        main(["eval", "--model", str(tmp_path / "m.safetensors"), "--n", "2", "--size", size])
+
+
+def test_eval_cli_folder_without_config(tmp_path):
+    from opsd_trl.cli import main
+
+    (tmp_path / "adapter_only").mkdir()
+    with pytest.raises(FileNotFoundError, match="adapter_only has no config.json: it is not a saved model"):
+        main(["eval", "--model", str(tmp_path / "adapter_only"), "--n", "2"])
+
+
 def test_cli_eval_writes_rescorable_predictions(setup, tmp_path, capsys):
     import json
 

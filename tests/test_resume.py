@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,8 +28,50 @@ def _assert_same_run(a: dict, b: dict) -> None:
     assert a["loss"] == b["loss"]  # bit-identical: same data order, RNG, optimizer, scheduler and teacher shadow
     assert a["grad_norm"] == b["grad_norm"]
     wa, wb = load_file(a["weights"]), load_file(b["weights"])
+    assert wa.keys() == wb.keys()
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name
+    assert (a.get("shadow") is None) == (b.get("shadow") is None)
+    if a.get("shadow"):  # the EMA / fixed teacher weights (this rank's pieces) too
+        for rank_file_a in sorted(Path(a["shadow"]).parent.glob(Path(a["shadow"]).name.replace("rank0", "rank*"))):
+            sa = load_file(str(rank_file_a))
+            sb = load_file(str(Path(b["shadow"]).parent / rank_file_a.name))
+            assert sa.keys() == sb.keys() and sa
+            for name in sa:
+                assert torch.equal(sa[name], sb[name]), f"shadow {name}"
+
+
+KIND = {"text_lm": "text", "qwen2_5_vl": "vl", "qwen3_vl": "vl", "bagel": "vl"}
+
+
+@pytest.mark.parametrize("family", list(KIND))
+@pytest.mark.parametrize("mode", ["self", "ema", "fixed"])
+def test_resume_is_exact_for_every_family(family, mode, family_model_dirs, tmp_path):
+    """Straight 4 steps vs. 2 + resume from checkpoint-2: the same losses, grad norms, weights and teacher shadow.
+    (Qwen2.5-VL checkpoints store renamed keys: a resume that matched module names loaded 1 of 57 tensors.)"""
+    run = load_script("train_opsd").run
+    common = ["--model-dir", family_model_dirs[family], "--kind", KIND[family], "--mode", mode, "--steps", "4",
+              "--save-steps", "2", "--sample", "1"]
+    a = run(["--out", str(tmp_path / "straight" / "r.json"), *common])["runs"][mode]
+    b = run(["--out", str(tmp_path / "resumed" / "r.json"), *common, "--resume",
+             str(tmp_path / "straight" / "run" / "checkpoint-2")])["runs"][mode]
+    assert len(a["loss"]) == 4 and (a["shadow"] is None) == (mode == "self")
+    _assert_same_run(a, b)
+
+
+def test_resume_with_incomplete_weights_names_the_missing_keys(tiny_model_dirs, tmp_path):
+    from safetensors.torch import save_file
+
+    run = load_script("train_opsd").run
+    common = ["--model-dir", tiny_model_dirs["qwen2_5_vl"], "--kind", "vl", "--steps", "2", "--save-steps", "1"]
+    run(["--out", str(tmp_path / "a" / "r.json"), *common])
+    checkpoint = tmp_path / "a" / "run" / "checkpoint-1"
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    dropped = sorted(k for k in weights if "blocks.0.attn.qkv" in k)
+    save_file({k: v for k, v in weights.items() if k not in dropped}, str(checkpoint / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"does not load completely.*2 weights missing.*blocks\.0\.attn\.qkv"):
+        run(["--out", str(tmp_path / "b" / "r.json"), *common, "--resume", str(checkpoint)])
 
 
 @pytest.mark.parametrize("mode", ["ema", "fixed"])
@@ -45,9 +88,10 @@ def test_resume_is_exact_single_process(mode, tiny_model_dirs, tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_resume_is_exact_under_zero3(tiny_model_dirs, tmp_path):
-    common = ["--model-dir", tiny_model_dirs["text_lm"], "--mode", "ema", "--steps", "4", "--save-steps", "2",
-              "--sample", "1"]
+@pytest.mark.parametrize("family", list(KIND))
+def test_resume_is_exact_under_zero3(family, family_model_dirs, tmp_path):
+    common = ["--model-dir", family_model_dirs[family], "--kind", KIND[family], "--mode", "ema", "--steps", "4",
+              "--save-steps", "2", "--sample", "1"]
     a = launch("train_opsd", "cpu_zero3", common, tmp_path / "straight", timeout=900)["runs"]["ema"]
     checkpoint = tmp_path / "straight" / "run" / "checkpoint-2"
     assert {p.name for p in checkpoint.glob("teacher_shadow_rank*.safetensors")} == {
@@ -76,3 +120,53 @@ def test_killed_save_leaves_the_previous_checkpoint_and_resume_skips_it(tiny_mod
     straight = load_script("train_opsd").run(["--out", str(tmp_path / "straight" / "r.json"), "--model-dir",
                                               model_dir, *common])["runs"]["ema"]
     _assert_same_run(straight, resumed)
+
+
+def test_load_best_model_at_end_restores_the_best_qwen2_5_vl_checkpoint(tmp_path):
+    """`load_best_model_at_end` reads model.safetensors like resume does: through the model's key mapping."""
+    from trainer_utils import make_config, vl_dataset
+
+    from opsd_trl import VisualOPSDTrainer
+    from opsd_trl.models.loading import to_module_keys
+    from opsd_trl.models.tiny import build_tiny_qwen2_5_vl
+
+    model, processor = build_tiny_qwen2_5_vl()
+    config = make_config(tmp_path, max_steps=3, save_strategy="steps", save_steps=1, eval_strategy="steps",
+                         eval_steps=1, load_best_model_at_end=True, metric_for_best_model="loss",
+                         greater_is_better=False, learning_rate=0.1, optim="sgd", per_device_eval_batch_size=2)
+    trainer = VisualOPSDTrainer(model=model, args=config, train_dataset=vl_dataset(n=4), eval_dataset=vl_dataset(n=2),
+                                processing_class=processor)
+    trainer.train()
+    best = load_file(str(Path(trainer.state.best_model_checkpoint) / "model.safetensors"))
+    best = to_module_keys(model, best)
+    for name, value in model.state_dict().items():
+        if name in best:
+            assert torch.equal(value, best[name]), name
+
+
+def test_resume_is_exact_with_lora_fixed_teacher_qwen2_5_vl(tmp_path):
+    """The fixed teacher with PEFT is the LoRA base: the checkpoint holds the adapter, which PEFT reloads."""
+    from peft import LoraConfig
+    from trainer_utils import make_config, vl_dataset
+
+    from opsd_trl import VisualOPSDTrainer
+    from opsd_trl.models.tiny import build_tiny_qwen2_5_vl
+
+    def run(name, resume=None):
+        model, processor = build_tiny_qwen2_5_vl()
+        model.model.visual.requires_grad_(False)
+        config = make_config(tmp_path, output_dir=str(tmp_path / name), max_steps=4, save_strategy="steps",
+                             save_steps=2, teacher_mode="fixed", learning_rate=0.1, optim="sgd",
+                             lr_scheduler_type="constant")
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], exclude_modules=r".*\.visual\..*")
+        trainer = VisualOPSDTrainer(model=model, args=config, train_dataset=vl_dataset(n=8), processing_class=processor,
+                                    peft_config=lora)
+        trainer.train(resume_from_checkpoint=resume)
+        history = [h for h in trainer.state.log_history if "loss" in h]
+        return [h["loss"] for h in history], [h["grad_norm"] for h in history], trainer.model.state_dict()
+
+    straight = run("a")
+    resumed = run("b", str(tmp_path / "a" / "checkpoint-2"))
+    assert straight[:2] == resumed[:2] and len(straight[0]) == 4
+    for name, value in straight[2].items():
+        assert torch.equal(value, resumed[2][name]), name

@@ -10,6 +10,7 @@ import sys
 from dataclasses import replace
 
 import pytest
+import torch
 from distributed import _free_port, launch_env
 from recipe_utils import EIGHT_GPUS, GIB, MODEL_CONFIGS, REPO, parse_recipe, write_manifest
 
@@ -115,3 +116,110 @@ def test_cpu_recipe_two_processes_zero3(tmp_path):
     model, _ = load_tiny(tmp_path / "run")  # full weights gathered from the 2 ZeRO-3 shards
     assert sum(p.numel() for p in model.parameters()) > 600_000
     assert json.loads((tmp_path / "run/train_results.json").read_text())["step"] == 2
+
+
+# ----------------------------------------------------------------------------------------------- saved model folders
+# Every supported family saved in its real layout (save_pretrained of the model and of its processor / tokenizer:
+# config.json, model.safetensors, tokenizer files, processor config) and trained through `opsd-trl train`: the
+# loader is the one a GPU user runs, nothing in between is replaced.
+TEXT_RECIPE = REPO / "recipes/text_lm.yaml"
+VL_FOLDER_ARGS = ["--config", str(CPU_RECIPE), "--init_weights", "none", "--max_steps", "1", "--task_n_train", "4",
+                  "--per_device_train_batch_size", "2", "--teacher_top_k", "16", "--report_to", "none", "--warmup_steps", "0",
+                  "--learning_rate", "1e-2"]
+
+
+def text_jsonl(path, n=4):
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"t{i}", "prompt": [{"role": "user", "content": f"Solve {i}+1."}], "images": [],
+                                "vt_images": [], "vt_text": f"think {i}", "answer": str(i + 1)}) + "\n")
+    return str(path)
+
+
+def text_folder_args(model_dir, data):
+    return ["--config", str(TEXT_RECIPE), "--model_name_or_path", model_dir, "--dataset_name", data,
+            "--use_peft", "false", "--teacher_mode", "ema", "--use_vllm", "false", "--dtype", "float32", "--bf16",
+            "false", "--gradient_checkpointing", "false", "--max_steps", "1", "--per_device_train_batch_size", "2",
+            "--gradient_accumulation_steps", "1", "--max_completion_length", "8", "--teacher_top_k", "16",
+            "--report_to", "none", "--warmup_steps", "0", "--learning_rate", "1e-2"]
+
+
+@pytest.mark.parametrize("family", ["text_lm", "qwen2_5_vl", "qwen3_vl", "bagel"])
+def test_cli_trains_a_saved_model_folder(family, family_model_dirs, tmp_path):
+    from opsd_trl.models.loading import load_pretrained
+
+    model_dir, out = family_model_dirs[family], tmp_path / "run"
+    if family == "text_lm":
+        argv = text_folder_args(model_dir, text_jsonl(tmp_path / "text.jsonl"))
+    else:
+        argv = [*VL_FOLDER_ARGS, "--model_name_or_path", model_dir]
+    assert cli_main(["train", *argv, "--output_dir", str(out)]) == 0
+    assert json.loads((out / "train_results.json").read_text())["step"] == 1
+    before, _ = load_pretrained(model_dir, dtype="float32")
+    after, processing_class = load_pretrained(str(out), dtype="float32")  # the output is a loadable folder again
+    assert type(after) is type(before)
+    assert type(processing_class).__name__ == type(load_pretrained(model_dir)[1]).__name__
+    changed = [k for k, v in after.state_dict().items() if not torch.equal(v, before.state_dict()[k])]
+    assert changed, "one optimizer step changed no weight"
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_cli_qwen2_5_vl_folder_two_processes_zero3(tiny_model_dirs, tmp_path):
+    config = REPO / "accelerate_configs/cpu_zero3.yaml"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+           "--main_process_port", str(_free_port()), "-m", "opsd_trl.train", *VL_FOLDER_ARGS, "--model_name_or_path",
+           tiny_model_dirs["qwen2_5_vl"], "--max_steps", "2", "--ddp_backend", "gloo", "--output_dir",
+           str(tmp_path / "run")]
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(config), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from opsd_trl.models.loading import load_pretrained
+
+    model, _ = load_pretrained(str(tmp_path / "run"), dtype="float32")  # gathered from the 2 ZeRO-3 shards
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert json.loads((tmp_path / "run/train_results.json").read_text())["step"] == 2
+
+
+def test_resume_from_checkpoint_true_on_the_command_line(tmp_path):
+    out = tmp_path / "run"
+    _, t, _ = parse_args(["--config", str(CPU_RECIPE), "--resume_from_checkpoint", "true"])
+    assert t.resume_from_checkpoint is True  # as YAML `true`, not a folder named "true"
+    assert parse_args(["--config", str(CPU_RECIPE), "--resume_from_checkpoint", "false"])[1].resume_from_checkpoint \
+        is None
+    base = ["train", "--config", str(CPU_RECIPE), *SHORT, "--report_to", "none", "--logging_steps", "1",
+            "--output_dir", str(out)]
+    with pytest.raises(ValueError, match=f"no complete checkpoint in {out}"):
+        cli_main([*base, "--resume_from_checkpoint", "true"])
+    assert cli_main([*base, "--max_steps", "1", "--save_strategy", "steps", "--save_steps", "1"]) == 0
+    first = json.loads((out / "checkpoint-1/trainer_state.json").read_text())["log_history"]
+    assert cli_main([*base, "--resume_from_checkpoint", "last", "--save_strategy", "steps", "--save_steps", "1"]) == 0
+    resumed = json.loads((out / "checkpoint-2/trainer_state.json").read_text())["log_history"]
+    assert resumed[0] == first[0]  # step 1 came from the checkpoint, step 2 was trained after it
+    assert json.loads((out / "train_results.json").read_text())["step"] == 2
+
+
+def test_task_kwargs_and_dataset_file_errors(tmp_path):
+    with pytest.raises(ValueError, match="task_kwargs must be a JSON object"):
+        parse_args(["--config", str(CPU_RECIPE), "--task_kwargs", "{size: 4}"])
+    with pytest.raises(ValueError, match="task_kwargs must be a JSON object"):
+        parse_args(["--config", str(CPU_RECIPE), "--task_kwargs", "[4]"])
+    (tmp_path / "rows.txt").write_text("x")
+    s, _, _ = parse_args(["--config", str(CPU_RECIPE), "--task", "none", "--dataset_name", str(tmp_path / "rows.txt")])
+    assert s.task is None  # the command line unsets the recipe's task
+    with pytest.raises(ValueError, match=r"rows.txt: unknown extension \.txt"):
+        cli_main(["train", "--config", str(CPU_RECIPE), *SHORT, "--task", "none", "--dataset_name",
+                  str(tmp_path / "rows.txt"), "--output_dir", str(tmp_path / "run")])
+
+
+def test_recipe_warmstart_with_another_model_folder_says_init_weights_none(tiny_model_dirs, tmp_path):
+    # cpu_quickstart.yaml sets init_weights: warmstart (the quickstart model's weights); a folder model needs none.
+    with pytest.raises(ValueError, match="does not fit model_name_or_path=.*--init_weights none"):
+        cli_main(["train", "--config", str(CPU_RECIPE), "--model_name_or_path", tiny_model_dirs["qwen2_5_vl"],
+                  "--max_steps", "1", "--task_n_train", "4", "--output_dir", str(tmp_path / "run")])
+
+
+def test_model_folder_without_config_is_a_startup_error(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    rc = cli_main(["train", "--config", str(CPU_RECIPE), *SHORT, "--model_name_or_path", str(tmp_path / "model"),
+                   "--output_dir", str(tmp_path / "run")])
+    assert rc == 2 and "cannot read the config of model_name_or_path" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import torch
 from peft import LoraConfig
 from trainer_utils import completion_logits, entry, generation_batch, make_trainer, text_dataset, vl_dataset
 
+from opsd_trl.models.adapters import SlotFeatures
 from opsd_trl.models.tiny import build_tiny_qwen2_5_vl, build_tiny_text_lm
 
 
@@ -174,7 +175,7 @@ def test_missing_vt_policy_no_vt_teacher(tmp_path):
 def test_id_absent_from_cache_names_the_sample(tmp_path):
     model, tok = build_tiny_text_lm()
     dataset = text_dataset(n=2)
-    cache = {"t0": entry([])}
+    cache = {"t0": entry([SlotFeatures(torch.randn(3, 64), None, None)])}  # t0 cached with one VT, t1 absent
     trainer = make_trainer(model, tok, dataset, tmp_path, vt_cache=cache)
     with pytest.raises(KeyError, match="sample 't1' is not in the VT cache"):
         generation_batch(trainer, dataset)

@@ -277,3 +277,81 @@ def test_cli_build_and_verify(tmp_path, qwen25, capsys):
     shard.write_bytes(shard.read_bytes()[:-1] + b"\0")
     assert main(["verify-vt-cache", str(tmp_path / "c")]) == 1
     assert "shard-00000.safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--batch-size", "-3", "must be >= 1, got -3"),
+    ("--batch-size", "0", "must be >= 1, got 0"),
+    ("--batch-size", "two", "not an integer: 'two'"),
+    ("--shard-size", "0", "must be at least 1 byte"),
+])
+def test_cli_refuses_non_positive_batch_and_shard_sizes(tmp_path, capsys, option, value, message):
+    from opsd_trl.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["build-vt-cache", "--model", str(tmp_path / "m"), "--dataset", str(tmp_path / "d"), "--output",
+              str(tmp_path / "c"), option, value])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()  # nothing written, so nothing can verify as OK
+    with pytest.raises(ValueError, match="must be an integer >= 1"):
+        build(make_samples(2), SyntheticEncoder(), tmp_path / "c", batch_size=-3)
+
+
+@pytest.mark.parametrize("missing", ["index.json", "manifest.json"])
+def test_cache_missing_index_or_manifest_is_reported_not_a_traceback(synthetic_cache, capsys, missing):
+    from opsd_trl.cli import main
+
+    (synthetic_cache / missing).unlink()
+    assert main(["verify-vt-cache", str(synthetic_cache)]) == 1  # reported, exit 1, no exception
+    err = capsys.readouterr().err
+    assert (f"{synthetic_cache / missing}: missing" if missing == "index.json" else "no manifest (manifest.json)") in err
+    with pytest.raises(VTCacheError, match="no index \\(index.json\\)" if missing == "index.json" else "no manifest"):
+        VTCache(synthetic_cache)
+
+
+def test_training_with_a_cache_missing_its_index(synthetic_cache, capsys, tmp_path):
+    from trainer_utils import make_trainer, vl_dataset
+
+    from opsd_trl.cli import main
+    from opsd_trl.models.tiny import build_tiny_qwen2_5_vl
+
+    (synthetic_cache / "index.json").unlink()
+    # opsd-trl train: a start-up check, exit 2, before any weights load
+    rc = main(["train", "--config", os.path.join(REPO, "recipes/cpu_quickstart.yaml"), "--init_weights", "none",
+               "--vt_cache_dir", str(synthetic_cache), "--output_dir", str(tmp_path / "run")])
+    assert rc == 2 and "(index.json missing)" in capsys.readouterr().err
+    # the trainer from Python
+    model, processor = build_tiny_qwen2_5_vl()
+    model.model.visual.requires_grad_(False)
+    with pytest.raises(VTCacheError, match="no index"):
+        make_trainer(model, processor, vl_dataset(n=2), tmp_path, vt_cache_dir=str(synthetic_cache))
+
+
+def test_foreign_manifest_and_unreadable_index_are_reported(synthetic_cache, capsys):
+    from opsd_trl.cli import main
+
+    manifest = synthetic_cache / "manifest.json"
+    original = manifest.read_text()
+    manifest.write_text("{}")
+    assert main(["verify-vt-cache", str(synthetic_cache)]) == 1
+    assert "not a VT cache manifest of format_version 1" in capsys.readouterr().err
+    manifest.write_text(original)
+    (synthetic_cache / "index.json").write_text("not json")
+    with pytest.raises(VTCacheCorruptError, match="unreadable index"):
+        VTCache(synthetic_cache, verify="none")
+    assert main(["verify-vt-cache", str(synthetic_cache)]) == 1
+    assert "index.json: sha256 does not match" in capsys.readouterr().err
+
+
+def test_cli_build_refuses_a_text_lm_or_a_missing_model_folder(tiny_model_dirs, tmp_path):
+    import datasets
+
+    from opsd_trl.cli import main
+
+    datasets.Dataset.from_list(make_samples(2)).save_to_disk(tmp_path / "ds")
+    args = ["build-vt-cache", "--dataset", str(tmp_path / "ds"), "--output", str(tmp_path / "c"), "--no-progress"]
+    with pytest.raises(ValueError, match="model_type 'qwen2' has no VT encoder"):
+        main([*args, "--model", tiny_model_dirs["text_lm"]])
+    with pytest.raises(FileNotFoundError, match="model folder .*absent not found"):
+        main([*args, "--model", str(tmp_path / "absent")])

@@ -126,6 +126,10 @@ def generate(
     rng: random.Random, size: int = 3, hole_prob: float = 0.3, min_path_len: int = 1, max_path_len: int | None = None
 ) -> tuple[Maze, str]:
     """Draw mazes until one is solvable with a shortest path length in [min_path_len, max_path_len]."""
+    if not isinstance(size, int) or size < 2:
+        raise ValueError(f"maze size must be an integer >= 2 (cells per side), got {size!r}")
+    if not 0 <= hole_prob < 1:
+        raise ValueError(f"hole_prob must be in [0, 1), got {hole_prob!r}")
     for _ in range(100_000):
         maze = random_maze(rng, size, hole_prob)
         path = shortest_path(maze)

@@ -210,6 +210,10 @@ def build_vt_cache(
     ``vt_columns`` in order. ``batch_size`` counts samples (each brings all its VT images). ``skip_bad``: leave
     out samples with an unreadable image and list them in ``skipped.json`` instead of raising.
     """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1 (samples per encoder call), got {batch_size!r}")
+    if not isinstance(shard_bytes, int) or shard_bytes < 1:
+        raise ValueError(f"shard_bytes must be an integer >= 1 (bytes per shard file), got {shard_bytes!r}")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype

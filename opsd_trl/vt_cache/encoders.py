@@ -153,6 +153,13 @@ class SyntheticEncoder:
 
 def load_encoder(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> VisionEncoder:
     """Load a Qwen-VL checkpoint folder (or a tiny model saved with ``save_tiny``) for cache building."""
+    from opsd_trl.models.loading import read_folder_config
+
+    config = read_folder_config(str(path))
+    if config is not None and config.get("model_type") not in VISION_FAMILIES:  # refused before any weights load
+        raise ValueError(
+            f"{path}: model_type {config.get('model_type')!r} has no VT encoder; supported: {', '.join(VISION_FAMILIES)}"
+        )
     path = Path(path)
     proc_file = path / "processor_config.json"
     proc_class = json.loads(proc_file.read_text()).get("processor_class") if proc_file.exists() else None

@@ -61,10 +61,17 @@ class VTCache:
                 f"{self.path}: format_version {self.manifest.get('format_version')} is not "
                 f"{FORMAT_VERSION}; rebuild the cache with this version of opsd_trl"
             )
-        raw = (self.path / INDEX).read_bytes()
+        try:
+            raw = (self.path / INDEX).read_bytes()
+        except FileNotFoundError:
+            raise VTCacheError(f"{self.path}: no index ({INDEX}) next to the manifest; the cache is incomplete: "
+                               "rebuild it (or restore the file)") from None
         if verify != "none" and hashlib.sha256(raw).hexdigest() != self.manifest["index_sha256"]:
             raise VTCacheCorruptError(f"{self.path / INDEX}: index does not match the manifest's index_sha256")
-        self._index = json.loads(raw)["samples"]
+        try:
+            self._index = json.loads(raw)["samples"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise VTCacheCorruptError(f"{self.path / INDEX}: unreadable index ({e!r}); rebuild the cache") from None
         self._shards = {s["file"]: s for s in self.manifest["shards"]}
         self._handles: OrderedDict = OrderedDict()
         self._pid = os.getpid()
@@ -91,6 +98,13 @@ class VTCache:
 
     def ids(self):
         return iter(self._index)
+
+    def num_images(self, sample_id) -> int:
+        """How many VT images the cache holds for `sample_id` (from the index: nothing is read)."""
+        entry = self._index.get(str(sample_id))
+        if entry is None:
+            raise KeyError(f"sample {sample_id!r} is not in the VT cache {self.path}")
+        return len(entry["images"])
 
     def __getitem__(self, sample_id) -> VTEntry:
         entry = self._index.get(str(sample_id))

@@ -8,7 +8,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from .encoders import FINGERPRINT_FIELDS, VISION_FAMILIES, VisionEncoder, model_family, text_hidden_size, vision_inner
-from .format import INDEX, MANIFEST, VTCacheError, VTCacheMismatchError, read_json, sha256_file
+from .format import FORMAT_VERSION, INDEX, MANIFEST, VTCacheError, VTCacheMismatchError, read_json, sha256_file
 from .load import VTCache
 
 _ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -20,7 +20,17 @@ def verify_vt_cache(path: str | Path) -> list[str]:
     Returns the problems found (empty when the cache is intact); each names the file it concerns.
     """
     path = Path(path)
-    manifest = read_json(path / MANIFEST, "manifest")
+    try:
+        manifest = read_json(path / MANIFEST, "manifest")
+    except VTCacheError as e:  # missing or unreadable: reported, not raised
+        return [str(e)]
+    if not path.is_dir() or not (path / INDEX).is_file():
+        return [f"{path / INDEX}: missing (the cache is incomplete)"]
+    manifest = manifest if isinstance(manifest, dict) else {}
+    lacking = [k for k in ("index_sha256", "shards", "dtype", "num_samples", "num_images") if k not in manifest]
+    if manifest.get("format_version") != FORMAT_VERSION or lacking:
+        return [f"{path / MANIFEST}: not a VT cache manifest of format_version {FORMAT_VERSION} "
+                f"(format_version {manifest.get('format_version')!r}, lacks {lacking})"]
     problems = []
     if sha256_file(path / INDEX) != manifest["index_sha256"]:
         return [f"{path / INDEX}: sha256 does not match the manifest (index altered)"]

@@ -66,12 +66,12 @@ def train_one(args, mode: str, out_dir: Path) -> dict:
     from trainer_utils import make_config, text_dataset, vl_dataset
 
     from opsd_trl import VisualOPSDTrainer
-    from opsd_trl.models.tiny import load_tiny
+    from opsd_trl.models.loading import load_pretrained
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_device = args.global_batch // (world * args.ga)
     assert per_device * world * args.ga == args.global_batch, "the global batch must split evenly"
-    model, processing_class = load_tiny(args.model_dir)
+    model, processing_class = load_pretrained(args.model_dir, dtype="float32")  # any family: the CLI's loader
     dataset = text_dataset(n=8) if args.kind == "text" else vl_dataset(n=8)
     config = make_config(
         out_dir,
@@ -116,12 +116,17 @@ def train_one(args, mode: str, out_dir: Path) -> dict:
         save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(weights))
     trainer.accelerator.wait_for_everyone()
     shadow = trainer._shadow.state_dict() if trainer._shadow is not None else None
+    shadow_file = None
+    if shadow is not None:  # this rank's pieces (ZeRO-3 partitions), as the checkpoint stores them
+        shadow_file = out_dir / f"shadow-{mode}-rank{trainer.accelerator.process_index}.safetensors"
+        save_file(shadow, str(shadow_file))
     return {
         "loss": [h["loss"] for h in history],
         "mean_length": [h["completions/mean_length"] for h in history],
         "min_length": [h["completions/min_length"] for h in history],
         "grad_norm": [h["grad_norm"] for h in history],
         "weights": str(weights),
+        "shadow": None if shadow_file is None else str(shadow_file),
         "shadow_numel": None if shadow is None else sum(v.numel() for v in shadow.values()),
     }
 

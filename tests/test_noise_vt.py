@@ -3,37 +3,33 @@ fresh every step, cached VTs included), the embedding-noise option, and text VTs
 
 import pytest
 import torch
-from trainer_utils import completion_logits, generation_batch, make_trainer, text_dataset, vl_dataset
+from trainer_utils import (
+    completion_logits,
+    generation_batch,
+    make_trainer,
+    reference_teacher_logits,
+    text_dataset,
+    vl_dataset,
+)
 
 from opsd_trl.models.tiny import build_tiny_qwen2_5_vl, build_tiny_text_lm
-from opsd_trl.teacher_context import teacher_messages
 from opsd_trl.vt_cache import VisionEncoder, build_vt_cache
 
 ATOL = 1e-4
 
 
 def _pixel_noise_reference(model, processor, dataset, batch, args, seed):
-    """Each sample's full teacher sequence through the model's own forward, the processor encoding every image,
-    then the VT rows of `pixel_values` overwritten by `torch.randn` drawn in sample order from `seed`."""
+    """The model's own forward on each full teacher sequence, with the VT rows of `pixel_values` overwritten by
+    `torch.randn` drawn in sample order from `seed`."""
     torch.manual_seed(seed)
-    rows = []
-    for b, sample_id in enumerate(batch["sample_ids"]):
-        x = dataset[[r["id"] for r in dataset].index(sample_id)]
-        msgs = teacher_messages(x["prompt"], n_vt=len(x["vt_images"]), intro=args.teacher_intro,
-                                transition=args.teacher_transition)
-        text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        enc = processor(text=[text], images=[x["images"] + x["vt_images"]], return_tensors="pt")
+
+    def noise_vt_rows(x, enc):
         n_problem = int(enc["image_grid_thw"][: len(x["images"])].prod(-1).sum())
         pixels = enc["pixel_values"].clone()
         pixels[n_problem:] = torch.randn(pixels.shape[0] - n_problem, pixels.shape[1])
-        comp = batch["completion_ids"][b][batch["completion_mask"][b].bool()]
-        ids = torch.cat([enc["input_ids"][0], comp]).unsqueeze(0)
-        mm = torch.cat([enc["mm_token_type_ids"][0], torch.zeros_like(comp)]).unsqueeze(0)
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
-                           image_grid_thw=enc["image_grid_thw"], mm_token_type_ids=mm).logits
-        rows.append(logits[0, -len(comp) - 1 : -1])
-    return rows
+        return pixels
+
+    return reference_teacher_logits(model, processor, dataset, batch, args, edit_pixels=noise_vt_rows)
 
 
 @pytest.mark.parametrize("source", ["online", "cache"])

@@ -90,10 +90,11 @@ def completion_logits(trainer, batch, teacher=True) -> torch.Tensor:
     return hidden @ model.get_output_embeddings().weight.t()
 
 
-def reference_teacher_logits(model, processor, dataset, batch, args):
+def reference_teacher_logits(model, processor, dataset, batch, args, edit_pixels=None):
     """Full teacher sequences as input_ids + pixel_values through the model's own forward, one sample at a time:
     the processor expands the placeholders and encodes every image (problem + VTs), the model splices and positions
-    them itself. An independent construction of what the trainer's teacher pass computes."""
+    them itself. An independent construction of what the trainer's teacher pass computes. `edit_pixels(x, enc)`,
+    if given, returns the pixel_values to use instead of the processor's."""
     rows = []
     for b, sample_id in enumerate(batch["sample_ids"]):
         x = dataset[[r["id"] for r in dataset].index(sample_id)]
@@ -105,7 +106,8 @@ def reference_teacher_logits(model, processor, dataset, batch, args):
         ids = torch.cat([enc["input_ids"][0], comp]).unsqueeze(0)
         mm = torch.cat([enc["mm_token_type_ids"][0], torch.zeros_like(comp)]).unsqueeze(0)
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=enc["pixel_values"],
+            pixels = enc["pixel_values"] if edit_pixels is None else edit_pixels(x, enc)
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
                            image_grid_thw=enc["image_grid_thw"], mm_token_type_ids=mm).logits
         rows.append(logits[0, -len(comp) - 1 : -1])
     return rows

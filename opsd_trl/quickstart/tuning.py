@@ -12,18 +12,18 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from .pipeline import Settings, datasets, opsd_stage, supervised_stage, vt_cache, warmstart_stage
 from .model import load_weights
+from .pipeline import Settings, datasets, opsd_stage, supervised_stage, vt_cache, warmstart_stage
 from .report import LABELS
 
 # name -> (method, Settings overrides). The defaults' own run is "default"; the others change one thing each.
 CANDIDATES: dict[str, tuple[str, dict]] = {
-    "default": ("visual_opsd", {}),
+    "default (beta 1)": ("visual_opsd", {}),
     "beta 0 (forward KL)": ("visual_opsd", {"beta": 0.0}),
     "beta 0.5 (the paper's)": ("visual_opsd", {"beta": 0.5}),
-    "beta 0.5, lr 1e-3": ("visual_opsd", {"beta": 0.5, "opsd_lr": 1e-3}),
+    "beta 1, lr 1e-3": ("visual_opsd", {"opsd_lr": 1e-3}),
     "noise-VT control": ("noise_control", {}),
-    "supervised, lr 5e-4": ("supervised", {"supervised_lr": 5e-4}),
+    "supervised, lr 5e-4 (default)": ("supervised", {}),
     "supervised, lr 1e-3": ("supervised", {"supervised_lr": 1e-3}),
     "50/50 warm-start (student share 0.5)": ("visual_opsd", {"sft_teacher_share": 0.5}),
 }

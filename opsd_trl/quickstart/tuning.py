@@ -3,7 +3,8 @@ table (validation split only; the test split is never read here).
 
 Each candidate is the default `Settings` with a few fields changed; it trains one method (Visual-OPSD, the noise-VT
 control or the supervised baseline) from the warm-start those settings key, and records the validation curve.
-Finished candidates are reused, so the table can grow run by run.
+Finished candidates are reused, so the table can grow run by run; the candidates that are the defaults reuse the
+quickstart's own seed-0 runs in the same `--out` folder.
 """
 
 from __future__ import annotations
@@ -36,15 +37,18 @@ def run_tuning(out: Path, names: list[str] | None = None, progress: bool = True)
     for name in names or list(CANDIDATES):
         method, overrides = CANDIDATES[name]
         s = replace(base, **overrides)
-        folder = out / "tuning" / _slug(name)
+        # The defaults' own runs are the quickstart's seed 0 in `out` (trained once, shared with its report).
+        folder = out / "tuning" / _slug(name) if overrides else out
         folder.mkdir(parents=True, exist_ok=True)
         data = datasets(s)
         warm = warmstart_stage(s, data, folder, rebuild=False, progress=progress)
         if method == "supervised":
             supervised_stage(s, data, warm, folder, 0, progress)
         else:
+            same_start = s.warmstart_key() == base.warmstart_key()
             model, processor = load_weights(warm, s.seed)
-            cache = vt_cache(model, processor, data["train"], folder / "vt_cache", progress=progress)
+            cache = vt_cache(model, processor, data["train"], (out if same_start else folder) / "vt_cache",
+                             progress=progress)
             opsd_stage(method, s, data, warm, folder, cache, 0, progress)
         history = json.loads((folder / method / "seed0" / "history.json").read_text())
         rows[name] = {"method": method, "overrides": overrides, "validation": history["validation"]}

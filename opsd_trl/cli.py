@@ -38,6 +38,8 @@ def positive_size(text: str) -> int:
 
 
 def _build_vt_cache(args) -> int:
+    import json
+
     import torch
 
     from opsd_trl.data import ensure_ids, load_any, thinkmorph_vt_columns
@@ -50,7 +52,9 @@ def _build_vt_cache(args) -> int:
         dataset = ensure_ids(dataset, args.split)
         columns = columns or thinkmorph_vt_columns(dataset.column_names)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = load_encoder(args.model, dtype=DTYPES[args.dtype], device=device)
+    image_kwargs = json.loads(args.image_processor_kwargs) if args.image_processor_kwargs else None
+    encoder = load_encoder(args.model, dtype=DTYPES[args.dtype], device=device, bagel_weights=args.bagel_weights,
+                           image_processor_kwargs=image_kwargs)
     out = build_vt_cache(
         dataset,
         encoder,
@@ -71,7 +75,11 @@ def _build_vt_cache(args) -> int:
 
 def _add_build_vt_cache(sub) -> None:
     p = sub.add_parser("build-vt-cache", help="encode visual-thought images once into a VT cache")
-    p.add_argument("--model", required=True, help="Qwen-VL checkpoint folder (the policy)")
+    p.add_argument("--model", required=True, help="the policy's folder (Qwen-VL, BAGEL; a BAGEL release folder too)")
+    p.add_argument("--bagel-weights", choices=["ema", "model"], default=None,
+                   help="BAGEL release folder with ema.safetensors and model.safetensors: which to load")
+    p.add_argument("--image-processor-kwargs", default=None,
+                   help="JSON settings of the image processor, as the recipe's image_processor_kwargs")
     p.add_argument("--dataset", required=True, help="save_to_disk folder, data file, or hub name")
     p.add_argument("--split", default="train")
     p.add_argument("--format", choices=["standard", "thinkmorph"], default="standard")

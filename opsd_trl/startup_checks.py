@@ -61,13 +61,14 @@ def validate(script_args, training_args, model_args, launch: Launch | None = Non
     _check_vllm(training_args, launch)
     _check_gloo(training_args, launch)
     if model_config is None:
-        model_config = load_model_config(model_args, training_args.trust_remote_code)
+        model_config = load_model_config(model_args, training_args.trust_remote_code,
+                                         getattr(script_args, "bagel_weights", None))
     _check_teacher_copy(training_args, model_args, model_config, launch)
     _check_vt_cache(training_args, model_config)
     _check_init_weights(script_args)
 
 
-def load_model_config(model_args, trust_remote_code: bool = False):
+def load_model_config(model_args, trust_remote_code: bool = False, bagel_weights: str | None = None):
     from .train import build_tiny, tiny_name
 
     name = tiny_name(model_args.model_name_or_path)
@@ -76,6 +77,13 @@ def load_model_config(model_args, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     from .models import bagel  # noqa: F401  (registers model_type "bagel")
+    from .models.bagel.convert import bagel_config, is_bagel_checkpoint
+
+    if is_bagel_checkpoint(model_args.model_name_or_path):  # a release folder: configs + safetensors headers
+        try:
+            return bagel_config(model_args.model_name_or_path, weights=bagel_weights)
+        except (OSError, ValueError) as e:
+            raise StartupError(str(e)) from e
 
     try:
         return AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,

@@ -48,6 +48,16 @@ class ScriptArguments:
         metadata={"help": "A .safetensors state dict (module names) loaded over the model, strictly; 'warmstart' = "
                   "the quickstart's shipped warm-start checkpoint (for tiny:quickstart); none = nothing."},
     )
+    bagel_weights: str | None = field(
+        default=None,
+        metadata={"help": "BAGEL / ThinkMorph release folder holding both ema.safetensors and model.safetensors: "
+                  "which to load (ema | model). Required there; ignored for other folders."},
+    )
+    image_processor_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Settings of the processor's image processor (JSON on the CLI), e.g. BAGEL's "
+                  "{max_image_size, min_image_size, max_pixels}; a VT cache must be built with the same."},
+    )
     freeze_vision_tower: bool = field(
         default=True,
         metadata={"help": "Keep the vision tower frozen (and out of LoRA); required by a VT cache."},
@@ -61,6 +71,11 @@ class ScriptArguments:
             except json.JSONDecodeError as e:
                 raise ValueError(f"task_kwargs must be a JSON object, e.g. '{{\"size\": 4}}'; got {self.task_kwargs!r} "
                                  f"({e}).") from None
+        if isinstance(self.image_processor_kwargs, str):
+            self.image_processor_kwargs = (None if self.image_processor_kwargs in NONE_WORDS
+                                           else json.loads(self.image_processor_kwargs))
+        if self.bagel_weights in NONE_WORDS:
+            self.bagel_weights = None
         if self.task_kwargs is not None and not isinstance(self.task_kwargs, dict):
             raise ValueError(f"task_kwargs must be a JSON object (field: value), got {self.task_kwargs!r}.")
         # The command line cannot spell None: these words unset a recipe's value.
@@ -154,7 +169,7 @@ def load_model(script_args: ScriptArguments, model_args: ModelConfig, trust_remo
     """`(model, processing_class)` for a `tiny:` spec, a saved model folder of any supported family
     (`opsd_trl.models.loading`) or a hub id. `trust_remote_code` is `VisualOPSDConfig.trust_remote_code`
     (TRL's `ModelConfig` has no such field)."""
-    from .models.loading import load_pretrained
+    from .models.loading import apply_image_processor_kwargs, load_pretrained
 
     path = model_args.model_name_or_path
     name = tiny_name(path)
@@ -165,7 +180,9 @@ def load_model(script_args: ScriptArguments, model_args: ModelConfig, trust_remo
         model, processing_class = load_pretrained(
             path, dtype=model_args.dtype, attn_implementation=model_args.attn_implementation,
             revision=model_args.model_revision, trust_remote_code=trust_remote_code,
+            bagel_weights=script_args.bagel_weights,
         )
+    apply_image_processor_kwargs(processing_class, script_args.image_processor_kwargs)
     if script_args.init_weights:
         _load_init_weights(model, init_weights_path(script_args.init_weights), path)
     if script_args.freeze_vision_tower and hasattr(getattr(model, "model", model), "visual"):

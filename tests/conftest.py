@@ -64,6 +64,18 @@ def family_model_dirs(tiny_model_dirs, tmp_path_factory) -> dict[str, str]:
     return {**tiny_model_dirs, "bagel": bagel}
 
 
+@pytest.fixture(scope="session")
+def bagel_release_dir(tmp_path_factory) -> str:
+    """A tiny BAGEL in BAGEL's own release layout (`llm_config.json`, `vit_config.json`, tokenizer,
+    `ema.safetensors` = the seed-1 model, `model.safetensors` = the seed-0 model, `ae.safetensors`)."""
+    from opsd_trl.models.bagel.tiny import build_tiny_bagel, save_bagel_release
+
+    model, processor = build_tiny_bagel(seed=0)
+    ema, _ = build_tiny_bagel(seed=1)
+    return save_bagel_release(tmp_path_factory.mktemp("bagel_release") / "ThinkMorph-tiny",
+                              {"ema": ema, "model": model}, processor)
+
+
 def _noise_image(seed: int = 0, size: tuple[int, int] = (56, 56)) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))

@@ -29,11 +29,20 @@ MODEL_CONFIGS = {
         vision_config=dict(depth=27, hidden_size=1152, out_hidden_size=4096, spatial_merge_size=2,
                            deepstack_visual_indexes=[8, 16, 24]),
     ),
+    "models/ThinkMorph-7B": lambda: _bagel_7b(),
     "Qwen/Qwen3-1.7B": lambda: Qwen3Config(
         hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
         head_dim=128, vocab_size=151936, tie_word_embeddings=True,
     ),
 }
+
+
+
+def _bagel_7b():
+    from opsd_trl.models.bagel import BagelConfig
+
+    return BagelConfig()  # its defaults are BAGEL-7B-MoT / ThinkMorph-7B's understanding path
+
 
 EIGHT_GPUS = Launch(world_size=8, gpus=8, device_memory=80 * GIB, zero_stage=3, vllm_installed=True)
 

@@ -395,3 +395,65 @@ def test_vt_cache_round_trip_and_trainer_with_cache(tmp_path):
                                                  "prompt_mask": batch["prompt_mask"]}))
     assert all(p is None for p in batch["vt_pixels"])
     torch.testing.assert_close(completion_logits(cached, batch), expected, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------- release folders
+
+
+def test_release_folder_weight_choice(bagel_release_dir, tmp_path):
+    """A folder with ema.safetensors and model.safetensors loads the chosen set through the one loader; without a
+    choice it is an error naming both files; the converter takes the same choice."""
+    import shutil
+
+    from opsd_trl.models.bagel.convert import bagel_config, weight_files
+    from opsd_trl.models.loading import load_pretrained
+
+    model_ref, ema_ref = build_tiny_bagel(seed=0)[0], build_tiny_bagel(seed=1)[0]
+    for choice, ref in (("model", model_ref), ("ema", ema_ref)):
+        loaded, processor = load_pretrained(bagel_release_dir, dtype="float32", bagel_weights=choice)
+        for name, t in ref.state_dict().items():
+            assert torch.equal(loaded.state_dict()[name], t), (choice, name)
+        assert type(processor).__name__ == "BagelProcessor" and processor.image_processor.max_pixels == 2_007_040
+    with pytest.raises(ValueError, match=r"ema\.safetensors .*model\.safetensors.*bagel_weights"):
+        load_pretrained(bagel_release_dir)
+    with pytest.raises(ValueError, match="must be 'ema' or 'model'"):
+        weight_files(bagel_release_dir, "last")
+    config = bagel_config(bagel_release_dir, weights="model")  # from the headers, no tensor read
+    assert config.vision_config.num_hidden_layers == model_ref.config.vision_config.num_hidden_layers
+    assert config.text_config.vocab_size == model_ref.config.text_config.vocab_size
+    # One set only: no choice needed; the other set asked for is an error naming what is there.
+    single = tmp_path / "single"
+    shutil.copytree(bagel_release_dir, single)
+    (single / "ema.safetensors").unlink()
+    assert [p.name for p in weight_files(single)] == ["model.safetensors"]
+    with pytest.raises(FileNotFoundError, match=r"no ema\*\.safetensors"):
+        weight_files(single, "ema")
+    # A stray copy of a tensor in a second file of the set is an error, not "last file wins".
+    shutil.copy(single / "model.safetensors", single / "model-copy.safetensors")
+    with pytest.raises(ValueError, match="is in both"):
+        load_bagel_checkpoint(single)
+    dst = convert_bagel_checkpoint(bagel_release_dir, tmp_path / "hf", weights="ema")
+    converted, _ = load_bagel(dst)
+    assert all(torch.equal(converted.state_dict()[k], v) for k, v in ema_ref.state_dict().items())
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16])
+def test_chunked_attention_equals_dense(chunk):
+    """query_chunk_size (query chunks, mask built per chunk, K/V not repeated) == the dense (L, L) mask path,
+    with images, left padding, gradients and a KV cache."""
+    model, processor = build_tiny_bagel(seed=0)
+    chunked, _ = build_tiny_bagel(seed=0)
+    chunked.config.text_config.query_chunk_size = chunk
+    texts = [_prompt(processor, n_images=2), _prompt(processor, n_images=1, text="Short?")]
+    enc = processor(text=texts, images=[[_image(1), _image(2, (42, 56))], [_image(3)]], padding=True,
+                    padding_side="left", return_tensors="pt")
+    dense_out, chunk_out = model(**enc).logits, chunked(**enc).logits
+    valid = enc["attention_mask"].bool()
+    torch.testing.assert_close(chunk_out[valid], dense_out[valid], atol=2e-5, rtol=1e-5)
+    chunk_out[valid].square().sum().backward()
+    dense_out[valid].square().sum().backward()
+    for (name, a), (_, b) in zip(chunked.named_parameters(), model.named_parameters(), strict=True):
+        if b.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4, msg=name)
+    gen = dict(max_new_tokens=6, do_sample=False)
+    assert torch.equal(chunked.generate(**enc, **gen), model.generate(**enc, **gen))

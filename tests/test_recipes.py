@@ -60,12 +60,12 @@ def test_paper_recipe_hyperparameters():
                     max_completion_length=1024, max_vt_images=8, use_vllm=True, vllm_mode="colocate", top_p=1.0,
                     top_k=0, max_image_skips=1)
     assert {k: getattr(t, k) for k in expected} == expected
-    assert t.lr_scheduler_kwargs == {"min_lr": 1e-7}
+    assert t.lr_scheduler_kwargs == {"min_lr_rate": 0.01} and t.learning_rate * 0.01 == pytest.approx(1e-7)
     assert len(s.dataset_name) == 4 and s.dataset_format == "thinkmorph"
     assert not m.use_peft
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl_7b_thinkmorph", "qwen3_vl_8b_thinkmorph"])
+@pytest.mark.parametrize("name", ["qwen2_5_vl_7b_thinkmorph", "qwen3_vl_8b_thinkmorph", "thinkmorph_7b"])
 def test_paper_recipes_set_the_reference_behaviour_explicitly(name):
     """Every field where the project can differ from the reference (docs/fidelity.md) is written in the recipe, at
     the reference's value, so that a change of a library default cannot change the paper recipes."""
@@ -87,3 +87,20 @@ def test_paper_recipes_set_the_reference_behaviour_explicitly(name):
 def test_lora_recipe():
     s, t, m = parse_recipe(REPO / "recipes/qwen2_5_vl_7b_lora.yaml")
     assert (m.use_peft, m.lora_r, m.lora_alpha, t.learning_rate, t.teacher_mode) == (True, 64, 128, 2e-4, "fixed")
+
+
+def test_thinkmorph_recipe():
+    """The paper's policy: a BAGEL release folder, model.safetensors (the reference's choice), the reference's ViT
+    sizes, HF generation (vLLM's BAGEL uses other positions / attention), the paper's optimiser."""
+    s, t, m = parse_recipe(REPO / "recipes/thinkmorph_7b.yaml")
+    assert s.bagel_weights == "model" and not t.use_vllm and not m.use_peft
+    assert s.image_processor_kwargs == {"max_image_size": 980, "min_image_size": 378, "max_pixels": 2_007_040}
+    expected = dict(learning_rate=1e-5, lr_scheduler_type="cosine_with_min_lr", warmup_steps=200, adam_beta1=0.9,
+                    adam_beta2=0.95, adam_epsilon=1e-15, weight_decay=0.0, max_grad_norm=1.0,
+                    gradient_accumulation_steps=2, per_device_train_batch_size=1, bf16=True, max_steps=1000)
+    assert {k: getattr(t, k) for k in expected} == expected
+    assert t.lr_scheduler_kwargs == {"min_lr_rate": 0.01} and t.learning_rate * 0.01 == pytest.approx(1e-7)
+    assert len(s.dataset_name) == 4 and s.dataset_format == "thinkmorph"
+    from opsd_trl.models.bagel.processing_bagel import REFERENCE_IMAGE_TRANSFORM
+
+    assert s.image_processor_kwargs == REFERENCE_IMAGE_TRANSFORM

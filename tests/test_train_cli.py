@@ -223,3 +223,68 @@ def test_model_folder_without_config_is_a_startup_error(tmp_path, capsys):
     rc = cli_main(["train", "--config", str(CPU_RECIPE), *SHORT, "--model_name_or_path", str(tmp_path / "model"),
                    "--output_dir", str(tmp_path / "run")])
     assert rc == 2 and "cannot read the config of model_name_or_path" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- ThinkMorph recipe
+THINKMORPH = REPO / "recipes/thinkmorph_7b.yaml"
+TINY_BAGEL_IMAGES = '{"max_image_size": 56, "min_image_size": 28, "max_pixels": 3136}'  # the tiny 8 x 8 tower
+
+
+def thinkmorph_disk_dataset(path, n=8):
+    """A small dataset in ThinkMorph's own columns (problem_image, question, reasoning_image_k, answer)."""
+    from datasets import Dataset
+    from PIL import Image
+
+    def image(seed, size=(56, 42)):
+        g = torch.Generator().manual_seed(seed)
+        return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy())
+
+    rows = [{"pid": f"tm{i}", "problem_image": image(i), "question": f"Which way, {i}?",
+             "reasoning_image_1": image(100 + i), "reasoning_image_2": image(200 + i, (42, 56)), "answer": "A"}
+            for i in range(n)]
+    Dataset.from_list(rows).save_to_disk(str(path))
+    return str(path)
+
+
+def test_thinkmorph_recipe_refuses_an_ambiguous_folder(bagel_release_dir, tmp_path, capsys):
+    rc = cli_main(["train", "--config", str(THINKMORPH), "--model_name_or_path", bagel_release_dir, "--bagel_weights",
+                   "none", "--use_cpu", "true", "--output_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "ema.safetensors" in err and "model.safetensors" in err and "bagel_weights" in err
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_thinkmorph_recipe_cli_release_folder_zero3(bagel_release_dir, tmp_path):
+    """The ThinkMorph-7B recipe from the command line on a tiny BAGEL release folder: build-vt-cache, 2 steps on 2
+    ZeRO-3 processes, then eval of the output folder."""
+    data = thinkmorph_disk_dataset(tmp_path / "thinkmorph")
+    cache = tmp_path / "vt_cache"
+    assert cli_main(["build-vt-cache", "--model", bagel_release_dir, "--bagel-weights", "model",
+                     "--image-processor-kwargs", TINY_BAGEL_IMAGES, "--dataset", data, "--format", "thinkmorph",
+                     "--output", str(cache), "--dtype", "float32", "--device", "cpu", "--no-progress"]) == 0
+    config = REPO / "accelerate_configs/cpu_zero3.yaml"
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+           "--main_process_port", str(_free_port()), "-m", "opsd_trl.train", "--config", str(THINKMORPH),
+           "--model_name_or_path", bagel_release_dir, "--image_processor_kwargs", TINY_BAGEL_IMAGES,
+           "--dataset_name", data, "--vt_cache_dir", str(cache), "--dtype", "float32", "--bf16", "false",
+           "--max_steps", "2", "--max_completion_length", "8", "--teacher_top_k", "16", "--warmup_steps", "0",
+           "--gradient_checkpointing", "false", "--logging_steps", "1", "--save_strategy", "no",
+           "--ddp_backend", "gloo", "--report_to", "none", "--output_dir", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(config), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "loaded 72 tensors from model.safetensors" in proc.stderr  # the recipe's choice, not ema.safetensors
+    assert json.loads((out / "train_results.json").read_text())["step"] == 2
+    from opsd_trl.models.loading import load_pretrained
+
+    trained, processor = load_pretrained(str(out), dtype="float32")  # gathered from the 2 ZeRO-3 shards
+    start, _ = load_pretrained(bagel_release_dir, dtype="float32", bagel_weights="model")
+    assert type(trained).__name__ == "BagelForConditionalGeneration"
+    assert processor.image_processor.max_image_size == 56  # the recipe's transform travels with the output
+    assert any(not torch.equal(v, start.state_dict()[k]) for k, v in trained.state_dict().items())
+    rc = subprocess.run([sys.executable, "-m", "opsd_trl.cli", "eval", "--model", str(out), "--n", "4", "--size", "3",
+                         "--batch-size", "4", "--max-new-tokens", "4"], cwd=REPO, env=launch_env(), capture_output=True,
+                        text=True, timeout=600)
+    assert rc.returncode == 0, rc.stdout[-3000:] + rc.stderr[-3000:]
+    assert "accuracy" in rc.stdout

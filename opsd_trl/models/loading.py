@@ -9,6 +9,9 @@ One place for every entry point that reads a model folder (`opsd-trl train`, `op
 | text LM (no `vision_config`) | `AutoModelForCausalLM` | `AutoTokenizer` |
 | Qwen2-VL / Qwen2.5-VL / Qwen3-VL | `AutoModelForImageTextToText` | the tiny processors when `processor_config.json` names one, else `AutoProcessor` |
 | BAGEL (`model_type: bagel`) | `BagelForConditionalGeneration` | `BagelProcessor` |
+| BAGEL / ThinkMorph release folder (`llm_config.json` + `vit_config.json`) | the same, converted on load | the same, at the reference's image sizes |
+
+A release folder is read with `opsd_trl.models.bagel.convert` (its weight set chosen with `bagel_weights`).
 
 `load_checkpoint_weights` loads a checkpoint's `model.safetensors` into an already built model (trainer resume).
 transformers 5 saves some families under their original checkpoint names (Qwen2.5-VL: `model.layers.*`,
@@ -56,10 +59,28 @@ def _processor_class(path: str) -> str | None:
         return json.load(f).get("processor_class")
 
 
+def _load_bagel_release(path: str, dtype, weights: str | None):
+    """A BAGEL / ThinkMorph release folder, built whole on this rank (as `tiny:` models: under ZeRO-3 DeepSpeed
+    partitions the finished model when the trainer prepares it)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    from .bagel.convert import bagel_processor, load_bagel_checkpoint
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        model, _ = load_bagel_checkpoint(path, None if dtype == "auto" else dtype, weights=weights)
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = ref
+    model.config.name_or_path = path
+    return model, bagel_processor(path)
+
+
 def load_pretrained(path: str, *, dtype=None, attn_implementation: str | None = None, revision: str | None = None,
-                    trust_remote_code: bool = False):
+                    trust_remote_code: bool = False, bagel_weights: str | None = None):
     """`(model, processing_class)` from a saved folder or a hub id, for every supported family (table above).
-    `dtype`: a torch dtype, its name, or None / "auto" (the checkpoint's dtype)."""
+    `dtype`: a torch dtype, its name, or None / "auto" (the checkpoint's dtype). `bagel_weights`: "ema" | "model",
+    which weight set of a BAGEL release folder holding both (ignored for other folders)."""
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
@@ -71,9 +92,13 @@ def load_pretrained(path: str, *, dtype=None, attn_implementation: str | None = 
     from . import bagel  # noqa: F401  (registers model_type "bagel" with AutoConfig / AutoModelForImageTextToText)
     from .tiny import _PROCESSORS
 
+    from .bagel.convert import is_bagel_checkpoint
+
     path = os.fspath(path)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
+    if is_bagel_checkpoint(path):
+        return _load_bagel_release(path, dtype, bagel_weights)
     kwargs = dict(dtype=dtype or "auto", revision=revision, trust_remote_code=trust_remote_code)
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
@@ -91,6 +116,20 @@ def load_pretrained(path: str, *, dtype=None, attn_implementation: str | None = 
     if name in _PROCESSORS:  # AutoProcessor would silently return only the tokenizer for these
         return model, _PROCESSORS[name].from_pretrained(path)
     return model, AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+
+
+def apply_image_processor_kwargs(processing_class, kwargs: dict | None) -> None:
+    """Set attributes of the processor's image processor (e.g. a recipe's BAGEL sizes `max_image_size`,
+    `min_image_size`, `max_pixels`); every key must be an attribute it already has."""
+    if not kwargs:
+        return
+    image_processor = getattr(processing_class, "image_processor", None)
+    unknown = sorted(k for k in kwargs if image_processor is None or not hasattr(image_processor, k))
+    if unknown:
+        raise ValueError(f"image_processor_kwargs {unknown} are not settings of this model's image processor "
+                         f"({type(image_processor).__name__}); remove them or use the processor's own names.")
+    for key, value in kwargs.items():
+        setattr(image_processor, key, value)
 
 
 # ----------------------------------------------------------------------------------------------- checkpoint weights

@@ -151,10 +151,18 @@ class SyntheticEncoder:
         return out
 
 
-def load_encoder(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> VisionEncoder:
-    """Load a Qwen-VL checkpoint folder (or a tiny model saved with ``save_tiny``) for cache building."""
-    from opsd_trl.models.loading import read_folder_config
+def load_encoder(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 bagel_weights: str | None = None, image_processor_kwargs: dict | None = None) -> VisionEncoder:
+    """Load a Qwen-VL checkpoint folder (or a tiny model saved with ``save_tiny``, a BAGEL folder in transformers'
+    or in BAGEL's own release layout) for cache building. ``bagel_weights`` / ``image_processor_kwargs``: as the
+    training fields of the same names (the cache is checked against the policy's processor settings)."""
+    from opsd_trl.models.bagel.convert import is_bagel_checkpoint
+    from opsd_trl.models.loading import apply_image_processor_kwargs, load_pretrained, read_folder_config
 
+    if is_bagel_checkpoint(path):
+        model, processor = load_pretrained(str(path), dtype=dtype, bagel_weights=bagel_weights)
+        apply_image_processor_kwargs(processor, image_processor_kwargs)
+        return VisionEncoder(model.eval().to(device), processor)
     config = read_folder_config(str(path))
     if config is not None and config.get("model_type") not in VISION_FAMILIES:  # refused before any weights load
         raise ValueError(
@@ -181,4 +189,5 @@ def load_encoder(path: str | Path, dtype: torch.dtype = torch.float32, device: s
             f"{path}: model_type {model.config.model_type!r} has no VT encoder; "
             f"supported: {', '.join(VISION_FAMILIES)}"
         )
+    apply_image_processor_kwargs(processor, image_processor_kwargs)
     return VisionEncoder(model.to(device), processor)

@@ -30,6 +30,7 @@ class BagelTextConfig(PreTrainedConfig):
         rms_norm_eps: float = 1e-6,
         rope_theta: float = 1000000.0,
         qk_norm: bool = True,
+        query_chunk_size: int | None = None,
         attention_dropout: float = 0.0,
         initializer_range: float = 0.02,
         tie_word_embeddings: bool = False,
@@ -47,6 +48,10 @@ class BagelTextConfig(PreTrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.rope_theta = rope_theta
         self.qk_norm = qk_norm
+        # (Not `attention_chunk_size`: transformers' caches read that name as chunked *local* attention.)
+        # Queries per attention call on sequences longer than this (None: one call with the dense (L, L) mask).
+        # Chunks keep the mask and scores at (chunk, L): memory linear in L, same result (docs/models.md).
+        self.query_chunk_size = query_chunk_size
         self.attention_dropout = attention_dropout
         self.initializer_range = initializer_range
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

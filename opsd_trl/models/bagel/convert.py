@@ -17,6 +17,12 @@ Ignored, with a logged count: the generation expert (every name with `moe_gen`, 
 `llm2vae`), a SigLIP pooling head (`vit_model.vision_model.head`), and every tensor of `ae.safetensors`. The patch
 embedding is accepted as BAGEL's linear `(D, p*p*3)` or as the original conv `(D, 3, p, p)` (permuted to (p, p, c)).
 The vision depth is read from the weights (BAGEL drops SigLIP's last layer: 26 of 27).
+
+Which weights: BAGEL's training code saves the trained weights as `model.safetensors` and their EMA as
+`ema.safetensors` next to each other. BAGEL's demo (`app.py`) and evaluation load `ema.safetensors`; the Visual-OPSD
+reference trains from `model.safetensors` (`--finetune_from_ema False`) and starts its EMA teacher from
+`ema.safetensors` when the folder has one. A folder holding both is therefore ambiguous: `weights="ema" | "model"`
+chooses, and without a choice loading is an error naming both files (never a merge of the two).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import argparse
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors import safe_open
@@ -33,7 +40,7 @@ from transformers.utils import logging
 
 from .configuration_bagel import BagelConfig
 from .modeling_bagel import BagelForConditionalGeneration, sincos_2d, vit_position_ids
-from .processing_bagel import CHAT_TEMPLATE, BagelImageProcessor, BagelProcessor
+from .processing_bagel import CHAT_TEMPLATE, REFERENCE_IMAGE_TRANSFORM, BagelImageProcessor, BagelProcessor
 
 logger = logging.get_logger(__name__)
 
@@ -74,21 +81,65 @@ def to_bagel_name(name: str) -> str:
     raise KeyError(f"unknown weight {name!r}")
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    files = sorted(p for p in folder.glob("*.safetensors") if p.name != VAE_FILE)
-    if not files:
-        raise FileNotFoundError(f"{folder}: no *.safetensors with the model weights")
+WEIGHT_CHOICES = ("ema", "model")
+LLM_CONFIG, VIT_CONFIG = "llm_config.json", "vit_config.json"
+
+
+def is_bagel_checkpoint(folder: str | os.PathLike) -> bool:
+    """A BAGEL / ThinkMorph release folder (BAGEL's own layout, not a transformers folder): it has
+    `llm_config.json` and `vit_config.json` (a `config.json` next to them does not make it a transformers folder)."""
+    folder = Path(folder)
+    return folder.is_dir() and (folder / LLM_CONFIG).is_file() and (folder / VIT_CONFIG).is_file()
+
+
+def _group(folder: Path, stem: str, files: list[Path]) -> list[Path]:
+    """The files of one weight set: those its `<stem>.safetensors.index.json` names, else every file of it."""
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        return sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
     return files
 
 
-def read_bagel_state_dict(folder: str | os.PathLike) -> tuple[dict, dict]:
-    """`(hf_state_dict, report)`: the understanding-path tensors under this model's names, and counts of what was
-    ignored per reason (`report["ignored"]`) plus the stored `vit_pos_embed` if any (`report["pos_embed"]`)."""
+def weight_files(folder: str | os.PathLike, weights: str | None = None) -> list[Path]:
+    """The `*.safetensors` of one weight set of a BAGEL folder: `weights="ema"` -> `ema*.safetensors`,
+    `"model"` -> every other weight file (`model.safetensors` or its shards); `ae.safetensors` (the VAE) never.
+    Without `weights` the folder must hold one set only."""
     folder = Path(folder)
-    state, ignored, pos_embed = {}, {}, None
-    for path in _weight_files(folder):
+    if weights is not None and weights not in WEIGHT_CHOICES:
+        raise ValueError(f"bagel_weights must be 'ema' or 'model', got {weights!r}.")
+    files = sorted(p for p in folder.glob("*.safetensors") if p.name != VAE_FILE)
+    sets = {"ema": [p for p in files if p.name.startswith("ema")],
+            "model": [p for p in files if not p.name.startswith("ema")]}
+    if weights is None:
+        present = [w for w in WEIGHT_CHOICES if sets[w]]
+        if len(present) == 2:
+            raise ValueError(
+                f"{folder} holds two weight sets, ema.safetensors ({len(sets['ema'])} file(s)) and model.safetensors "
+                f"({len(sets['model'])} file(s)); choose one: bagel_weights: ema | model in the recipe (--bagel_weights "
+                "on opsd-trl train, --bagel-weights on build-vt-cache, --weights on the converter). BAGEL's demo "
+                "loads ema.safetensors; the Visual-OPSD reference trains from model.safetensors."
+            )
+        weights = present[0] if present else "model"
+    if not sets[weights]:
+        raise FileNotFoundError(f"{folder}: no {weights}*.safetensors with the model weights (bagel_weights="
+                                f"{weights!r}; files here: {[p.name for p in files] or 'none'}).")
+    return _group(folder, weights, sets[weights])
+
+
+def read_bagel_state_dict(folder: str | os.PathLike, weights: str | None = None) -> tuple[dict, dict]:
+    """`(hf_state_dict, report)`: the understanding-path tensors under this model's names, and counts of what was
+    ignored per reason (`report["ignored"]`) plus the stored `vit_pos_embed` if any (`report["pos_embed"]`).
+    `weights`: "ema" | "model" | None (the folder's only weight set), see `weight_files`."""
+    folder = Path(folder)
+    state, ignored, pos_embed, source = {}, {}, None, {}
+    files = weight_files(folder, weights)
+    for path in files:
         with safe_open(path, framework="pt") as f:
             for name in f.keys():
+                if name in source:
+                    raise ValueError(f"BAGEL weight {name!r} is in both {source[name]} and {path.name}; a folder's "
+                                     "weight set must hold each tensor once (choose bagel_weights: ema | model).")
+                source[name] = path.name
                 reason = ignored_reason(name)
                 if reason == "recomputed sin-cos":
                     pos_embed = f.get_tensor(name)
@@ -99,11 +150,26 @@ def read_bagel_state_dict(folder: str | os.PathLike) -> tuple[dict, dict]:
                     if name.endswith("patch_embedding.weight") and tensor.ndim == 4:  # conv -> (p, p, c) linear
                         tensor = tensor.permute(0, 2, 3, 1).reshape(tensor.shape[0], -1)
                     state[to_hf_name(name)] = tensor
+    report_files = [p.name for p in files]
     vae = folder / VAE_FILE
     if vae.exists():
         with safe_open(vae, framework="pt") as f:
             ignored["VAE"] = len(list(f.keys()))
-    return state, {"ignored": ignored, "pos_embed": pos_embed}
+    return state, {"ignored": ignored, "pos_embed": pos_embed, "files": report_files}
+
+
+def read_bagel_shapes(folder: str | os.PathLike, weights: str | None = None) -> dict:
+    """`{hf_name: shape}` of the understanding-path tensors, from the safetensors headers (no tensor is read)."""
+    shapes = {}
+    for path in weight_files(folder, weights):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                if ignored_reason(name) is None:
+                    shape = list(f.get_slice(name).get_shape())
+                    if name.endswith("patch_embedding.weight") and len(shape) == 4:
+                        shape = [shape[0], shape[1] * shape[2] * shape[3]]
+                    shapes[to_hf_name(name)] = shape
+    return shapes
 
 
 def _token_ids(folder: Path) -> dict:
@@ -118,11 +184,14 @@ def _token_ids(folder: Path) -> dict:
     return {k: tok.convert_tokens_to_ids(v) for k, v in names.items()}
 
 
-def bagel_config(folder: str | os.PathLike, state: dict) -> BagelConfig:
-    """`BagelConfig` from `llm_config.json` / `vit_config.json`, with sizes the weights fix read from them."""
+def bagel_config(folder: str | os.PathLike, state: dict | None = None, weights: str | None = None) -> BagelConfig:
+    """`BagelConfig` from `llm_config.json` / `vit_config.json`, with sizes the weights fix read from them
+    (`state`: tensors or shapes under this model's names; None: the shapes in the safetensors headers)."""
     folder = Path(folder)
-    llm = json.loads((folder / "llm_config.json").read_text())
-    vit = json.loads((folder / "vit_config.json").read_text())
+    if state is None:
+        state = {k: SimpleNamespace(shape=v) for k, v in read_bagel_shapes(folder, weights).items()}
+    llm = json.loads((folder / LLM_CONFIG).read_text())
+    vit = json.loads((folder / VIT_CONFIG).read_text())
     prefix = "model.visual.vision_model.encoder.layers."
     depth = 1 + max(int(k[len(prefix):].split(".")[0]) for k in state if k.startswith(prefix))
     if depth != vit.get("num_hidden_layers"):
@@ -153,9 +222,10 @@ def _check_pos_embed(pos_embed: torch.Tensor | None, config: BagelConfig) -> Non
         logger.warning(f"stored vit_pos_embed differs from BAGEL's sin-cos table by {err:.3g}; using the recomputed one")
 
 
-def load_bagel_checkpoint(folder: str | os.PathLike, dtype: torch.dtype | None = None):
-    """`(model, report)` from a BAGEL / ThinkMorph folder; logs how many tensors were ignored and why."""
-    state, report = read_bagel_state_dict(folder)
+def load_bagel_checkpoint(folder: str | os.PathLike, dtype: torch.dtype | None = None, weights: str | None = None):
+    """`(model, report)` from a BAGEL / ThinkMorph folder; logs which files were read, how many tensors were ignored
+    and why. `weights`: "ema" | "model" | None (the folder's only weight set)."""
+    state, report = read_bagel_state_dict(folder, weights)
     config = bagel_config(folder, state)
     _check_pos_embed(report["pos_embed"], config)
     with torch.device("meta"):
@@ -164,8 +234,8 @@ def load_bagel_checkpoint(folder: str | os.PathLike, dtype: torch.dtype | None =
     if dtype is not None:
         model = model.to(dtype)
     counts = ", ".join(f"{n} {why}" for why, n in sorted(report["ignored"].items())) or "none"
-    logger.warning(f"BAGEL checkpoint {folder}: loaded {len(state)} tensors; ignored {sum(report['ignored'].values())}"
-                   f" ({counts})")
+    logger.warning(f"BAGEL checkpoint {folder}: loaded {len(state)} tensors from {', '.join(report['files'])}; "
+                   f"ignored {sum(report['ignored'].values())} ({counts})")
     return model.eval(), report
 
 
@@ -175,15 +245,21 @@ def to_bagel_state_dict(model) -> dict:
     return {to_bagel_name(k): v for k, v in model.state_dict().items()}
 
 
+def bagel_processor(folder: str | os.PathLike, image_processor: BagelImageProcessor | None = None) -> BagelProcessor:
+    """`BagelProcessor` of a BAGEL folder: its Qwen2.5 tokenizer with BAGEL's chat format, and the understanding
+    transform at the Visual-OPSD reference's sizes (`REFERENCE_IMAGE_TRANSFORM`) unless one is given."""
+    tok = AutoTokenizer.from_pretrained(os.fspath(folder))
+    tok.chat_template = CHAT_TEMPLATE
+    return BagelProcessor(image_processor or BagelImageProcessor(**REFERENCE_IMAGE_TRANSFORM), tok)
+
+
 def convert_bagel_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype | None = None,
-                             image_processor: BagelImageProcessor | None = None) -> str:
+                             image_processor: BagelImageProcessor | None = None, weights: str | None = None) -> str:
     """Write a plain HF folder (config, safetensors, tokenizer with BAGEL's chat template, processor) to `dst`,
     loadable with `opsd_trl.models.bagel.tiny.load_bagel` or `BagelForConditionalGeneration.from_pretrained`."""
-    model, _ = load_bagel_checkpoint(src, dtype)
+    model, _ = load_bagel_checkpoint(src, dtype, weights)
     model.save_pretrained(dst)
-    tok = AutoTokenizer.from_pretrained(src)
-    tok.chat_template = CHAT_TEMPLATE
-    BagelProcessor(image_processor or BagelImageProcessor(), tok).save_pretrained(dst)
+    bagel_processor(src, image_processor).save_pretrained(dst)
     return os.fspath(dst)
 
 
@@ -192,9 +268,11 @@ def main(argv=None) -> None:
     parser.add_argument("src")
     parser.add_argument("dst")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    parser.add_argument("--weights", choices=list(WEIGHT_CHOICES), default=None,
+                        help="which weight set of a folder holding both ema.safetensors and model.safetensors")
     args = parser.parse_args(argv)
     logging.set_verbosity_info()
-    print(convert_bagel_checkpoint(args.src, args.dst, getattr(torch, args.dtype)))
+    print(convert_bagel_checkpoint(args.src, args.dst, getattr(torch, args.dtype), weights=args.weights))
 
 
 if __name__ == "__main__":

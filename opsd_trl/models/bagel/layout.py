@@ -48,6 +48,35 @@ def bagel_position_ids(blocks: torch.Tensor, attention_mask: torch.Tensor | None
     return pos.clamp(min=0).masked_fill(~valid, 0)
 
 
+class LazyBagelMask:
+    """The mask of `bagel_attention_mask` without materializing it: `rows(start, end)` builds the
+    `(B, 1, end - start, Lk)` slice for queries `start:end`, so attention can run over query chunks with memory
+    linear in the sequence length (`BagelConfig.attention_chunk_size`)."""
+
+    def __init__(self, blocks, key_mask, past_length: int = 0, bidirectional: bool = True):
+        self.blocks, self.key_mask, self.past, self.bidirectional = blocks, key_mask, past_length, bidirectional
+
+    @property
+    def num_queries(self) -> int:
+        return self.blocks.shape[1]
+
+    def rows(self, start: int, end: int) -> torch.Tensor:
+        b, lq = self.blocks.shape
+        lk = self.past + lq
+        dev = self.blocks.device
+        q_idx = torch.arange(self.past + start, self.past + end, device=dev)
+        k_idx = torch.arange(lk, device=dev)
+        allowed = (k_idx[None, :] <= q_idx[:, None]).expand(b, end - start, lk)
+        if self.bidirectional:
+            key_blocks = torch.nn.functional.pad(self.blocks, (self.past, 0))
+            q_blocks = self.blocks[:, start:end, None]
+            allowed = allowed | ((q_blocks == key_blocks[:, None, :]) & (q_blocks > 0))
+        if self.key_mask is not None:
+            allowed = allowed & self.key_mask.bool()[:, None, :]
+        allowed = allowed | (k_idx[None, :] == q_idx[:, None])
+        return allowed[:, None]
+
+
 def bagel_attention_mask(
     blocks: torch.Tensor, key_mask: torch.Tensor | None, past_length: int = 0, bidirectional: bool = True
 ) -> torch.Tensor:

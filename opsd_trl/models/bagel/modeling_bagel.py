@@ -23,7 +23,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_bagel import BagelConfig, BagelTextConfig, BagelVisionConfig
-from .layout import bagel_attention_mask, bagel_position_ids, image_blocks
+from .layout import LazyBagelMask, bagel_attention_mask, bagel_position_ids, image_blocks
 
 # --------------------------------------------------------------------------------------------- shared pieces
 
@@ -98,6 +98,7 @@ class BagelTextAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
         norm = (lambda: BagelRMSNorm(self.head_dim, config.rms_norm_eps)) if config.qk_norm else nn.Identity
         self.q_norm, self.k_norm = norm(), norm()
+        self.text_config = config
 
     def forward(self, x, cos, sin, mask, past_key_values: Cache | None = None):
         b, length, _ = x.shape
@@ -108,11 +109,20 @@ class BagelTextAttention(nn.Module):
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        groups = self.num_heads // self.num_kv
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        dropout = self.dropout if self.training else 0.0
+        if isinstance(mask, LazyBagelMask):  # query chunks: mask and scores are (chunk, L), never (L, L)
+            chunk = self.text_config.query_chunk_size
+            # enable_gqa: the K/V heads are shared by their query groups without being repeated in memory.
+            out = torch.cat([
+                F.scaled_dot_product_attention(q[:, :, i : i + chunk], k, v,
+                                               attn_mask=mask.rows(i, min(i + chunk, length)),
+                                               dropout_p=dropout, enable_gqa=True)
+                for i in range(0, length, chunk)
+            ], dim=2)
+        else:
+            groups = self.num_heads // self.num_kv
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
 
 
@@ -351,7 +361,12 @@ class BagelModel(BagelPreTrainedModel):
                 raise ValueError("BAGEL positions are not the cache length: pass position_ids with a KV cache "
                                  "(generate() computes them).")
             position_ids = positions
-        mask = bagel_attention_mask(blocks, attention_mask, past, bidirectional=self.config.image_attention == "bidirectional")
+        bidirectional = self.config.image_attention == "bidirectional"
+        chunk = self.config.text_config.query_chunk_size
+        if chunk and blocks.shape[1] > chunk:  # memory linear in the length (docs/models.md)
+            mask = LazyBagelMask(blocks, attention_mask, past, bidirectional=bidirectional)
+        else:
+            mask = bagel_attention_mask(blocks, attention_mask, past, bidirectional=bidirectional)
         hidden = self.language_model(inputs_embeds, position_ids, mask, past_key_values)
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values if use_cache else None)
 

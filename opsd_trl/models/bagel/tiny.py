@@ -67,3 +67,55 @@ def load_bagel(path: str | os.PathLike, **model_kwargs):
     model_kwargs.setdefault("dtype", torch.float32)
     model = BagelForConditionalGeneration.from_pretrained(os.fspath(path), **model_kwargs)
     return model.eval(), BagelProcessor.from_pretrained(os.fspath(path))
+
+
+def save_bagel_release(path: str | os.PathLike, weight_sets: dict, processor) -> str:
+    """Write models in BAGEL's own release layout (what BAGEL-7B-MoT / ThinkMorph-7B folders hold): `llm_config.json`
+    (Qwen2), `vit_config.json` (SigLIP, with the layer BAGEL drops: depth + 1), the tokenizer files, one
+    `<name>.safetensors` per entry of `weight_sets` (`{"ema": model, "model": model}`) under BAGEL's weight names
+    with the generation expert, the latent-path tensors and the stored `vit_pos_embed`, and the VAE
+    (`ae.safetensors`). Tests and examples: `opsd_trl.models.loading.load_pretrained` reads it."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from .convert import to_bagel_state_dict
+    from .modeling_bagel import sincos_2d
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    first = next(iter(weight_sets.values()))
+    cfg = first.config
+    t, v, h = cfg.text_config, cfg.vision_config, cfg.text_config.hidden_size
+    side = cfg.vit_max_num_patch_per_side
+    for name, model in weight_sets.items():
+        weights = {k: w.detach().clone().contiguous() for k, w in to_bagel_state_dict(model).items()}
+        gen = {}
+        for k, w in weights.items():  # the generation expert: same shapes as the understanding expert
+            for part in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "mlp", "input_layernorm",
+                         "post_attention_layernorm"):
+                if k.startswith("language_model.model.layers.") and f".{part}." in k:
+                    gen[k.replace(f".{part}.", f".{part}_moe_gen.")] = torch.zeros_like(w)
+                    break
+        gen["language_model.model.norm_moe_gen.weight"] = torch.ones(h)
+        gen.update({"latent_pos_embed.pos_embed": torch.zeros(16, h), "time_embedder.mlp.0.weight": torch.zeros(h, 8),
+                    "vae2llm.weight": torch.zeros(h, 16), "llm2vae.weight": torch.zeros(16, h),
+                    "vit_pos_embed.pos_embed": sincos_2d(torch.arange(side * side), h, side)})
+        save_file({**weights, **gen}, str(folder / f"{name}.safetensors"))
+    save_file({"encoder.conv_in.weight": torch.zeros(4, 3, 3, 3), "decoder.conv_out.weight": torch.zeros(3, 4, 3, 3)},
+              str(folder / "ae.safetensors"))
+    (folder / "llm_config.json").write_text(json.dumps({
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": t.vocab_size,
+        "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+        "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
+        "num_key_value_heads": t.num_key_value_heads, "head_dim": t.head_dim, "hidden_act": t.hidden_act,
+        "max_position_embeddings": t.max_position_embeddings, "rms_norm_eps": t.rms_norm_eps,
+        "rope_theta": t.rope_theta, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}, indent=2))
+    (folder / "vit_config.json").write_text(json.dumps({
+        "model_type": "siglip_vision_model", "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+        "num_hidden_layers": v.num_hidden_layers + 1, "num_attention_heads": v.num_attention_heads,
+        "num_channels": v.num_channels, "image_size": v.image_size, "patch_size": v.patch_size,
+        "hidden_act": v.hidden_act, "layer_norm_eps": v.layer_norm_eps}, indent=2))
+    processor.tokenizer.save_pretrained(folder)
+    return os.fspath(folder)

@@ -4,6 +4,7 @@ checkpoint name mapping, teacher splice, trainer steps, and the vLLM image conve
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -457,3 +458,55 @@ def test_chunked_attention_equals_dense(chunk):
             torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4, msg=name)
     gen = dict(max_new_tokens=6, do_sample=False)
     assert torch.equal(chunked.generate(**enc, **gen), model.generate(**enc, **gen))
+
+
+# ----------------------------------------------------------------------------------------------- upstream golden
+
+GOLDEN = Path(__file__).parent / "fixtures" / "bagel_golden"  # checkpoint/: the release folder
+GOLDEN_ATOL = 1e-4  # fp32 on both sides; logits are O(1) (|max| ~4.5), so this is ~2e-5 relative
+
+
+def test_golden_upstream_logits():
+    """The port against upstream BAGEL itself: `fixtures/bagel_golden` is a tiny random BAGEL release folder plus the
+    logits that upstream's own inference path (ByteDance-Seed/Bagel, `make_golden.py`) computed for text, two images
+    of different sizes, text and five greedy steps. Loaded through `load_pretrained` and fed through the project's
+    processor, the port must reproduce upstream's token ids, ViT patches, RoPE positions, logits at every position
+    (image tokens included) and greedy tokens (KV-cached generate)."""
+    from safetensors.torch import load_file
+
+    from opsd_trl.models.loading import apply_image_processor_kwargs, load_pretrained
+
+    meta = json.loads((GOLDEN / "golden.json").read_text())
+    gold = load_file(GOLDEN / "golden.safetensors")
+    model, processor = load_pretrained(str(GOLDEN / "checkpoint"), dtype="float32")
+    t = meta["vit_transform"]  # upstream ImageTransform(max, min, stride) with its default max_pixels
+    apply_image_processor_kwargs(processor, {"max_image_size": t["max_image_size"],
+                                             "min_image_size": t["min_image_size"], "max_pixels": 14 * 14 * 9 * 1024})
+    text0, image0, image1, text1 = meta["sequence"]
+    content = [{"type": "text", "text": text0}, {"type": "image"}, {"type": "image"}, {"type": "text", "text": text1}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                           add_generation_prompt=True)
+    images = [Image.open(GOLDEN / name) for name in (image0, image1)]
+    enc = processor(text=[prompt], images=[images], return_tensors="pt")
+    # Same inputs: upstream's prompt (its start token included), then the tokens it generated.
+    assert enc["input_ids"].shape[1] == meta["prompt_length"] + 1
+    assert enc["image_grid_thw"][:, 1:].tolist() == gold["image_grid"].tolist()
+    torch.testing.assert_close(enc["pixel_values"], gold["pixel_values"], atol=1e-6, rtol=0)
+    ids = torch.cat([enc["input_ids"], torch.tensor([meta["generated"]])], dim=1)
+    mm = torch.nn.functional.pad(enc["mm_token_type_ids"], (0, len(meta["generated"])))
+    expected_ids = gold["input_ids"].masked_fill(gold["input_ids"] == -1, model.config.image_token_id)
+    assert ids[0].tolist() == expected_ids.tolist()
+    _, positions = model.model.layout(ids, mm == 1, None)
+    assert positions[0].tolist() == gold["position_ids"].tolist()
+    with torch.no_grad():
+        logits = model(input_ids=ids, mm_token_type_ids=mm, pixel_values=enc["pixel_values"],
+                       image_grid_thw=enc["image_grid_thw"]).logits[0]
+        err = (logits - gold["logits"]).abs().max().item()
+        assert err < GOLDEN_ATOL, f"max |logit - upstream| = {err:.3g}"
+        out = model.generate(**enc, max_new_tokens=len(meta["generated"]) + 1, do_sample=False)
+        assert out[0, enc["input_ids"].shape[1]:].tolist() == [*meta["generated"], meta["next_token"]]
+        # The fixture tells conventions apart: vLLM's (sequential positions, causal image blocks) is far off.
+        model.config.image_rope, model.config.image_attention = "sequential", "causal"
+        other = model(input_ids=ids, mm_token_type_ids=mm, pixel_values=enc["pixel_values"],
+                      image_grid_thw=enc["image_grid_thw"]).logits[0]
+    assert (other - gold["logits"]).abs().max().item() > 1000 * GOLDEN_ATOL

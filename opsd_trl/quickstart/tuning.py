@@ -26,6 +26,7 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
     "noise-VT control": ("noise_control", {}),
     "supervised, lr 5e-4 (default)": ("supervised", {}),
     "supervised, lr 1e-3": ("supervised", {"supervised_lr": 1e-3}),
+    "supervised, lr 2e-3": ("supervised", {"supervised_lr": 2e-3}),
     "50/50 warm-start (student share 0.5)": ("visual_opsd", {"sft_teacher_share": 0.5}),
 }
 

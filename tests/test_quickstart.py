@@ -74,3 +74,25 @@ def test_cpu_recipe_follows_the_quickstart_defaults():
     _, t, _ = parse_args(["--config", str(recipe)])
     assert (t.beta, t.jsd_clip, t.teacher_mode, t.learning_rate, t.max_steps, t.per_device_train_batch_size) == (
         s.beta, s.jsd_clip, s.teacher_mode, s.opsd_lr, s.opsd_steps, s.opsd_batch)
+
+
+def test_teacher_advice_on_the_students_answers():
+    """On the shipped warm-start, the teacher with VTs (98% accurate on validation) is right at nearly every decision
+    while the student follows the VTs' path; a one-position misalignment of logits and decisions would break this."""
+    from opsd_trl.eval import Contexts, evaluate
+    from opsd_trl.quickstart.advice import teacher_advice
+    from opsd_trl.quickstart.model import TEACHER_INTRO, TEACHER_TRANSITION, load_weights
+    from opsd_trl.quickstart.pipeline import _shipped, datasets
+
+    s = Settings(n_validation=48)
+    rows = list(datasets(s)["validation"])
+    teacher, processor = load_weights(_shipped(s))
+    student, _ = load_weights(_shipped(s))
+    contexts = Contexts(processor, intro=TEACHER_INTRO, transition=TEACHER_TRANSITION)
+    texts = [p["completion"] for p in evaluate(student, processor, rows, contexts=contexts, progress=False)
+             ["predictions"]]
+    counts = teacher_advice(student, teacher, contexts, rows, texts)
+    on, off = counts["on_path"], counts["off_path"]
+    assert on["decisions"] >= 48 and off["decisions"] > 0
+    assert on["teacher_right"] / on["decisions"] > 0.9
+    assert on["student_right"] < on["teacher_right"]  # the student before is weaker than its teacher on its path

@@ -235,3 +235,45 @@ def test_images_survive_save_and_load(tmp_path):
     back = load_from_disk(tmp_path / "maze")
     assert back.features == FEATURES and back["meta"] == ds["meta"]
     assert [im.tobytes() for r in back["vt_images"] for im in r] == [im.tobytes() for r in ds["vt_images"] for im in r]
+
+
+def _fewest_more_moves(grid, prefix: str, limit: int = 8):
+    """Brute force over move strings: the fewest moves that, appended to `prefix`, end on the goal without leaving
+    the grid or touching a hole on the way (None when no string up to `limit` moves does; 3x3 needs at most 8)."""
+    for n in range(limit + 1):
+        for suffix in itertools.product("LDRU", repeat=n):
+            moves = prefix + "".join(suffix)
+            if _alive(grid, moves) and reference_simulate(grid, moves, "vsp"):
+                return n
+    return None
+
+
+def _alive(grid, moves: str) -> bool:
+    """The agent is still on the grid and not in a hole after `moves`."""
+    r, c = next((i, row.index("S")) for i, row in enumerate(grid) if "S" in row)
+    for move in moves:
+        r, c = r + DELTA[move][0], c + DELTA[move][1]
+        if not (0 <= r < len(grid) and 0 <= c < len(grid)) or grid[r][c] == "H":
+            return False
+    return True
+
+
+mazes_3x3 = st.builds(lambda seed, p: maze.generate(random.Random(seed), 3, p), st.integers(0, 2**32),
+                      st.floats(0.0, 0.6))
+
+
+@settings(max_examples=25, deadline=None)
+@given(mazes_3x3, st.text("LDRU", max_size=3))
+def test_best_next_moves_are_the_brute_force_shortest_continuations(drawn, prefix):
+    m, _ = drawn
+    best = maze.best_next(m.grid, prefix)
+    if not _alive(m.grid, prefix):
+        assert best is None
+        return
+    need = _fewest_more_moves(m.grid, prefix)
+    if need is None:
+        assert best is None
+    elif need == 0:
+        assert best == {"stop"}
+    else:
+        assert best == {move for move in "LDRU" if _fewest_more_moves(m.grid, prefix + move) == need - 1}

@@ -23,6 +23,7 @@ import torch
 
 from ..eval import Contexts, evaluate, kl_gap_closure, write_predictions
 from ..tasks import make_dataset
+from .advice import teacher_advice
 from .model import TEACHER_INTRO, TEACHER_TRANSITION, build_quickstart_model, load_weights, save_weights
 from .opsd import ValidationCurve, freeze_vision, train_opsd, vt_cache
 from .report import LABELS, write_docs, write_report
@@ -163,21 +164,29 @@ def supervised_stage(s: Settings, data: dict, warm: Path, out: Path, seed: int, 
 
 def eval_stage(data: dict, warm: Path, runs: dict[str, Path], out: Path, seed: int, progress: bool) -> dict:
     """Test-split metrics, once per model: the teacher with VTs, the student before, and each trained student.
-    Each model's per-sample predictions go to `out/test/<name>.predictions.jsonl`; metrics to `<name>.json`."""
+    Each model's per-sample predictions go to `out/test/<name>.predictions.jsonl`; metrics to `<name>.json`, with,
+    for the students, what the reference teacher advises on their own answers (`advice.py`)."""
     folder = out / "test"
     folder.mkdir(parents=True, exist_ok=True)
-    reference, processor = None, None
+    reference, processor = load_weights(warm, seed)
+    contexts, rows = _contexts(processor), list(data["test"])
     todo = {"teacher_with_vt": warm, "student_before": warm, **runs}
     for name, ckpt in todo.items():
-        path = folder / f"{name}.json"
-        if not path.exists():
-            if reference is None:
-                reference, processor = load_weights(warm, seed)
-            model = reference if name == "teacher_with_vt" else load_weights(ckpt, seed)[0]
-            metrics = evaluate(model, processor, data["test"], teacher_context=name == "teacher_with_vt",
-                               reference=None if name == "teacher_with_vt" else reference,
-                               contexts=_contexts(processor), progress=progress, desc=f"test: {name}")
-            path.write_text(json.dumps(write_predictions(metrics, folder / f"{name}.predictions.jsonl"), indent=1))
+        path, predictions = folder / f"{name}.json", folder / f"{name}.predictions.jsonl"
+        student = name != "teacher_with_vt"
+        metrics = json.loads(path.read_text()) if path.exists() else None
+        if metrics is not None and (not student or "teacher_advice" in metrics):
+            continue
+        model = load_weights(ckpt, seed)[0] if student else reference
+        if metrics is None:
+            metrics = evaluate(model, processor, data["test"], teacher_context=not student,
+                               reference=reference if student else None, contexts=contexts, progress=progress,
+                               desc=f"test: {name}")
+            metrics = write_predictions(metrics, predictions)
+        if student:
+            texts = [json.loads(line)["completion"] for line in predictions.read_text().splitlines()]
+            metrics["teacher_advice"] = teacher_advice(model, reference, contexts, rows, texts)
+        path.write_text(json.dumps(metrics, indent=1))
     return {name: metrics for name, metrics in load_results(out).items() if name in todo}
 
 

@@ -119,6 +119,25 @@ def kl_table(out: Path, results: dict) -> str:
     return "\n".join(lines)
 
 
+def advice_table(results: dict) -> str:
+    """How often the reference teacher's and the student's top token is right at the decisions of the student's own
+    greedy answers, on and off the reference path (pooled over seeds; see `advice.py`)."""
+    lines = ["| student | decisions on the VTs' path | teacher right | student right | decisions off it | teacher "
+             "right | student right |", "|---|---|---|---|---|---|---|"]
+    for method, label in LABELS.items():
+        runs = [r["teacher_advice"] for name, r in results.items()
+                if re.sub(r"_seed\d+$", "", name) == method and "teacher_advice" in r]
+        if not runs:
+            continue
+        cells = []
+        for part in ("on_path", "off_path"):
+            n = sum(r[part]["decisions"] for r in runs)
+            cells += [str(n)] + [_pct(sum(r[part][k] for r in runs) / n) if n else ""
+                                 for k in ("teacher_right", "student_right")]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_curves(histories: dict, path: Path) -> None:
     """Validation accuracy and KL against the fixed reference teacher, per training step, for each run."""
     fig, (ax_acc, ax_kl) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -158,6 +177,10 @@ def report_text(results: dict, out: Path, *, settings: dict, minutes: float) -> 
         f"Accuracy by shortest-path length (test, pooled over {seeds} seed{'s' * (seeds > 1)}; mazes per length in "
         f"brackets):\n\n{length_table(out, results)}\n\n"
         f"Where the KL to the reference teacher sits (test, pooled over seeds):\n\n{kl_table(out, results)}\n\n"
+        "What the reference teacher advises on each student's own greedy answers: at every decision (which move; go "
+        "on or stop), is its top token on a shortest way to the goal from where the student's moves have led, "
+        "while the student still follows the path its VTs draw, and after it has left it (test, pooled over "
+        f"seeds):\n\n{advice_table(results)}\n\n"
         f"Settings: `{json.dumps(settings)}`. Wall time of this invocation: {minutes:.1f} min (finished stages are "
         "reused).\n"
     )

@@ -93,12 +93,8 @@ def _step(maze: Maze, cell: tuple[int, int], move: str) -> tuple[int, int] | Non
     return (r, c) if 0 <= r < maze.size and 0 <= c < maze.size else None
 
 
-def shortest_path(maze: Maze) -> str | None:
-    """A shortest safe move string from S to G, or None if there is none.
-
-    Tie-break: the lexicographically smallest string in L < D < R < U order among shortest paths (distances
-    by BFS from the goal, then a greedy walk trying moves in that order).
-    """
+def distances_to_goal(maze: Maze) -> dict[tuple[int, int], int]:
+    """Safe-move distance from every cell that can reach the goal (BFS from the goal; holes are walls)."""
     goal, dist = maze.goal, {maze.goal: 0}
     queue = deque([goal])
     while queue:
@@ -108,6 +104,16 @@ def shortest_path(maze: Maze) -> str | None:
             if nxt is not None and nxt not in dist and maze.grid[nxt[0]][nxt[1]] != "H":
                 dist[nxt] = dist[cell] + 1
                 queue.append(nxt)
+    return dist
+
+
+def shortest_path(maze: Maze) -> str | None:
+    """A shortest safe move string from S to G, or None if there is none.
+
+    Tie-break: the lexicographically smallest string in L < D < R < U order among shortest paths (distances
+    by BFS from the goal, then a greedy walk trying moves in that order).
+    """
+    goal, dist = maze.goal, distances_to_goal(maze)
     cell = maze.start
     if cell not in dist:
         return None
@@ -120,6 +126,23 @@ def shortest_path(maze: Maze) -> str | None:
                 cell = nxt
                 break
     return "".join(path)
+
+
+def best_next(grid: Sequence[str], moves: str) -> set[str] | None:
+    """After `moves` from the start, the next actions on a shortest way to the goal: the moves that bring the agent
+    one step closer, or {"stop"} on the goal. None when `moves` left the grid, fell in a hole, or reached a cell
+    with no way to the goal (VSP rules: walking on past the goal is allowed)."""
+    maze = Maze(tuple(grid))
+    dist, cell = distances_to_goal(maze), maze.start
+    for move in moves:
+        cell = _step(maze, cell, move)
+        if cell is None or maze.grid[cell[0]][cell[1]] == "H":
+            return None
+    if cell not in dist:
+        return None
+    if dist[cell] == 0:
+        return {"stop"}
+    return {m for m in MOVES if (nxt := _step(maze, cell, m)) is not None and dist.get(nxt) == dist[cell] - 1}
 
 
 def generate(

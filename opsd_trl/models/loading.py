@@ -90,9 +90,8 @@ def load_pretrained(path: str, *, dtype=None, attn_implementation: str | None = 
     )
 
     from . import bagel  # noqa: F401  (registers model_type "bagel" with AutoConfig / AutoModelForImageTextToText)
-    from .tiny import _PROCESSORS
-
     from .bagel.convert import is_bagel_checkpoint
+    from .tiny import _PROCESSORS
 
     path = os.fspath(path)
     if isinstance(dtype, str) and dtype != "auto":

@@ -24,8 +24,8 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
     "beta 0.5 (the paper's)": ("visual_opsd", {"beta": 0.5}),
     "beta 1, lr 1e-3": ("visual_opsd", {"opsd_lr": 1e-3}),
     "noise-VT control": ("noise_control", {}),
-    "supervised, lr 5e-4 (default)": ("supervised", {}),
-    "supervised, lr 1e-3": ("supervised", {"supervised_lr": 1e-3}),
+    "supervised, lr 5e-4": ("supervised", {"supervised_lr": 5e-4}),
+    "supervised, lr 1e-3 (default)": ("supervised", {}),
     "supervised, lr 2e-3": ("supervised", {"supervised_lr": 2e-3}),
     "50/50 warm-start (student share 0.5)": ("visual_opsd", {"sft_teacher_share": 0.5}),
 }

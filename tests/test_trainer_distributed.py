@@ -83,6 +83,9 @@ def test_zero3_ranks_with_different_completion_lengths(model, kind, modes, tiny_
         run = dist["runs"][mode]
         # Global batch 2, one sample per rank: the shortest and the longest completion are on different ranks.
         assert all(lo < hi for lo, hi in zip(run["min_length"], run["max_length"], strict=True)), run
+        # The generator was built before train() (the script sets its sampling), yet generates on the engine, from
+        # which TRL's unwrap takes the ZeRO-3 hooks off while the weights are gathered.
+        assert run["generator_model"] == "DeepSpeedEngine"
         _compare(run, single["runs"][mode])
 
 

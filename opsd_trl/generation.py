@@ -191,8 +191,12 @@ class HFGenerator(Generator):
     """`model.generate` on the live policy: no weight sync needed.
 
     `model` may be wrapped by accelerate / DeepSpeed when `accelerator` is given (TRL's `unwrap_model_for_generation`
-    handles it). Under ZeRO-3 with `gather_deepspeed3_params=False` the model stays sharded and generation runs in
-    lockstep across ranks (`synced_gpus`), image-skip rounds included.
+    handles it). Under ZeRO-3 on several processes generation always runs in lockstep across ranks: every rank runs
+    as many forward passes (`synced_gpus`: a rank whose samples have all ended keeps stepping until every rank's
+    have) and as many image-skip rounds. A ZeRO-3 forward is a collective even when `gather_deepspeed3_params=True`
+    gathered the whole model: the engine's start-of-forward hook compares the module traces of all ranks until a
+    trace is complete, and each round's gather is one; a rank with shorter completions would leave the others
+    waiting in a collective it never joins.
     """
 
     def __init__(
@@ -215,7 +219,7 @@ class HFGenerator(Generator):
         self.generation_kwargs = generation_kwargs or {}
         unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
         self.eos_token_ids = _eos_ids(self.settings, unwrapped, self.tokenizer)
-        self._synced = self._is_zero3() and not gather_deepspeed3_params
+        self._synced = self._is_zero3() and accelerator.num_processes > 1  # gathered or not (see the class docstring)
         if self._synced:
             self._lockstep = _max_over_ranks
 

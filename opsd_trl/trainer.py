@@ -187,6 +187,9 @@ class VisualOPSDTrainer(DistillationTrainer):
         if self.use_vllm and self.state.global_step != self._last_synced_step:
             self.generator.sync_weights()  # the policy, never the EMA / fixed teacher weights
             self._last_synced_step = self.state.global_step
+        # The wrapped model of now: a generator built before `train()` (e.g. to set its sampling) holds the bare
+        # module, through which TRL's ZeRO-3 unwrap cannot take the engine's hooks off for the gathered generation.
+        self.generator.model = self.model_wrapped
         t0 = time.perf_counter()
         result = self.generator.generate(prompt_ids, images)
         self._metrics[self._mode]["time/generation"].append(time.perf_counter() - t0)

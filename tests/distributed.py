@@ -89,7 +89,8 @@ def launch(
         "--main_process_port", str(_free_port()),
         str(script), "--out", str(out), *map(str, args),
     ]  # fmt: skip
-    # A new session lets a timeout kill the launcher *and* its worker processes together.
+    # A new session for the launcher; its workers get sessions of their own (torch's elastic agent starts them so),
+    # so a timeout kills the launcher's group and each process under it.
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=launch_env(config), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
@@ -97,8 +98,14 @@ def launch(
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        workers = _descendants(proc.pid)
         os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
+        for pid in workers:  # a surviving worker would hold the output pipe open: communicate() would never return
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        output, _ = proc.communicate(timeout=60)
         raise RuntimeError(f"timed out after {timeout} s: {' '.join(cmd)}\n{_tail(output)}") from None
     if proc.returncode != 0:
         raise RuntimeError(f"exit code {proc.returncode}: {' '.join(cmd)}\n{_tail(output)}")
@@ -107,6 +114,23 @@ def launch(
     result = json.loads(out.read_text())
     result.setdefault("_output", output)
     return result
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes under `pid` (children, their children, ...), from /proc; empty where there is none."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def _tail(text: str, n: int = 12000) -> str:

@@ -44,9 +44,9 @@ CASES = [
     pytest.param("text_lm", "text", ALL_MODES, "cpu_ddp", [], marks=pytest.mark.slow, id="text-ddp"),
     pytest.param("text_lm", "text", "ema", "cpu_zero3", ["--fused", "0"], marks=pytest.mark.slow,
                  id="text-zero3-logits-path"),
-    # Per-sample means over the samples of both ranks (num_items_in_batch counts samples); uneven completion lengths
-    # are covered by the single-process GA test below.
-    pytest.param("text_lm", "text", "ema,self", "cpu_zero3", ["--norm", "samples"], id="text-zero3-samples"),
+    # Per-sample means over the samples of both ranks (num_items_in_batch counts samples), of different lengths.
+    pytest.param("text_lm", "text", "ema,self", "cpu_zero3", ["--norm", "samples", "--uneven", "1"],
+                 id="text-zero3-samples"),
 ]
 
 
@@ -63,6 +63,30 @@ def test_two_processes_equal_one(model, kind, modes, config, extra, tiny_model_d
         if mode in ("ema", "fixed") and config == "cpu_zero3":
             # The shadow teacher is sharded like the model: this rank holds about half of the trainable weights.
             assert dist["runs"][mode]["shadow_numel"] < 0.6 * full
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "model, kind, modes",
+    [pytest.param("text_lm", "text", ALL_MODES, id="text"), pytest.param("qwen2_5_vl", "vl", "ema", id="qwen2.5vl")],
+)
+def test_zero3_ranks_with_different_completion_lengths(model, kind, modes, tiny_model_dirs, tmp_path):
+    """ZeRO-3, one sample per rank, completions of different lengths on the two ranks (as sampling gives): every
+    rank must run as many forward passes in generation (a ZeRO-3 forward is a collective, gathered weights or not),
+    else the rank with the longer completion waits forever. Finishes, and equals 1 process."""
+    args = ["--kind", kind, "--mode", modes, "--uneven", "1"]
+    # A hang is a failure: 2 steps take well under a minute.
+    dist = launch("train_opsd", "cpu_zero3", ["--model-dir", tiny_model_dirs[model], *args], tmp_path / "dist",
+                  timeout=300)
+    single = _single_process(tiny_model_dirs[model], tmp_path / "single", args)
+    for mode in modes.split(","):
+        run = dist["runs"][mode]
+        # Global batch 2, one sample per rank: the shortest and the longest completion are on different ranks.
+        assert all(lo < hi for lo, hi in zip(run["min_length"], run["max_length"], strict=True)), run
+        # The generator was built before train() (the script sets its sampling), yet generates on the engine, from
+        # which TRL's unwrap takes the ZeRO-3 hooks off while the weights are gathered.
+        assert run["generator_model"] == "DeepSpeedEngine"
+        _compare(run, single["runs"][mode])
 
 
 @pytest.mark.parametrize("mode", ["ema", "self"])

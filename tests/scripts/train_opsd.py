@@ -124,7 +124,9 @@ def train_one(args, mode: str, out_dir: Path) -> dict:
         "loss": [h["loss"] for h in history],
         "mean_length": [h["completions/mean_length"] for h in history],
         "min_length": [h["completions/min_length"] for h in history],
+        "max_length": [h["completions/max_length"] for h in history],
         "grad_norm": [h["grad_norm"] for h in history],
+        "generator_model": type(trainer.generator.model).__name__,  # what generation ran on (a wrapper or not)
         "weights": str(weights),
         "shadow": None if shadow_file is None else str(shadow_file),
         "shadow_numel": None if shadow is None else sum(v.numel() for v in shadow.values()),

@@ -427,8 +427,11 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
         new tokens by the parent; the image map is the prompt's, generated tokens are text."""
         if mm_token_type_ids is not None and mm_token_type_ids.shape[1] < input_ids.shape[1]:
             mm_token_type_ids = F.pad(mm_token_type_ids, (0, input_ids.shape[1] - mm_token_type_ids.shape[1]))
-        image_mask = self.model.image_mask(input_ids, mm_token_type_ids)
-        _, positions = self.model.layout(input_ids, image_mask, attention_mask)
+        # Under synced_gpus (multi-process ZeRO-3) a rank that has finished keeps stepping so that every rank runs
+        # the same forwards: its mask and token types grow with the cache while its ids stop (outputs discarded).
+        n = input_ids.shape[1]
+        image_mask = self.model.image_mask(input_ids, None if mm_token_type_ids is None else mm_token_type_ids[:, :n])
+        _, positions = self.model.layout(input_ids, image_mask, None if attention_mask is None else attention_mask[:, :n])
         kwargs.pop("position_ids", None)
         inputs = super().prepare_inputs_for_generation(
             input_ids, past_key_values=past_key_values, attention_mask=attention_mask, position_ids=positions, **kwargs

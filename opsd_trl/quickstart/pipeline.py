@@ -162,6 +162,14 @@ def supervised_stage(s: Settings, data: dict, warm: Path, out: Path, seed: int, 
     return path
 
 
+def method_stage(method: str, s: Settings, data: dict, warm: Path, out: Path, cache, seed: int,
+                 progress: bool) -> Path:
+    """Train one of `METHODS` for distillation seed `seed` (the supervised baseline needs no VT cache)."""
+    if method == "supervised":
+        return supervised_stage(s, data, warm, out, seed, progress)
+    return opsd_stage(method, s, data, warm, out, cache, seed, progress)
+
+
 def eval_stage(data: dict, warm: Path, runs: dict[str, Path], out: Path, seed: int, progress: bool) -> dict:
     """Test-split metrics, once per model: the teacher with VTs, the student before, and each trained student.
     Each model's per-sample predictions go to `out/test/<name>.predictions.jsonl`; metrics to `<name>.json`, with,
@@ -217,13 +225,8 @@ def run_quickstart(out: str | os.PathLike = "quickstart_out", *, smoke: bool = F
     warm = warmstart_stage(s, data, out, rebuild_warmstart, progress)
     model, processor = load_weights(warm, s.seed)
     cache = vt_cache(model, processor, data["train"], out / "vt_cache", progress=progress)
-    runs = {}
-    for seed in range(s.seeds):
-        for method in METHODS:
-            if method == "supervised":
-                runs[f"{method}/seed{seed}"] = supervised_stage(s, data, warm, out, seed, progress)
-            else:
-                runs[f"{method}/seed{seed}"] = opsd_stage(method, s, data, warm, out, cache, seed, progress)
+    runs = {f"{method}/seed{seed}": method_stage(method, s, data, warm, out, cache, seed, progress)
+            for seed in range(s.seeds) for method in METHODS}
     results = eval_stage(data, warm, {k.replace("/", "_"): v for k, v in runs.items()}, out, s.seed, progress)
     histories = {k: json.loads((out / k / "history.json").read_text()) for k in runs}
     table = write_report(results, histories, out, settings=asdict(s), minutes=(time.perf_counter() - t0) / 60)

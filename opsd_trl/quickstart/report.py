@@ -41,11 +41,25 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def method_of(name: str) -> str:
+    """`visual_opsd_seed2` -> `visual_opsd`; names without a seed are their own method."""
+    return re.sub(r"_seed\d+$", "", name)
+
+
 def by_method(results: dict) -> dict[str, list[dict]]:
     """Test metrics grouped by method: `{"visual_opsd": [seed0, seed1, ...], "student_before": [...], ...}`."""
     groups = defaultdict(list)
     for name in sorted(results):
-        groups[re.sub(r"_seed\d+$", "", name)].append(results[name])
+        groups[method_of(name)].append(results[name])
+    return dict(groups)
+
+
+def predictions_by_method(out: Path, results: dict) -> dict[str, list[dict]]:
+    """Every evaluated model's per-sample test records (`test/<name>.predictions.jsonl`), pooled by method."""
+    groups = defaultdict(list)
+    for name in results:
+        lines = (out / "test" / f"{name}.predictions.jsonl").read_text().splitlines()
+        groups[method_of(name)] += [json.loads(line) for line in lines]
     return dict(groups)
 
 
@@ -79,13 +93,11 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def length_table(out: Path, results: dict) -> str:
-    """Test accuracy by shortest-path length (moves), per system, pooled over seeds."""
+def length_table(records: dict[str, list[dict]]) -> str:
+    """Test accuracy by shortest-path length (moves), per system, pooled over seeds (`predictions_by_method`)."""
     counts: dict[str, dict[int, list[int]]] = {}
-    for name in results:
-        method = re.sub(r"_seed\d+$", "", name)
-        for line in (out / "test" / f"{name}.predictions.jsonl").read_text().splitlines():
-            p = json.loads(line)
+    for method, method_records in records.items():
+        for p in method_records:
             hit = counts.setdefault(method, {}).setdefault(len(p["meta"]["path"]), [0, 0])
             hit[0] += p["correct"]
             hit[1] += 1
@@ -100,22 +112,21 @@ def length_table(out: Path, results: dict) -> str:
     return "\n".join(lines)
 
 
-def kl_table(out: Path, results: dict) -> str:
+def kl_table(records: dict[str, list[dict]]) -> str:
     """Where KL(T||S) sits: its token-weighted mean on the mazes each system solves and on those it does not."""
     lines = ["| system | share solved | KL(T‖S) on solved mazes | KL(T‖S) on unsolved mazes |", "|---|---|---|---|"]
     for method, label in LABELS.items():
-        records = [json.loads(line) for name in results if re.sub(r"_seed\d+$", "", name) == method
-                   for line in (out / "test" / f"{name}.predictions.jsonl").read_text().splitlines()]
-        if not records or "kl_tokens" not in records[0]:
+        method_records = records.get(method, [])
+        if not method_records or "kl_tokens" not in method_records[0]:
             continue
         cells = []
         for solved in (True, False):
-            part = [r for r in records if r["correct"] == solved]
+            part = [r for r in method_records if r["correct"] == solved]
             tokens = sum(r["kl_tokens"] for r in part)
             cells.append(f"{sum(r['kl_teacher_student'] * r['kl_tokens'] for r in part) / tokens:.3f}" if tokens
                          else "")
-        lines.append(f"| {label} | {_pct(sum(r['correct'] for r in records) / len(records))} | {cells[0]} "
-                     f"| {cells[1]} |")
+        share = sum(r["correct"] for r in method_records) / len(method_records)
+        lines.append(f"| {label} | {_pct(share)} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
 
@@ -124,9 +135,9 @@ def advice_table(results: dict) -> str:
     greedy answers, on and off the reference path (pooled over seeds; see `advice.py`)."""
     lines = ["| student | decisions on the VTs' path | teacher right | student right | decisions off it | teacher "
              "right | student right |", "|---|---|---|---|---|---|---|"]
+    groups = by_method(results)
     for method, label in LABELS.items():
-        runs = [r["teacher_advice"] for name, r in results.items()
-                if re.sub(r"_seed\d+$", "", name) == method and "teacher_advice" in r]
+        runs = [r["teacher_advice"] for r in groups.get(method, []) if "teacher_advice" in r]
         if not runs:
             continue
         cells = []
@@ -172,11 +183,12 @@ def headline(results: dict) -> str:
 
 def report_text(results: dict, out: Path, *, settings: dict, minutes: float) -> str:
     seeds = settings["seeds"]
+    records = predictions_by_method(out, results)
     return (
         f"{headline(results)}\n\n{results_table(results)}\n\n"
         f"Accuracy by shortest-path length (test, pooled over {seeds} seed{'s' * (seeds > 1)}; mazes per length in "
-        f"brackets):\n\n{length_table(out, results)}\n\n"
-        f"Where the KL to the reference teacher sits (test, pooled over seeds):\n\n{kl_table(out, results)}\n\n"
+        f"brackets):\n\n{length_table(records)}\n\n"
+        f"Where the KL to the reference teacher sits (test, pooled over seeds):\n\n{kl_table(records)}\n\n"
         "What the reference teacher advises on each student's own greedy answers: at every decision (which move; go "
         "on or stop), is its top token on a shortest way to the goal from where the student's moves have led, "
         "while the student still follows the path its VTs draw, and after it has left it (test, pooled over "

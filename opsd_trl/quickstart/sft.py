@@ -63,8 +63,10 @@ def warm_start(model, contexts: Contexts, dataset, *, steps: int, batch_size: in
         opt.step()
         sched.step()
         losses.append(loss.item())
-        shown = on_step(step + 1) if on_step is not None else None
-        bar.set_postfix({"loss": f"{loss.item():.3f}", **(shown or {})}, refresh=False)
-        model.train()
+        shown = {}
+        if on_step is not None:
+            shown = on_step(step + 1) or {}
+            model.train()  # a validation point leaves the model in eval mode
+        bar.set_postfix({"loss": f"{loss.item():.3f}", **shown}, refresh=False)
     model.eval()
     return losses

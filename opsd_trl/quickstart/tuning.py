@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .model import load_weights
-from .pipeline import Settings, datasets, opsd_stage, supervised_stage, vt_cache, warmstart_stage
+from .pipeline import Settings, datasets, method_stage, vt_cache, warmstart_stage
 from .report import LABELS
 
 # name -> (method, Settings overrides). The defaults' own run is "default"; the others change one thing each.
@@ -43,14 +43,13 @@ def run_tuning(out: Path, names: list[str] | None = None, progress: bool = True)
         folder.mkdir(parents=True, exist_ok=True)
         data = datasets(s)
         warm = warmstart_stage(s, data, folder, rebuild=False, progress=progress)
-        if method == "supervised":
-            supervised_stage(s, data, warm, folder, 0, progress)
-        else:
+        cache = None
+        if method != "supervised":
             same_start = s.warmstart_key() == base.warmstart_key()
             model, processor = load_weights(warm, s.seed)
             cache = vt_cache(model, processor, data["train"], (out if same_start else folder) / "vt_cache",
                              progress=progress)
-            opsd_stage(method, s, data, warm, folder, cache, 0, progress)
+        method_stage(method, s, data, warm, folder, cache, 0, progress)
         history = json.loads((folder / method / "seed0" / "history.json").read_text())
         rows[name] = {"method": method, "overrides": overrides, "validation": history["validation"]}
     (out / "tuning.json").write_text(json.dumps(rows, indent=1))

@@ -1,8 +1,15 @@
 """`VisualOPSDConfig`: TRL's `DistillationConfig` plus the Visual-OPSD fields, with the paper's defaults."""
 
+import dataclasses
+import types
+import typing
+import warnings
 from dataclasses import dataclass, field
+from typing import Literal
 
 from trl import DistillationConfig
+
+from .losses import ClipForm, Normalization
 
 TEACHER_INTRO = (
     "The following images are privileged visual references that depict the intermediate visual thoughts on the path "
@@ -10,46 +17,177 @@ TEACHER_INTRO = (
 )
 TEACHER_TRANSITION = "Now, using your own independent reasoning, answer the problem above. Think step by step."
 
-_CHOICES = {
-    "loss_type": ("gjsd", "sampled_reverse_kl"),
-    "teacher_mode": ("self", "ema", "fixed"),
-    "vt_source": ("cache", "online"),
-    "on_missing_vt": ("error", "no_vt_teacher"),
-    "noise_vt_space": ("pixels", "embeddings"),
-    "jsd_clip_form": ("reference", "nonnegative"),
-    "loss_normalization": ("tokens", "samples"),
+# The choice fields' types: `HfArgumentParser` shows them as `choices` in `--help` and refuses other values on the
+# command line; `__post_init__` checks values given in Python or in a recipe against the same types.
+LossType = Literal["gjsd", "sampled_reverse_kl"]
+TeacherMode = Literal["self", "ema", "fixed"]
+VTSource = Literal["cache", "online"]
+NoiseVTSpace = Literal["pixels", "embeddings"]
+OnMissingVT = Literal["error", "no_vt_teacher"]
+
+
+def _choices(annotation) -> tuple | None:
+    """The allowed values of a `Literal[...]` (or `Literal[...] | None`) field type; None for other types."""
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        for arg in typing.get_args(annotation):
+            if typing.get_origin(arg) is Literal:
+                return typing.get_args(arg)
+    return None
+
+
+def _int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# field: (check of the value, what it must be). Choice fields are checked from their `Literal` type instead.
+_FIELD_CHECKS = {
+    "teacher_top_k": (lambda v: v is None or (_int(v) and v >= 1), "an integer >= 1 or None"),
+    "jsd_clip": (lambda v: v is None or (_number(v) and v > 0), "> 0 or None"),
+    "close_truncated_completions": (lambda v: isinstance(v, bool), "a bool"),
+    "fused_loss": (lambda v: isinstance(v, bool), "a bool"),
+    "loss_chunk_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "ema_decay": (lambda v: _number(v) and 0.0 <= v <= 1.0, "in [0, 1]"),
+    "max_vt_images": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "teacher_intro": (lambda v: isinstance(v, str), "a string"),
+    "teacher_transition": (lambda v: isinstance(v, str), "a string"),
+    "vt_cache_dir": (lambda v: v is None or isinstance(v, str), "a folder or None"),
+    "allow_trainable_vision_with_cache": (lambda v: isinstance(v, bool), "a bool"),
+    "noise_vt": (lambda v: isinstance(v, bool), "a bool"),
+    "image_skip_marker": (lambda v: v is None or isinstance(v, str), "a string or None (None or '': no rounds)"),
+    "image_skip_token": (lambda v: isinstance(v, str) and v != "", "a non-empty string (one token)"),
+    "max_image_skips": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "vllm_llm_kwargs": (lambda v: v is None or isinstance(v, dict), "a dict (JSON object) or None"),
+    "max_prompt_length": (lambda v: v is None or (_int(v) and v >= 1), "an integer >= 1 or None"),
 }
 
 
 @dataclass
 class VisualOPSDConfig(DistillationConfig):
-    """Configuration for [`~opsd_trl.VisualOPSDTrainer`].
+    r"""
+    Configuration class for [`~opsd_trl.VisualOPSDTrainer`].
 
-    Inherits every field of `trl.DistillationConfig` (generation, vLLM, logging, `beta`, `temperature`, ...). The
-    sampling `temperature` is also the loss temperature tau (the loss is multiplied by tau^2), as in TRL.
-    `top_k` stays TRL's *sampling* top-k; the teacher's top-K support of the loss is `teacher_top_k`.
+    Extends TRL's [`~trl.DistillationConfig`] (generation, vLLM, logging, `temperature`, ...) with the Visual-OPSD
+    fields, at the paper's defaults. The sampling `temperature` is also the loss temperature tau (the loss is
+    multiplied by tau^2), as in TRL. `top_k` stays TRL's *sampling* top-k; the teacher's top-K support of the loss is
+    `teacher_top_k`. Every field is checked on construction (a bad value raises, naming the field), and a warning
+    names the options that another setting makes ineffective (e.g. `beta` with `loss_type="sampled_reverse_kl"`).
+
+    Parameters:
+        > Parameters that control the loss
+
+        beta (`float`, *optional*, defaults to `0.5`):
+            Generalized JSD interpolation: `0.0` = KL(teacher||student), `1.0` = KL(student||teacher), between: the
+            generalized JSD with mixture M = beta T + (1 - beta) S.
+        loss_type (`str`, *optional*, defaults to `"gjsd"`):
+            `"gjsd"` (the paper's clipped top-K generalized JSD) or `"sampled_reverse_kl"` (policy gradient on the
+            sampled token with advantage log p_T - log p_S; `beta`, `teacher_top_k`, `jsd_clip`, `jsd_clip_form` and
+            `fused_loss` do not apply to it).
+        teacher_top_k (`int` or `None`, *optional*, defaults to `256`):
+            Keep the teacher's top-K vocabulary entries per position; both distributions are renormalised on them.
+            `None` = the full vocabulary.
+        jsd_clip (`float` or `None`, *optional*, defaults to `0.05`):
+            Clamp each (token, vocabulary entry) divergence term to at most this value. `None` = no clip.
+        jsd_clip_form (`str`, *optional*, defaults to `"reference"`):
+            Which per-entry terms `jsd_clip` clamps: `"reference"` (p log(p/q), as the reference code; can be negative
+            at beta 0 / 1) or `"nonnegative"` (p log(p/q) - p + q). The same loss for 0 < beta < 1 or without a clip.
+        loss_normalization (`str`, *optional*, defaults to `"tokens"`):
+            `"tokens"` (TRL: sum over the completion tokens of the accumulation window / their count; long
+            completions weigh more) or `"samples"` (the reference: mean over each completion, then over the samples
+            of the window; every sample weighs the same).
+        close_truncated_completions (`bool`, *optional*, defaults to `True`):
+            A completion cut at `max_completion_length` keeps its first `max_completion_length - 1` sampled tokens
+            and ends with `image_skip_token`, scored like a sampled EOS (the reference). `False`: the cut completion
+            is scored as sampled, with no EOS position.
+        fused_loss (`bool`, *optional*, defaults to `True`):
+            Compute the loss from hidden states and the lm_head tile by tile (no full logits); heads with a bias,
+            scale or softcap fall back to logits.
+        loss_chunk_size (`int`, *optional*, defaults to `256`):
+            Completion tokens per loss chunk (peak memory of the loss).
+
+        > Parameters that control the teacher
+
+        teacher_mode (`str`, *optional*, defaults to `"ema"`):
+            The teacher's weights: `"self"` (the live weights), `"ema"` (shadow weights updated after every optimizer
+            step) or `"fixed"` (the initial weights: the base model under LoRA, else a frozen copy).
+        ema_decay (`float`, *optional*, defaults to `0.995`):
+            EMA teacher: shadow = d * shadow + (1 - d) * policy. Only with `teacher_mode="ema"`.
+
+        > Parameters that control the teacher context (visual thoughts)
+
+        max_vt_images (`int`, *optional*, defaults to `8`):
+            Visual thoughts (VTs) per sample in the teacher context; extra ones are dropped and counted.
+        teacher_intro (`str`, *optional*, defaults to the paper's text):
+            Text before the visual thoughts, at the end of the last user turn.
+        teacher_transition (`str`, *optional*, defaults to the paper's text):
+            Text after the visual thoughts.
+        vt_source (`str` or `None`, *optional*):
+            `"cache"` (read `vt_cache_dir`) or `"online"` (encode the VT images every step). Default: `"cache"` when
+            `vt_cache_dir` is set, else `"online"`.
+        vt_cache_dir (`str` or `None`, *optional*):
+            VT cache folder (built by `opsd-trl build-vt-cache`), read with `vt_source="cache"`.
+        allow_trainable_vision_with_cache (`bool`, *optional*, defaults to `False`):
+            Accept a VT cache while the vision tower trains (the cache then goes stale).
+        on_missing_vt (`str`, *optional*, defaults to `"error"`):
+            A sample without visual thoughts: `"error"` (raise, naming it) or `"no_vt_teacher"` (the teacher sees
+            intro + transition without images).
+        noise_vt (`bool`, *optional*, defaults to `False`):
+            Control run: the teacher's VTs carry no information (see `noise_vt_space`).
+        noise_vt_space (`str`, *optional*, defaults to `"pixels"`):
+            `"pixels"` (the paper's control): each VT's pixel tensor becomes standard Gaussian noise of its shape,
+            encoded by the vision tower, fresh every step; `"embeddings"`: VT features become Gaussian noise with
+            each image's mean and std (not the paper's). Text LMs: embedding VTs always get embedding noise; text VTs
+            (`vt_text`) become random vocabulary tokens, about as many as they had. Only with `noise_vt=True`.
+
+        > Parameters that control generation
+
+        image_skip_marker (`str` or `None`, *optional*, defaults to `"<image_start>"`):
+            A round ending on EOS whose text contains this marker gets one more round. `None` or `""` = no image-skip
+            rounds.
+        image_skip_token (`str`, *optional*, defaults to `"<|im_end|>"`):
+            Token that closes a turn: closes an image-skip round before the next one opens, and a truncated
+            completion (`close_truncated_completions`).
+        max_image_skips (`int`, *optional*, defaults to `1`):
+            Continuation rounds allowed per completion; `0` = no image-skip rounds.
+        vllm_llm_kwargs (`dict` or `None`, *optional*):
+            Extra `vllm.LLM` options for `vllm_mode="colocate"` (e.g. `{"dtype": "float32"}` on CPU).
+
+        > Parameters that control the data preprocessing
+
+        max_prompt_length (`int` or `None`, *optional*):
+            Longest student prompt in tokens; a longer one raises, naming the sample. `None` = no limit.
     """
 
     _VALID_DICT_FIELDS = DistillationConfig._VALID_DICT_FIELDS + ["vllm_llm_kwargs"]
 
+    # Parameters that control the loss
     beta: float = field(
         default=0.5,
         metadata={"help": "Generalized JSD interpolation: 0 = KL(teacher||student), 1 = KL(student||teacher)."},
     )
-    loss_type: str = field(default="gjsd", metadata={"help": "gjsd | sampled_reverse_kl."})
+    loss_type: LossType = field(
+        default="gjsd",
+        metadata={"help": "gjsd (clipped top-K generalized JSD) | sampled_reverse_kl (policy gradient on the sampled "
+                  "token; ignores beta, teacher_top_k, jsd_clip, jsd_clip_form, fused_loss)."},
+    )
     teacher_top_k: int | None = field(
         default=256, metadata={"help": "Keep the teacher's top-K vocabulary entries per position (None = full vocab)."}
     )
     jsd_clip: float | None = field(
         default=0.05, metadata={"help": "Clamp each (token, vocab entry) divergence term to at most this value."}
     )
-    jsd_clip_form: str = field(
+    jsd_clip_form: ClipForm = field(
         default="reference",
         metadata={"help": "Which per-entry terms jsd_clip clamps: reference (p log(p/q), as the reference code; can be "
                   "negative at beta 0 / 1) | nonnegative (p log(p/q) - p + q). Same loss for 0 < beta < 1 or "
                   "without a clip."},
     )
-    loss_normalization: str = field(
+    loss_normalization: Normalization = field(
         default="tokens",
         metadata={"help": "tokens (TRL: sum over the completion tokens of the accumulation window / their count; long "
                   "completions weigh more) | samples (the reference: mean over each completion, then mean over "
@@ -66,16 +204,20 @@ class VisualOPSDConfig(DistillationConfig):
         metadata={"help": "Compute the loss from hidden states and the lm_head tile by tile (no full logits)."},
     )
     loss_chunk_size: int = field(default=256, metadata={"help": "Completion tokens per loss chunk."})
-    teacher_mode: str = field(
+
+    # Parameters that control the teacher
+    teacher_mode: TeacherMode = field(
         default="ema", metadata={"help": "self (live weights) | ema (shadow weights) | fixed (initial weights)."}
     )
     ema_decay: float = field(default=0.995, metadata={"help": "EMA teacher: shadow = d * shadow + (1 - d) * policy."})
+
+    # Parameters that control the teacher context (visual thoughts)
     max_vt_images: int = field(
         default=8, metadata={"help": "Visual thoughts per sample in the teacher context; extra ones are dropped."}
     )
     teacher_intro: str = field(default=TEACHER_INTRO, metadata={"help": "Text before the visual thoughts."})
     teacher_transition: str = field(default=TEACHER_TRANSITION, metadata={"help": "Text after the visual thoughts."})
-    vt_source: str | None = field(
+    vt_source: VTSource | None = field(
         default=None,
         metadata={"help": "cache (read `vt_cache_dir`) | online (encode VT images every step); default: cache when "
                   "vt_cache_dir is set, else online."},
@@ -85,18 +227,24 @@ class VisualOPSDConfig(DistillationConfig):
         default=False,
         metadata={"help": "Accept a VT cache while the vision tower trains (the cache then goes stale)."},
     )
+    on_missing_vt: OnMissingVT = field(
+        default="error",
+        metadata={"help": "error | no_vt_teacher (the teacher sees intro + transition without images)."},
+    )
     noise_vt: bool = field(
         default=False,
         metadata={"help": "Control run: the teacher's VTs carry no information (see noise_vt_space)."},
     )
-    noise_vt_space: str = field(
+    noise_vt_space: NoiseVTSpace = field(
         default="pixels",
         metadata={"help": "pixels (the paper's control): each VT's pixel tensor becomes standard Gaussian noise of its "
                   "shape, encoded by the vision tower, fresh every step | embeddings: VT features become Gaussian "
                   "noise with each image's mean and std (not the paper's). Text LMs: embedding VTs always get "
                   "embedding noise; text VTs (`vt_text`) become random vocabulary tokens, about as many as they had."},
     )
-    image_skip_marker: str = field(
+
+    # Parameters that control generation
+    image_skip_marker: str | None = field(
         default="<image_start>",
         metadata={"help": "A round ending on EOS whose text contains this marker gets one more round."},
     )
@@ -106,37 +254,70 @@ class VisualOPSDConfig(DistillationConfig):
                   "truncated completion (close_truncated_completions)."},
     )
     max_image_skips: int = field(default=1, metadata={"help": "Continuation rounds allowed per completion."})
-    on_missing_vt: str = field(
-        default="error",
-        metadata={"help": "error | no_vt_teacher (the teacher sees intro + transition without images)."},
-    )
     vllm_llm_kwargs: dict | str | None = field(
         default=None,
         metadata={"help": "Extra `vllm.LLM` options for colocate mode (e.g. {\"dtype\": \"float32\"} on CPU)."},
     )
+
+    # Parameters that control the data preprocessing
     max_prompt_length: int | None = field(
         default=None, metadata={"help": "Longest student prompt in tokens; a longer one raises naming the sample."}
     )
 
     def __post_init__(self):
-        super().__post_init__()
+        super().__post_init__()  # TRL's checks (beta in [0, 1], ...); parses vllm_llm_kwargs given as JSON text
         if self.vt_source is None:
             self.vt_source = "cache" if self.vt_cache_dir else "online"
-        for name, choices in _CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}.")
-        if self.teacher_top_k is not None and self.teacher_top_k < 1:
-            raise ValueError(f"teacher_top_k must be >= 1 or None, got {self.teacher_top_k}.")
-        if self.jsd_clip is not None and self.jsd_clip <= 0:
-            raise ValueError(f"jsd_clip must be > 0 or None, got {self.jsd_clip}.")
-        if not 0.0 <= self.ema_decay <= 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}.")
+        for name, annotation in VisualOPSDConfig.__annotations__.items():
+            value = getattr(self, name)
+            choices = _choices(annotation)
+            if choices is not None and value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
+            check, expected = _FIELD_CHECKS.get(name, (None, None))
+            if check is not None and not check(value):
+                raise ValueError(f"{name} must be {expected}, got {value!r}.")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}.")
-        for name in ("max_vt_images", "loss_chunk_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if self.max_image_skips < 0:
-            raise ValueError(f"max_image_skips must be >= 0, got {self.max_image_skips}.")
         if self.vt_source == "cache" and not self.vt_cache_dir:
             raise ValueError("vt_source='cache' needs vt_cache_dir (build one with `opsd-trl build-vt-cache`).")
+        self._warn_ignored_options()
+
+    def _ignoring_settings(self) -> list[tuple[str, tuple[str, ...]]]:
+        """(a setting of this config, the options it makes ineffective)."""
+        found = []
+        if self.loss_type == "sampled_reverse_kl":  # the sampled token's log-ratio, from full-vocabulary logits
+            found.append(("loss_type='sampled_reverse_kl'",
+                          ("beta", "teacher_top_k", "jsd_clip", "jsd_clip_form", "fused_loss")))
+        if self.jsd_clip is None:
+            found.append(("jsd_clip=None", ("jsd_clip_form",)))
+        if self.teacher_mode != "ema":
+            found.append((f"teacher_mode={self.teacher_mode!r}", ("ema_decay",)))
+        if not self.noise_vt:
+            found.append(("noise_vt=False", ("noise_vt_space",)))
+        if self.vt_source == "online":
+            found.append(("vt_source='online'", ("vt_cache_dir", "allow_trainable_vision_with_cache")))
+        if self.max_image_skips == 0 and self.image_skip_marker:
+            found.append(("max_image_skips=0", ("image_skip_marker",)))
+        if not self.image_skip_marker and self.max_image_skips != 0:
+            found.append((f"image_skip_marker={self.image_skip_marker!r}", ("max_image_skips",)))
+        if not self.use_vllm or self.vllm_mode != "colocate":  # the options of a colocated engine
+            found.append(("use_vllm=False" if not self.use_vllm else f"vllm_mode={self.vllm_mode!r}",
+                          ("vllm_llm_kwargs",)))
+        return found
+
+    def _warn_ignored_options(self) -> None:
+        """One warning naming every option set away from its default that another setting makes ineffective."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        reported, lines = set(), []
+        for setting, names in self._ignoring_settings():
+            ignored = [n for n in names if getattr(self, n) != defaults[n] and n not in reported]
+            reported.update(ignored)
+            if ignored:
+                lines.append(f"{setting} ignores {', '.join(f'{n}={getattr(self, n)!r}' for n in ignored)}")
+        if lines:  # Python shows a repeated warning once
+            warnings.warn("VisualOPSDConfig: " + "; ".join(lines) + " (these options have no effect).", stacklevel=4)
+
+    def needs_teacher_copy(self, peft: bool) -> bool:
+        """Whether the teacher keeps its own copy of the trainable weights: `ema` always (the shadow), `fixed` unless
+        the policy is a LoRA adapter (its fixed teacher is the base model, adapter disabled), `self` never."""
+        return self.teacher_mode == "ema" or (self.teacher_mode == "fixed" and not peft)

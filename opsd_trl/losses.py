@@ -13,6 +13,7 @@ The fused hidden-state variant lives in :mod:`opsd_trl.fused_loss` and reuses :f
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,8 @@ import torch.nn.functional as F
 __all__ = [
     "CLIP_FORMS",
     "NORMALIZATIONS",
+    "ClipForm",
+    "Normalization",
     "compute_dtype",
     "counted_rows",
     "generalized_jsd",
@@ -32,8 +35,10 @@ __all__ = [
 ]
 
 
-CLIP_FORMS = ("reference", "nonnegative")
-NORMALIZATIONS = ("tokens", "samples")
+ClipForm = Literal["reference", "nonnegative"]  # which per-entry terms a clip clamps (see `per_token_divergence`)
+Normalization = Literal["tokens", "samples"]  # how per-token terms reduce to the loss (see `reduce_per_token`)
+CLIP_FORMS = get_args(ClipForm)
+NORMALIZATIONS = get_args(Normalization)
 
 
 def validate_divergence_args(

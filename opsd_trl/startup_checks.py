@@ -149,8 +149,7 @@ def teacher_copy_bytes(model_config, args, model_args, launch: Launch) -> int:
 
 
 def _check_teacher_copy(args, model_args, model_config, launch: Launch) -> None:
-    needs_copy = args.teacher_mode == "ema" or (args.teacher_mode == "fixed" and not model_args.use_peft)
-    if not needs_copy:
+    if not args.needs_teacher_copy(peft=model_args.use_peft):
         return
     need = teacher_copy_bytes(model_config, args, model_args, launch)
     budget = MAX_TEACHER_COPY_FRACTION * launch.device_memory

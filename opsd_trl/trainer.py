@@ -597,7 +597,7 @@ class VisualOPSDTrainer(DistillationTrainer):
         super()._load_best_model()
 
     def _needs_shadow(self) -> bool:
-        return self.args.teacher_mode == "ema" or (self.args.teacher_mode == "fixed" and not self._peft)
+        return self.args.needs_teacher_copy(peft=self._peft)
 
 
 __all__ = ["VisualOPSDConfig", "VisualOPSDTrainer"]

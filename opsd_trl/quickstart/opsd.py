@@ -90,7 +90,8 @@ def train_opsd(model, processor, train, validation, reference, out: Path, *, cac
     args = VisualOPSDConfig(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
         lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), adam_beta2=0.95, max_grad_norm=1.0,
-        teacher_mode=teacher_mode, ema_decay=ema_decay, noise_vt=noise_vt, beta=beta, teacher_top_k=None,
+        teacher_mode=teacher_mode, noise_vt=noise_vt, beta=beta, teacher_top_k=None,
+        **({"ema_decay": ema_decay} if teacher_mode == "ema" else {}),  # other modes have no decay (no warning)
         jsd_clip=jsd_clip, temperature=temperature, max_completion_length=16, max_image_skips=0,
         teacher_intro=TEACHER_INTRO, teacher_transition=TEACHER_TRANSITION,
         vt_source="online" if cache is None else "cache",

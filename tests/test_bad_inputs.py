@@ -11,7 +11,7 @@ import io
 import pytest
 import torch
 from datasets import Dataset
-from trainer_utils import entry, generation_batch, make_trainer, text_dataset, vl_dataset
+from trainer_utils import entry, generation_batch, image_blocks, make_trainer, text_dataset, vl_dataset
 
 from opsd_trl.models.adapters import SlotFeatures
 from opsd_trl.models.tiny import build_tiny_qwen2_5_vl, build_tiny_text_lm
@@ -46,9 +46,9 @@ def test_corrupt_image_bytes_name_the_sample_and_column(tmp_path):
 
 def test_vt_id_absent_from_the_cache(tmp_path):
     model, tok = build_tiny_text_lm()
+    cache = {"t0": entry([SlotFeatures(torch.randn(3, 64), None, None)])}  # t0 cached with one VT, t1 absent
     with pytest.raises(KeyError, match="sample 't1' is not in the VT cache"):
-        make_trainer(model, tok, text_dataset(n=2), tmp_path,
-                     vt_cache={"t0": entry([SlotFeatures(torch.randn(3, 64), None, None)])}).train()
+        make_trainer(model, tok, text_dataset(n=2), tmp_path, vt_cache=cache).train()
 
 
 def test_cache_built_for_another_model_is_refused_naming_the_field(tmp_path):
@@ -63,11 +63,14 @@ def test_cache_built_for_another_model_is_refused_naming_the_field(tmp_path):
 
 def test_more_vts_than_allowed_are_truncated_and_counted(tmp_path):
     model, processor = build_tiny_qwen2_5_vl()
-    trainer = make_trainer(model, processor, vl_dataset(n=2, n_vt=3), tmp_path, max_vt_images=2, max_steps=1)
+    dataset = vl_dataset(n=2, n_vt=3)
+    trainer = make_trainer(model, processor, dataset, tmp_path, max_vt_images=2, max_steps=1)
     trainer.train()
     logged = [h for h in trainer.state.log_history if "vt/truncated" in h]
-    assert logged and logged[0]["vt/truncated"] == 2
+    assert logged and logged[0]["vt/truncated"] == 2  # both samples
     assert logged[0]["vt/images_per_sample"] == 2
+    batch = generation_batch(trainer, dataset)
+    assert [image_blocks(processor, ids) for ids in batch["teacher_prompt_ids"]] == [3, 3]  # problem image + 2 VTs
 
 
 def test_prompt_longer_than_the_limit_names_the_sample(tmp_path):
@@ -78,27 +81,34 @@ def test_prompt_longer_than_the_limit_names_the_sample(tmp_path):
         make_trainer(model, tok, Dataset.from_list(rows), tmp_path, max_prompt_length=64).train()
 
 
-def test_empty_completion_contributes_nothing_and_is_never_nan(tmp_path):
+def test_empty_completion_contributes_nothing_and_is_never_nan(tmp_path, monkeypatch):
     model, tok = build_tiny_text_lm()
     dataset = text_dataset(n=2)
     trainer = make_trainer(model, tok, dataset, tmp_path)
-    generate = trainer.generator._sample
-    trainer.generator._sample = lambda prompts, images, n: [[] for _ in prompts]  # a backend returning nothing
+    monkeypatch.setattr(trainer.generator, "_sample", lambda prompts, images, n: [[] for _ in prompts])  # no tokens
     batch = generation_batch(trainer, dataset)
     assert batch["completion_mask"].sum() == 0
     loss = trainer.compute_loss(trainer.model, batch)
     assert loss.item() == 0.0
     loss.backward()  # connected zero: every rank can still run backward
-    trainer.generator._sample = generate
 
 
-def test_completion_without_eos_is_trained_on_and_counted(tmp_path):
+def test_completion_without_eos_is_trained_and_counted(tmp_path):
     model, tok = build_tiny_text_lm()
-    trainer = make_trainer(model, tok, text_dataset(n=2), tmp_path, max_completion_length=3, max_steps=1)
-    trainer.train()
-    logs = trainer.state.log_history[0]
-    assert logs["completions/eos_rate"] == 0.0 and logs["completions/clipped_ratio"] == 1.0
-    assert logs["loss"] > 0
+    dataset = text_dataset(n=2)
+    # A 3-token budget on a random model: completions end without EOS.
+    trainer = make_trainer(model, tok, dataset, tmp_path, max_completion_length=3)
+    batch = generation_batch(trainer, dataset)
+    assert batch["completion_mask"].sum() == 6
+    assert trainer._metrics["train"]["completions/eos_rate"] == [0.0]  # of the sampled completions
+    assert trainer._metrics["train"]["completions/clipped_ratio"] == [1.0]
+    # Closed as the reference closes them: the last sampled token gives way to <|im_end|>, which is scored.
+    assert batch["completion_ids"][:, -1].tolist() == [tok.convert_tokens_to_ids("<|im_end|>")] * 2
+    assert trainer.compute_loss(trainer.model, batch) > 0
+    unclosed = make_trainer(model, tok, dataset, tmp_path, max_completion_length=3, close_truncated_completions=False)
+    torch.manual_seed(0)
+    kept = generation_batch(unclosed, dataset)
+    assert kept["completion_mask"].sum() == 6 and not (kept["completion_ids"][:, -1] == tok.eos_token_id).any()
 
 
 def test_non_finite_logits_raise_with_step_and_sample_ids(tmp_path):
@@ -119,11 +129,8 @@ def test_batch_mixing_vt_counts(tmp_path):
     dataset = Dataset.from_list(rows, features=vl_dataset(n=1).features)
     trainer = make_trainer(model, processor, dataset, tmp_path)
     batch = generation_batch(trainer, dataset)
-    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-    blocks = {
-        sid: sum(1 for a, b in zip(ids, ids[1:], strict=False) if b == image_token and a != image_token)
-        for sid, ids in zip(batch["sample_ids"], batch["teacher_prompt_ids"], strict=True)
-    }
+    blocks = {sid: image_blocks(processor, ids)
+              for sid, ids in zip(batch["sample_ids"], batch["teacher_prompt_ids"], strict=True)}
     assert blocks == {"s0": 2, "s1": 4}  # problem image + 1 VT, problem image + 3 VTs
     assert torch.isfinite(trainer.compute_loss(trainer.model, batch))
 

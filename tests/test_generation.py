@@ -1,7 +1,9 @@
 """HF generate backend, image-skip rounds and weight iteration on tiny models (no vLLM needed)."""
 
+import importlib.util
 from types import SimpleNamespace
 
+import peft
 import pytest
 import torch
 from PIL import Image
@@ -195,7 +197,6 @@ def test_hf_qwen2_5_vl_with_image():
 
 
 def test_lora_weights_are_merged_under_base_names(text_lm):
-    peft = pytest.importorskip("peft")
     model, _ = build_tiny_text_lm(seed=1)
     base_names = {n for n, _ in model.named_parameters()}
     lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
@@ -212,9 +213,6 @@ def test_lora_weights_are_merged_under_base_names(text_lm):
 
 
 def test_selecting_vllm_without_it_fails_with_install_hint(text_lm):
-    pytest.importorskip  # noqa: B018
-    import importlib.util
-
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed here")
     model, tok = text_lm

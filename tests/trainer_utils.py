@@ -77,6 +77,12 @@ def generation_batch(trainer, dataset):
     return trainer._generate_and_score_completions(rows)
 
 
+def image_blocks(processor, ids) -> int:
+    """Images in a token sequence: runs of the processor's image placeholder token."""
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    return sum(1 for i, t in enumerate(ids) if t == image_token and (i == 0 or ids[i - 1] != image_token))
+
+
 def completion_logits(trainer, batch, teacher=True) -> torch.Tensor:
     model = trainer.accelerator.unwrap_model(trainer.model)
     with torch.no_grad():

@@ -1,9 +1,20 @@
 """Warm-start SFT on both contexts, so the tiny policy can read images before Visual-OPSD starts.
 
-Each sample is trained in the student context (problem image only) or, with probability `teacher_share`, in the
-teacher context (problem image + VTs), with cross-entropy on the reference answer. Without this the random-init
-policy has nothing to distil: the teacher must already use its VTs better than the student uses the image.
-Sequences are built by `opsd_trl.eval.completion_logits`, i.e. exactly the contexts training and eval use.
+Each step trains with cross-entropy on the reference answers in the teacher context (problem image + VTs), for each
+sample of the batch with probability `teacher_share`, and in the student context (problem image only) with
+probability `1 - teacher_share`; the two draws are independent, so a sample can be in both contexts or in neither.
+Without this the random-init policy has nothing to distil: the teacher must already use its VTs better than the
+student uses the image. Sequences are built by `opsd_trl.eval.completion_logits`, i.e. exactly the contexts training
+and eval use.
+
+A hand loop, not the HF `Trainer` / TRL `SFTTrainer`: the shipped warm-start (`quickstart_warmstart.safetensors`,
+keyed by its settings) must stay reproducible bit for bit, and the Trainer would change the updates. Its sampler
+yields epoch permutations from a torch generator, where this loop draws each batch with `random.Random(seed).sample`
+(no repeats within a step, independent steps) from the same stream as the per-sample context draws; its loss is one
+token mean per batch, where this one is a token mean per context weighted by the context's share of the batch, over
+two forwards; its default optimizer is the fused AdamW kernel (other rounding than `torch.optim.AdamW`); and the
+schedule below is none of transformers' schedulers. Reproducing all of it would take a custom sampler, collator,
+`compute_loss`, optimizer and scheduler: the same loop, spread over Trainer hooks.
 """
 
 from __future__ import annotations
@@ -38,6 +49,10 @@ def warm_start(model, contexts: Contexts, dataset, *, steps: int, batch_size: in
         return pixels[i, teacher]
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    # Not transformers' `get_cosine_schedule_with_warmup`: that one ramps from 0 (s / warmup) and runs its cosine
+    # over the steps after warmup; this one ramps from 1 / warmup and multiplies the ramp by a cosine over all steps.
+    # The learning rates differ at every step (e.g. step 0: 0 vs lr / warmup), so the shipped warm-start and the
+    # supervised baseline of the quickstart table would not be reproduced.
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))
     )
@@ -47,7 +62,7 @@ def warm_start(model, contexts: Contexts, dataset, *, steps: int, batch_size: in
     for step in bar:
         batch = rng.sample(range(len(rows)), min(batch_size, len(rows)))
         loss = torch.zeros(())
-        for teacher in (False, True):  # one forward per context; each sample goes to one of them
+        for teacher in (False, True):  # one forward per context; a fresh draw per sample and context
             idx = [i for i in batch if (rng.random() < teacher_share) == teacher]
             if not idx:
                 continue

@@ -7,8 +7,6 @@ import math
 import re
 from pathlib import Path
 
-import pytest
-
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 

@@ -15,9 +15,9 @@ import torch
 
 @dataclass(frozen=True)
 class Hook:
-    owner: str  # "module:Class" or "module"
-    name: str  # method or attribute
-    params: tuple[str, ...] | None  # the method's parameters (inspect.signature), None for an attribute
+    owner: str  # "module:Qualified.name" ("module:" for a module-level function)
+    name: str  # a method / function of `owner`; for an attribute (params None), a fragment of `owner`'s source
+    params: tuple[str, ...] | None  # the method's parameters (inspect.signature)
     reason: str
 
 
@@ -44,11 +44,13 @@ HOOKS = [
     # --- private methods called ------------------------------------------------------------------------------
     Hook("trl:DistillationTrainer", "_get_last_hidden_state",
          ("self", "unwrapped_model", "input_ids", "attention_mask", "logits_to_keep", "pixel_values",
-          "image_grid_thw", "pixel_attention_mask", "image_sizes", "mm_token_type_ids"),
+          "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes", "token_type_ids",
+          "mm_token_type_ids", "image_position_ids"),
          "the student's completion hidden states, multimodal fields handled as TRL does"),
     Hook("transformers:Trainer", "_get_output_dir", ("self", "trial"), "where _save_checkpoint writes"),
-    Hook("trl.models.utils", "unwrap_model_for_generation",
-         ("model", "accelerator", "gather_deepspeed3_params"), "HF generate on a ZeRO-3 / wrapped policy"),
+    Hook("trl.models.utils:", "unwrap_model_for_generation",
+         ("model", "accelerator", "gather_deepspeed3_params", "generation_kwargs", "gradient_checkpointing_kwargs"),
+         "HF generate on a ZeRO-3 / wrapped policy"),
     # --- attributes read or written --------------------------------------------------------------------------
     Hook("trl:DistillationTrainer.__init__", "self._metrics", None,
          "per-mode lists of values TRL averages into each log"),

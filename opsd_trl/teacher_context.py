@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from trl.data_utils import prepare_multimodal_messages
+from trl.trainer.utils import pad
 
 from .data import validate_prompt, validate_standard
 from .models.adapters import SlotFeatures
@@ -225,6 +226,28 @@ class TeacherContext:
         ids = [i for i in torch.randint(len(tok), (2 * n + 8,)).tolist() if i not in special][:n]
         return tok.decode(ids)
 
+    def batch(self, inputs, image_grid_thw: torch.Tensor | None, num_images: list[int] | None):
+        """The teacher side of a generation batch: per sample its id, teacher prompt ids + slot mask, and VT features
+        (cache) or VT pixels (online). `image_grid_thw` / `num_images`: the student batch's problem images. Also
+        returns how many samples lost VTs to `max_vt_images`, and each sample's VT count."""
+        counts = num_images or [0] * len(inputs)
+        tokens = placeholders_per_image(self.processing_class, image_grid_thw) if image_grid_thw is not None else []
+        offsets = [sum(counts[:i]) for i in range(len(inputs))]
+        batch = {"sample_ids": [], "teacher_prompt_ids": [], "teacher_slot_mask": [], "vt_slots": [], "vt_pixels": []}
+        truncated, n_vts = 0, []
+        for x, offset, n_img in zip(inputs, offsets, counts, strict=True):
+            vts = self.sample_vts(x)
+            truncated += vts.available > len(vts.tokens)
+            prompt = self.teacher_prompt(x, len(vts.tokens), tokens[offset : offset + n_img] + vts.tokens,
+                                         use_vt_text=vts.slots is None)
+            batch["sample_ids"].append(x["id"])
+            batch["teacher_prompt_ids"].append(prompt.input_ids)
+            batch["teacher_slot_mask"].append(prompt.slot_mask)
+            batch["vt_slots"].append(vts.slots or [])
+            batch["vt_pixels"].append(vts.pixels)
+            n_vts.append(len(vts.tokens))
+        return batch, truncated, n_vts
+
     def teacher_prompt(self, x, n_vt: int, tokens_per_slot: list[int], use_vt_text: bool) -> TeacherPrompt:
         """Render and tokenize one sample's teacher context (slots: problem images, then VTs; `tokens_per_slot` has
         one count per slot). `use_vt_text`: a text LM's VTs are its `vt_text`, not slots."""
@@ -253,6 +276,22 @@ class TeacherContext:
                                        placeholder_id=self.tokenizer.pad_token_id)
 
     # ------------------------------------------------------------------------------------------- at forward time
+    @staticmethod
+    def sequences(inputs: dict[str, Any], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(input_ids, attention_mask, slot_mask)` of the teacher sequences `[teacher prompt ; completion]`: the
+        prompts left-padded, so the completion starts at the same column as in the student's sequences."""
+        prompts = inputs["teacher_prompt_ids"]
+        prompt_ids = pad([torch.tensor(p) for p in prompts], padding_value=pad_token_id, padding_side="left")
+        prompt_mask = pad([torch.ones(len(p), dtype=torch.long) for p in prompts], padding_value=0,
+                          padding_side="left")
+        slot_mask = pad([torch.tensor(m) for m in inputs["teacher_slot_mask"]], padding_value=False,
+                        padding_side="left")
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids.to(device), completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask.to(device), completion_mask], dim=1)
+        slot_mask = torch.cat([slot_mask.to(device), torch.zeros_like(completion_ids, dtype=torch.bool)], dim=1)
+        return input_ids, attention_mask, slot_mask
+
     def slots_for_batch(self, adapter, model, inputs: dict[str, Any], device) -> list[SlotFeatures]:
         """Row-major slot features: per sample its problem images (encoded now, under the weights in use), then
         its VTs (from the cache, or encoded now)."""

@@ -24,7 +24,6 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import logging
 from trl import DistillationTrainer
-from trl.trainer.utils import pad
 
 from . import trl_hooks
 from .checkpoints import load_shadow, mark_complete, mark_incomplete, resolve_resume, shadow_path
@@ -36,7 +35,7 @@ from .generation import build_generator, require_vllm
 from .losses import generalized_jsd, sampled_token_reverse_kl
 from .models.adapters import get_adapter, head_logits, unwrap_base
 from .models.loading import has_full_weights, load_checkpoint_weights
-from .teacher_context import TeacherContext, placeholders_per_image
+from .teacher_context import TeacherContext
 from .teacher_weights import ShadowWeights
 from .vt_cache import VTCache, check_compatible
 from .zero3 import gathered
@@ -219,20 +218,8 @@ class VisualOPSDTrainer(DistillationTrainer):
     def _teacher_batch(self, inputs, output) -> dict[str, Any]:
         """Per sample: teacher prompt ids + slot mask, and VT features (cache) or VT pixels (online)."""
         self._check_prompt_lengths(inputs, output["prompt_mask"].sum(-1).tolist(), "student")
-        problem_tokens = self._problem_image_tokens(output, len(inputs))
-        batch = {"sample_ids": [], "teacher_prompt_ids": [], "teacher_slot_mask": [], "vt_slots": [], "vt_pixels": []}
-        truncated, n_vts = 0, []
-        for x, image_tokens in zip(inputs, problem_tokens, strict=True):
-            vts = self.teacher_context.sample_vts(x)
-            truncated += vts.available > len(vts.tokens)
-            prompt = self.teacher_context.teacher_prompt(x, len(vts.tokens), image_tokens + vts.tokens,
-                                                         use_vt_text=vts.slots is None)
-            batch["sample_ids"].append(x["id"])
-            batch["teacher_prompt_ids"].append(prompt.input_ids)
-            batch["teacher_slot_mask"].append(prompt.slot_mask)
-            batch["vt_slots"].append(vts.slots or [])
-            batch["vt_pixels"].append(vts.pixels)
-            n_vts.append(len(vts.tokens))
+        batch, truncated, n_vts = self.teacher_context.batch(inputs, output.get("image_grid_thw"),
+                                                             output.get("num_images"))
         self._check_prompt_lengths(inputs, [len(p) for p in batch["teacher_prompt_ids"]], "teacher")
         if truncated:
             self._metrics[self._mode]["vt/truncated"].append(truncated)
@@ -247,13 +234,6 @@ class VisualOPSDTrainer(DistillationTrainer):
                     f"sample {x['id']!r}: {role} prompt has {length} tokens > max_prompt_length={limit}; raise the "
                     "limit or shorten the prompt" + (" / reduce max_vt_images." if role == "teacher" else ".")
                 )
-
-    def _problem_image_tokens(self, output, n_samples: int) -> list[list[int]]:
-        """Per sample, the placeholder count of each problem image (from the student's image grids)."""
-        grids, counts = output.get("image_grid_thw"), output.get("num_images") or [0] * n_samples
-        tokens = placeholders_per_image(self.processing_class, grids) if grids is not None else []
-        offsets = [sum(counts[:i]) for i in range(n_samples)]
-        return [tokens[o : o + n] for o, n in zip(offsets, counts, strict=True)]
 
     # ----------------------------------------------------------------------------------------------- 3. teacher forward
     def _teacher_pass(self, unwrapped, inputs) -> dict[str, Any]:
@@ -297,20 +277,11 @@ class VisualOPSDTrainer(DistillationTrainer):
     def _teacher_hidden_states(self, unwrapped, inputs) -> torch.Tensor:
         """Teacher hidden states on the completion positions, `(B, C, H)`."""
         device = self.accelerator.device
-        prompts = inputs["teacher_prompt_ids"]
-        prompt_ids = pad([torch.tensor(p) for p in prompts], padding_value=self._tokenizer.pad_token_id,
-                         padding_side="left").to(device)
-        prompt_mask = pad([torch.ones(len(p), dtype=torch.long) for p in prompts], padding_value=0,
-                          padding_side="left").to(device)
-        slot_mask = pad([torch.tensor(m) for m in inputs["teacher_slot_mask"]], padding_value=False,
-                        padding_side="left").to(device)
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        slot_mask = torch.cat([slot_mask, torch.zeros_like(completion_ids, dtype=torch.bool)], dim=1)
+        input_ids, attention_mask, slot_mask = self.teacher_context.sequences(inputs, self._tokenizer.pad_token_id,
+                                                                              device)
         slots = self.teacher_context.slots_for_batch(self.adapter, unwrapped, inputs, device)
         hidden = self.adapter.teacher_hidden_states(unwrapped, input_ids, attention_mask, slot_mask, slots)
-        c = completion_ids.size(1)
+        c = inputs["completion_ids"].size(1)
         return hidden[:, -c - 1 : -1, :]
 
     # ----------------------------------------------------------------------------------------------- 4-5. student, loss

@@ -3,6 +3,7 @@ trainer state, teacher shadow on every rank) is on disk.
 
 A marker file is created before the first byte is written and removed (one atomic unlink) after all ranks have
 finished; resume skips any folder that still holds it, so a run killed mid-save resumes from the previous one.
+Also the trainer's own part of a checkpoint: the teacher shadow file of each rank, and which folder a resume reads.
 """
 
 from __future__ import annotations

@@ -130,7 +130,9 @@ def _eval(args) -> int:
                                prompt=args.prompt, answer_format=args.answer_format)
     results = evaluate_checkpoints(args.model, dataset, reference_path=args.reference, baseline_path=args.baseline,
                                    batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                   predictions_dir=args.predictions_dir)
+                                   predictions_dir=args.predictions_dir,
+                                   **{k: v for k, v in (("intro", args.teacher_intro),
+                                                        ("transition", args.teacher_transition)) if v is not None})
     print(json.dumps(results, indent=1))
     return 0
 
@@ -151,6 +153,10 @@ def _add_eval(sub) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=16)
     p.add_argument("--predictions-dir", help="write model/baseline.predictions.jsonl here (id, maze, completion, "
                    "parsed moves, correct: re-score them with any simulator)")
+    p.add_argument("--teacher-intro", help="text before the VTs in the reference teacher's context: the run's "
+                   "teacher_intro (default: the trainer's; the quickstart's is ' hint')")
+    p.add_argument("--teacher-transition", help="text after the VTs: the run's teacher_transition (default: the "
+                   "trainer's; the quickstart's is 'answer')")
     p.set_defaults(func=_eval)
 
 

@@ -28,41 +28,52 @@ from .generation import HFGenerator, SamplingSettings
 from .models.adapters import get_adapter
 from .tasks import parse, score
 from .tasks.common import load_meta
-from .teacher_context import teacher_messages, tokenize_teacher_prompt
+from .teacher_context import TeacherContext, placeholders_per_image
 
 
 @dataclass
 class Contexts:
-    """How to render a sample's student or teacher context for one processor (Qwen-VL families)."""
+    """How to render a sample's student or teacher context for one processing class: the trainer's builder
+    (`opsd_trl.teacher_context.TeacherContext`), so eval sees the sequences training sees. `intro` / `transition`
+    default to `VisualOPSDConfig`'s; pass the run's own. A text LM (a tokenizer) reads `vt_text` as its VTs."""
 
     processor: object
     intro: str = TEACHER_INTRO
     transition: str = TEACHER_TRANSITION
     max_vt_images: int = 8
+    chat_template_kwargs: dict | None = None
+
+    def __post_init__(self):
+        self.builder = TeacherContext(
+            self.processor, intro=self.intro, transition=self.transition, uses_images=self.uses_images,
+            chat_template_kwargs=self.chat_template_kwargs, max_vt_images=self.max_vt_images,
+        )
+
+    @property
+    def uses_images(self) -> bool:
+        return getattr(self.processor, "image_processor", None) is not None
 
     @property
     def tokenizer(self):
-        return self.processor.tokenizer
+        return self.builder.tokenizer
 
     def images(self, row: dict, teacher: bool) -> list:
-        vts = list(row.get("vt_images") or [])[: self.max_vt_images] if teacher else []
-        return list(row.get("images") or []) + vts
+        if not self.uses_images:
+            return []
+        return list(row.get("images") or []) + (self.builder.vt_images(row) if teacher else [])
 
     def pixels(self, images: list) -> dict:
-        return dict(self.processor.image_processor(images=images, return_tensors="pt"))
+        return dict(self.processor.image_processor(images=images, return_tensors="pt")) if images else {}
 
-    def prompt_ids(self, row: dict, teacher: bool, grid_thw: torch.Tensor) -> tuple[list[int], list[bool]]:
+    def prompt_ids(self, row: dict, teacher: bool, grid_thw: torch.Tensor | None = None) -> tuple[list[int],
+                                                                                              list[bool]]:
         """Token ids (image placeholders expanded) and the mask of image-feature slots."""
-        messages = row["prompt"]
+        tokens = placeholders_per_image(self.processor, grid_thw) if grid_thw is not None else []
         if teacher:
-            n_vt = len(self.images(row, True)) - len(row.get("images") or [])
-            messages = teacher_messages(messages, n_vt=n_vt, intro=self.intro, transition=self.transition)
-        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        merge = self.processor.image_processor.merge_size
-        prompt = tokenize_teacher_prompt(
-            text, self.tokenizer, image_token=self.processor.image_token,
-            tokens_per_slot=(grid_thw.prod(-1) // merge**2).tolist(), placeholder_id=self.tokenizer.pad_token_id,
-        )
+            n_vt = len(self.images(row, True)) - len(self.images(row, False))
+            prompt = self.builder.teacher_prompt(row, n_vt, tokens, use_vt_text=True)
+        else:
+            prompt = self.builder.student_prompt(row, tokens)
         return prompt.input_ids, prompt.slot_mask
 
 
@@ -73,7 +84,7 @@ def completion_logits(model, contexts: Contexts, rows: list[dict], completions: 
     adapter = get_adapter(model)
     pad_id = contexts.tokenizer.pad_token_id
     pixels = pixels or [contexts.pixels(contexts.images(r, teacher)) for r in rows]
-    prompts = [contexts.prompt_ids(r, teacher, p["image_grid_thw"]) for r, p in zip(rows, pixels, strict=True)]
+    prompts = [contexts.prompt_ids(r, teacher, p.get("image_grid_thw")) for r, p in zip(rows, pixels, strict=True)]
     width, c = max(len(ids) for ids, _ in prompts), max(len(x) for x in completions)
     device = next(model.parameters()).device
     ids = torch.full((len(rows), width + c), pad_id, dtype=torch.long)
@@ -85,10 +96,11 @@ def completion_logits(model, contexts: Contexts, rows: list[dict], completions: 
         slot[i, start:width] = torch.tensor(m)
         ids[i, width : width + len(comp)] = torch.tensor(comp, dtype=torch.long)
         attn[i, start : width + len(comp)] = 1
+    with_images = [p for p in pixels if p]  # a text LM's contexts have no image slots
     slots = adapter.encode_images(
-        model, torch.cat([p["pixel_values"] for p in pixels]).to(device),
-        torch.cat([p["image_grid_thw"] for p in pixels]).to(device),
-    )
+        model, torch.cat([p["pixel_values"] for p in with_images]).to(device),
+        torch.cat([p["image_grid_thw"] for p in with_images]).to(device),
+    ) if with_images else []
     hidden = adapter.teacher_hidden_states(model, ids.to(device), attn.to(device), slot.to(device), slots)
     logits = hidden[:, width - 1 : -1, :] @ model.get_output_embeddings().weight.t()
     return logits, attn[:, width:].bool().to(device)
@@ -109,7 +121,7 @@ def kl_gap_closure(kl_before: float, kl_after: float) -> float:
 def vision_token_ids(processor) -> list[int]:
     """Vision placeholder / delimiter ids. A completion must never contain them: fed back into a forward they would
     be read as image slots, so generation suppresses them (an untrained policy samples them otherwise)."""
-    vocab = processor.tokenizer.get_vocab()
+    vocab = getattr(processor, "tokenizer", processor).get_vocab()
     names = [getattr(processor, "image_token", None), getattr(processor, "video_token", None)]
     names += ["<|vision_start|>", "<|vision_end|>"]  # Qwen-VL delimiters
     return sorted({vocab[n] for n in names if n in vocab})
@@ -140,8 +152,8 @@ def evaluate(model, processor, dataset, *, reference=None, teacher_context: bool
         rows = rows_all[start : start + batch_size]
         images = [contexts.images(r, teacher_context) for r in rows]
         pixels = [contexts.pixels(im) for im in images]
-        prompts = [contexts.prompt_ids(r, teacher_context, p["image_grid_thw"])[0] for r, p in zip(rows, pixels,
-                                                                                                   strict=True)]
+        prompts = [contexts.prompt_ids(r, teacher_context, p.get("image_grid_thw"))[0]
+                   for r, p in zip(rows, pixels, strict=True)]
         t0 = time.perf_counter()
         completions = generator.generate(prompts, images).completion_ids
         gen_time += time.perf_counter() - t0
@@ -231,8 +243,12 @@ def _check_same_vocabulary(loaded: dict) -> None:
 
 
 def evaluate_checkpoints(model_path: str, dataset, *, reference_path: str | None = None,
-                         baseline_path: str | None = None, predictions_dir: str | None = None, **kwargs) -> dict:
+                         baseline_path: str | None = None, predictions_dir: str | None = None,
+                         intro: str = TEACHER_INTRO, transition: str = TEACHER_TRANSITION, **kwargs) -> dict:
     """Metrics of `model_path` (and of `baseline_path`, then KL-gap closure between them) on `dataset`.
+
+    `intro` / `transition` surround the VTs in the teacher context: the words the run trained with (the quickstart's
+    are `opsd_trl.quickstart.model.TEACHER_INTRO` / `TEACHER_TRANSITION`).
 
     The KL needs visual thoughts and a fixed reference teacher: `reference_path`, else the baseline. Rows without
     VTs (e.g. a VLMEvalKit TSV) get accuracy, tokens and latency only. Per-sample predictions go to
@@ -252,7 +268,7 @@ def evaluate_checkpoints(model_path: str, dataset, *, reference_path: str | None
             model, processor = loaded[path]
             if model is reference:  # the same checkpoint: evaluated on its own copy, the reference stays fixed
                 model, processor = load_checkpoint(path)
-            contexts = Contexts(processor, **_prompt_words(processor))
+            contexts = Contexts(processor, intro=intro, transition=transition)
             metrics = evaluate(model, processor, dataset, reference=reference, contexts=contexts, desc=name,
                                **kwargs)
             if predictions_dir is not None:
@@ -263,12 +279,3 @@ def evaluate_checkpoints(model_path: str, dataset, *, reference_path: str | None
         results["kl_gap_closure"] = kl_gap_closure(results["baseline"]["kl_teacher_student"],
                                                    results["model"]["kl_teacher_student"])
     return results
-
-
-def _prompt_words(processor) -> dict:
-    """The quickstart's word-level vocabulary cannot spell the paper's intro / transition: use its own words."""
-    from .quickstart.model import TEACHER_INTRO as intro
-    from .quickstart.model import TEACHER_TRANSITION as transition
-    from .quickstart.model import WORDS
-
-    return {"intro": intro, "transition": transition} if processor.tokenizer.get_vocab().keys() >= set(WORDS) else {}

@@ -20,10 +20,11 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
-from unittest import mock
 
 import torch
+from trl.trainer.utils import pad
 
+from .trl_hooks import vllm_llm_with
 from .zero3 import gathered
 
 __all__ = [
@@ -99,6 +100,9 @@ class Generator:
     # Returns the max over ranks of the local request count when a round is a collective (every rank must send the
     # same number of requests); None when ranks generate independently.
     _lockstep: Callable[[int], int] | None = None
+
+    def _max_over_ranks(self, n: int) -> int:
+        return int(self.accelerator.reduce(torch.tensor([n], device=self.accelerator.device), reduction="max").item())
 
 
 # --- image-skip rounds (backend independent) ------------------------------------------------------------------
@@ -221,7 +225,7 @@ class HFGenerator(Generator):
         self.eos_token_ids = _eos_ids(self.settings, unwrapped, self.tokenizer)
         self._synced = self._is_zero3() and accelerator.num_processes > 1  # gathered or not (see the class docstring)
         if self._synced:
-            self._lockstep = _max_over_ranks
+            self._lockstep = self._max_over_ranks
 
     def _is_zero3(self) -> bool:
         plugin = getattr(getattr(self.accelerator, "state", None), "deepspeed_plugin", None)
@@ -259,9 +263,10 @@ class HFGenerator(Generator):
         s = self.settings
         pad_id = self.tokenizer.pad_token_id
         pad_id = pad_id if pad_id is not None else min(self.eos_token_ids)
-        width = max(len(p) for p in prompts)
-        input_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts])  # left padding
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        input_ids = pad([torch.tensor(p, dtype=torch.long) for p in prompts], padding_value=pad_id, padding_side="left")
+        attention_mask = pad([torch.ones(len(p), dtype=torch.long) for p in prompts], padding_value=0,
+                             padding_side="left")
+        width = input_ids.size(1)
         sampling = (
             dict(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or None, min_p=s.min_p or None)
             if s.temperature > 0
@@ -288,16 +293,6 @@ class HFGenerator(Generator):
             end = next((k + 1 for k, t in enumerate(row) if t in self.eos_token_ids), len(row))
             rows.append(row[:end])  # EOS kept (it was sampled); padding after it dropped
         return rows
-
-
-def _max_over_ranks(n: int) -> int:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return n
-    t = torch.tensor([n], dtype=torch.long)
-    if torch.distributed.get_backend() == "nccl":
-        t = t.cuda()
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return int(t.item())
 
 
 # --- weights, one parameter at a time --------------------------------------------------------------------------
@@ -402,8 +397,6 @@ class VLLMGenerator(Generator):
         **vllm_generation_kwargs,  # VLLMGeneration's own arguments: server_*, gpu_memory_utilization, ...
     ):
         require_vllm()
-        from trl.generation import vllm_generation
-
         self.model = model
         self.processing_class = processing_class
         self.tokenizer = _tokenizer(processing_class)
@@ -411,19 +404,14 @@ class VLLMGenerator(Generator):
         self.accelerator = accelerator
         self.eos_token_ids = _eos_ids(s, accelerator.unwrap_model(model), self.tokenizer)
         if mode == "server" or vllm_generation_kwargs.get("tensor_parallel_size", 1) > 1:
-            self._lockstep = _max_over_ranks  # TRL's generate gathers prompts: equal request counts per rank
+            self._lockstep = self._max_over_ranks  # TRL's generate gathers prompts: equal request counts per rank
 
         generation_kwargs = dict(generation_kwargs or {})
         if s.eos_token_ids is not None:  # an explicit EOS set must stop vLLM too, as it stops HF generate
             generation_kwargs.setdefault("stop_token_ids", sorted(self.eos_token_ids))
         if s.suppress_token_ids:  # vLLM has no suppress list; a -100 logit bias leaves ~e^-100 of the mass
             generation_kwargs.setdefault("logit_bias", {int(i): -100.0 for i in s.suppress_token_ids})
-        llm_kwargs, real_llm = dict(llm_kwargs or {}), vllm_generation.LLM
-
-        def make_llm(**kwargs):  # TRL builds the LLM itself; this adds the engine options it does not expose
-            return real_llm(**{**kwargs, **llm_kwargs})
-
-        with mock.patch.object(vllm_generation, "LLM", make_llm):
+        with vllm_llm_with(dict(llm_kwargs or {})):  # engine options TRL's VLLMGeneration does not expose
             self.vllm = _syncing_vllm_generation()(
                 model=model,
                 accelerator=accelerator,

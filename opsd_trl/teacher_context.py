@@ -1,15 +1,30 @@
-"""Building the teacher context: student context + intro + visual thoughts + transition (pure helpers).
+"""The teacher context: student context + intro + visual thoughts + transition. One builder for training and eval.
 
 The visual thoughts are appended to the last user turn, so the teacher sees
 `[system, problem image, question, INTRO, VT_1 .. VT_k, TRANSITION]` and then the assistant header, exactly where
 the student sees `[system, problem image, question]` and the assistant header. The completion ids that follow are
 the student's, unchanged.
+
+- `TeacherContext`: per sample, its VTs (cached features or VT pixels, at most `max_vt_images`) and its teacher
+  prompt (rendered with the processing class's chat template and `chat_template_kwargs`, slots marked); at forward
+  time, the slot features in row-major order (problem images, then VTs), with the noise-VT control. Used by
+  `VisualOPSDTrainer` and `opsd_trl.eval.Contexts`.
+- Pure helpers: `teacher_messages` (the message edit), `tokenize_teacher_prompt` (ids + slot mask).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
+
+import torch
+from trl.data_utils import prepare_multimodal_messages
+from trl.trainer.utils import pad
+
+from .data import validate_prompt, validate_standard
+from .models.adapters import SlotFeatures
 
 # Stands for one soft-prefix VT while rendering a text-only chat template; never reaches the tokenizer.
 _VT_SENTINEL = "\x00opsd-vt\x00"
@@ -96,3 +111,223 @@ def tokenize_teacher_prompt(
             ids += [placeholder_id] * tokens_per_slot[i]
             mask += [True] * tokens_per_slot[i]
     return TeacherPrompt(ids, mask)
+
+
+def placeholders_per_image(processing_class, grid_thw: torch.Tensor) -> list[int]:
+    """Image placeholder tokens per image: its pre-merge patch grid `(n, 3)` over the merge window."""
+    merge = getattr(getattr(processing_class, "image_processor", None), "merge_size", 1)
+    return (grid_thw.prod(-1) // merge**2).tolist()
+
+
+@dataclass
+class SampleVTs:
+    """One sample's visual thoughts as the teacher gets them: cached features (`slots`, None when the VTs are
+    encoded online or given as text) or VT pixel inputs, the placeholder count of each kept VT, and how many VTs the
+    sample had before `max_vt_images`."""
+
+    slots: list[SlotFeatures] | None
+    pixels: dict | None
+    tokens: list[int]
+    available: int
+
+
+class TeacherContext:
+    """Builds teacher contexts for one processing class (a VLM processor, or a text LM's tokenizer).
+
+    `intro` / `transition` surround the VTs; `chat_template_kwargs` go to every chat-template call. `vt_cache` (a
+    `VTCache` or any mapping from sample id to a `VTEntry`) makes the cache the VT source for the ids it holds;
+    `on_missing_vt="error"` refuses an id it lacks. `noise_vt` / `noise_vt_space` are the noise-VT control (see
+    `VisualOPSDConfig`). A text LM's VTs are `vt_text` (plain text) or cached embeddings (soft-prefix slots).
+    """
+
+    def __init__(self, processing_class, *, intro: str, transition: str, uses_images: bool,
+                 chat_template_kwargs: dict | None = None, max_vt_images: int = 8,
+                 vt_cache: Mapping | None = None, vt_cache_name: str | None = None, on_missing_vt: str = "error",
+                 noise_vt: bool = False, noise_vt_space: str = "pixels"):
+        self.processing_class = processing_class
+        self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        self.intro, self.transition = intro, transition
+        self.uses_images = uses_images
+        self.chat_template_kwargs = chat_template_kwargs or {}
+        self.max_vt_images = max_vt_images
+        self.vt_cache, self.vt_cache_name, self.on_missing_vt = vt_cache, vt_cache_name, on_missing_vt
+        self.noise_vt, self.noise_vt_space = noise_vt, noise_vt_space
+
+    # ------------------------------------------------------------------------------------------- per sample (data)
+    def check_samples(self, inputs) -> None:
+        """Each sample has an id, a valid prompt and (with `on_missing_vt="error"`) visual thoughts."""
+        for x in inputs:
+            if "id" not in x:
+                raise ValueError("every sample needs an `id` column (the VT cache key and the name used in errors).")
+            validate_prompt(x)
+            if self.uses_images:
+                validate_standard({"images": [], **x})
+            if self.on_missing_vt != "error":
+                continue
+            if self.vt_cache is not None and x["id"] in self.vt_cache:  # the cache is then the only VT source
+                if self._cached_vt_count(x["id"]) == 0:
+                    raise ValueError(
+                        f"sample {x['id']!r} is in the VT cache {self.vt_cache_name or '(vt_cache=)'} with no visual "
+                        "thoughts (its VT columns were empty when the cache was built); fix the data and rebuild the "
+                        "cache, or set on_missing_vt='no_vt_teacher'."
+                    )
+            elif not (x.get("vt_images") if self.uses_images else x.get("vt_text")):  # a VLM never reads vt_text
+                raise ValueError(
+                    f"sample {x['id']!r} has no visual thoughts (vt_images / vt_text empty, not in the VT cache); "
+                    "fix the data or set on_missing_vt='no_vt_teacher'."
+                )
+
+    def _cached_vt_count(self, sample_id) -> int:
+        counter = getattr(self.vt_cache, "num_images", None)  # a VTCache counts from its index, reading nothing
+        return counter(sample_id) if counter is not None else len(self.vt_cache[sample_id].embeds)
+
+    def cached_vts(self, x) -> list[SlotFeatures] | None:
+        """This sample's VT features from the cache (None when they are encoded online or given as text)."""
+        if self.vt_cache is None:
+            return None
+        if x["id"] not in self.vt_cache:
+            if self.on_missing_vt == "error":
+                raise KeyError(
+                    f"sample {x['id']!r} is not in the VT cache {self.vt_cache_name}; rebuild the cache over this "
+                    "dataset or set on_missing_vt='no_vt_teacher'."
+                )
+            return []
+        entry = self.vt_cache[x["id"]]
+        grids = entry.grid_thw if entry.grid_thw is not None else [None] * len(entry.embeds)
+        deep = entry.deepstack or [None] * len(entry.embeds)
+        return [SlotFeatures(e, g, d) for e, g, d in zip(entry.embeds, grids, deep, strict=True)]
+
+    def vt_images(self, x) -> list:
+        """The VT images the teacher sees (a text LM's teacher reads none)."""
+        return list(x.get("vt_images") or [])[: self.max_vt_images] if self.uses_images else []
+
+    def sample_vts(self, x) -> SampleVTs:
+        slots = self.cached_vts(x)
+        if slots is not None:
+            kept = slots[: self.max_vt_images]
+            return SampleVTs(kept, None, [s.embeds.shape[0] for s in kept], len(slots))
+        available = len(x.get("vt_images") or []) if self.uses_images else 0
+        kept = self.vt_images(x)
+        if not kept:
+            return SampleVTs(None, None, [], available)
+        pixels = self.processing_class.image_processor(images=kept, return_tensors="pt")
+        return SampleVTs(None, pixels, placeholders_per_image(self.processing_class, pixels["image_grid_thw"]),
+                         available)
+
+    def vt_text(self, x) -> str | None:
+        """The sample's text VTs; under `noise_vt`, random vocabulary tokens as many as the VT text has (fresh every
+        call; decoded, so re-tokenised about as long), so the control keeps the context length, not the content."""
+        text = x.get("vt_text")
+        if not (self.noise_vt and text):
+            return text
+        tok = self.tokenizer
+        n = len(tok(text, add_special_tokens=False)["input_ids"])
+        special = set(tok.all_special_ids)
+        ids = [i for i in torch.randint(len(tok), (2 * n + 8,)).tolist() if i not in special][:n]
+        return tok.decode(ids)
+
+    def batch(self, inputs, image_grid_thw: torch.Tensor | None, num_images: list[int] | None):
+        """The teacher side of a generation batch: per sample its id, teacher prompt ids + slot mask, and VT features
+        (cache) or VT pixels (online). `image_grid_thw` / `num_images`: the student batch's problem images. Also
+        returns how many samples lost VTs to `max_vt_images`, and each sample's VT count."""
+        counts = num_images or [0] * len(inputs)
+        tokens = placeholders_per_image(self.processing_class, image_grid_thw) if image_grid_thw is not None else []
+        offsets = [sum(counts[:i]) for i in range(len(inputs))]
+        batch = {"sample_ids": [], "teacher_prompt_ids": [], "teacher_slot_mask": [], "vt_slots": [], "vt_pixels": []}
+        truncated, n_vts = 0, []
+        for x, offset, n_img in zip(inputs, offsets, counts, strict=True):
+            vts = self.sample_vts(x)
+            truncated += vts.available > len(vts.tokens)
+            prompt = self.teacher_prompt(x, len(vts.tokens), tokens[offset : offset + n_img] + vts.tokens,
+                                         use_vt_text=vts.slots is None)
+            batch["sample_ids"].append(x["id"])
+            batch["teacher_prompt_ids"].append(prompt.input_ids)
+            batch["teacher_slot_mask"].append(prompt.slot_mask)
+            batch["vt_slots"].append(vts.slots or [])
+            batch["vt_pixels"].append(vts.pixels)
+            n_vts.append(len(vts.tokens))
+        return batch, truncated, n_vts
+
+    def teacher_prompt(self, x, n_vt: int, tokens_per_slot: list[int], use_vt_text: bool) -> TeacherPrompt:
+        """Render and tokenize one sample's teacher context (slots: problem images, then VTs; `tokens_per_slot` has
+        one count per slot). `use_vt_text`: a text LM's VTs are its `vt_text`, not slots."""
+        messages = x["prompt"]
+        if self.uses_images:
+            messages = prepare_multimodal_messages(messages, images=x.get("images") or [])
+        messages = teacher_messages(
+            messages, n_vt=n_vt, intro=self.intro, transition=self.transition,
+            vt_text=self.vt_text(x) if use_vt_text and not self.uses_images else None, as_images=self.uses_images,
+        )
+        return self._tokenize(messages, tokens_per_slot)
+
+    def student_prompt(self, x, tokens_per_slot: list[int]) -> TeacherPrompt:
+        """The same rendering without the privileged context (eval's student; training takes TRL's)."""
+        messages = x["prompt"]
+        if self.uses_images:
+            messages = prepare_multimodal_messages(messages, images=x.get("images") or [])
+        return self._tokenize(messages, tokens_per_slot)
+
+    def _tokenize(self, messages, tokens_per_slot: list[int]) -> TeacherPrompt:
+        text = self.processing_class.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **self.chat_template_kwargs
+        )
+        image_token = getattr(self.processing_class, "image_token", None) if self.uses_images else None
+        return tokenize_teacher_prompt(text, self.tokenizer, image_token=image_token, tokens_per_slot=tokens_per_slot,
+                                       placeholder_id=self.tokenizer.pad_token_id)
+
+    # ------------------------------------------------------------------------------------------- at forward time
+    @staticmethod
+    def sequences(inputs: dict[str, Any], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(input_ids, attention_mask, slot_mask)` of the teacher sequences `[teacher prompt ; completion]`: the
+        prompts left-padded, so the completion starts at the same column as in the student's sequences."""
+        prompts = inputs["teacher_prompt_ids"]
+        prompt_ids = pad([torch.tensor(p) for p in prompts], padding_value=pad_token_id, padding_side="left")
+        prompt_mask = pad([torch.ones(len(p), dtype=torch.long) for p in prompts], padding_value=0,
+                          padding_side="left")
+        slot_mask = pad([torch.tensor(m) for m in inputs["teacher_slot_mask"]], padding_value=False,
+                        padding_side="left")
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids.to(device), completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask.to(device), completion_mask], dim=1)
+        slot_mask = torch.cat([slot_mask.to(device), torch.zeros_like(completion_ids, dtype=torch.bool)], dim=1)
+        return input_ids, attention_mask, slot_mask
+
+    def slots_for_batch(self, adapter, model, inputs: dict[str, Any], device) -> list[SlotFeatures]:
+        """Row-major slot features: per sample its problem images (encoded now, under the weights in use), then
+        its VTs (from the cache, or encoded now)."""
+        if not adapter.uses_images:
+            return [s for per in inputs["vt_slots"] for s in self.embedding_noise(adapter, per)]
+        problem: list[SlotFeatures] = []
+        if inputs.get("pixel_values") is not None:
+            problem = adapter.encode_images(model, inputs["pixel_values"], inputs["image_grid_thw"])
+        counts = inputs.get("num_images") or [0] * len(inputs["vt_slots"])
+        slots, offset = [], 0
+        for n_img, cached, pixels in zip(counts, inputs["vt_slots"], inputs["vt_pixels"], strict=True):
+            slots += problem[offset : offset + n_img]
+            offset += n_img
+            slots += self.vt_features(adapter, model, cached, pixels, device)
+        return slots
+
+    def vt_features(self, adapter, model, cached: list[SlotFeatures], pixels, device) -> list[SlotFeatures]:
+        """One sample's VT features: cached, or encoded now; under `noise_vt`, the paper's control encodes standard
+        Gaussian pixels of each VT's shape instead (fresh every call), or noises the features (`embeddings`)."""
+        pixel_noise = self.noise_vt and self.noise_vt_space == "pixels"
+        if pixels is None and not (pixel_noise and cached):
+            return self.embedding_noise(adapter, cached)
+        grid = pixels["image_grid_thw"] if pixels is not None else torch.stack([s.grid_thw for s in cached])
+        if pixel_noise:
+            values = torch.randn(int(grid.prod(-1).sum()), adapter.pixel_dim(), device=device)
+        else:
+            values = pixels["pixel_values"].to(device)
+        return self.embedding_noise(adapter, adapter.encode_images(model, values, grid))
+
+    def embedding_noise(self, adapter, slots: list[SlotFeatures]) -> list[SlotFeatures]:
+        """`noise_vt_space="embeddings"` (and text LMs' embedding VTs, which have no pixels): Gaussian features with
+        each image's mean and std."""
+        if not self.noise_vt or (adapter.uses_images and self.noise_vt_space == "pixels"):
+            return slots
+
+        def noise(t):
+            return torch.randn_like(t) * t.std() + t.mean() if t is not None else None
+
+        return [SlotFeatures(noise(s.embeds), s.grid_thw, noise(s.deepstack)) for s in slots]

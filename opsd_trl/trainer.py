@@ -24,26 +24,23 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import logging
 from trl import DistillationTrainer
-from trl.data_utils import prepare_multimodal_messages
-from trl.trainer.utils import pad
 
-from .checkpoints import is_complete, last_complete_checkpoint, mark_complete, mark_incomplete
+from . import trl_hooks
+from .checkpoints import load_shadow, mark_complete, mark_incomplete, resolve_resume, shadow_path
 from .config import VisualOPSDConfig
-from .data import decode_sample_images, defer_image_decoding, validate_prompt, validate_standard
+from .data import decode_sample_images, defer_image_decoding
 from .diagnostics import token_diagnostics
 from .fused_loss import fused_generalized_jsd, unfusable_reason
 from .generation import build_generator, require_vllm
 from .losses import generalized_jsd, sampled_token_reverse_kl
-from .models.adapters import SlotFeatures, get_adapter, head_logits, unwrap_base
+from .models.adapters import get_adapter, head_logits, unwrap_base
 from .models.loading import has_full_weights, load_checkpoint_weights
-from .teacher_context import teacher_messages, tokenize_teacher_prompt
+from .teacher_context import TeacherContext
 from .teacher_weights import ShadowWeights
 from .vt_cache import VTCache, check_compatible
 from .zero3 import gathered
 
 logger = logging.get_logger(__name__)
-
-SHADOW_FILE = "teacher_shadow_rank{rank}.safetensors"
 
 
 def _map_datasets(eval_dataset):
@@ -90,22 +87,21 @@ class VisualOPSDTrainer(DistillationTrainer):
         if not isinstance(args, VisualOPSDConfig):
             raise TypeError(f"args must be a VisualOPSDConfig, got {type(args).__name__}.")
         # teacher_model=None: the parent's teacher preparation (a second engine, eval() every step) is bypassed;
-        # this class owns the teacher forward. vLLM is set up by `opsd_trl.generation` (image-skip rounds, weight
-        # sync in any dtype, encoder-cache reset), not by the parent: hide `use_vllm` from its __init__.
-        use_vllm, args.use_vllm = args.use_vllm, False
+        # this class owns the teacher forward. vLLM is set up by `opsd_trl.generation`, not by the parent.
         train_dataset, eval_dataset = defer_image_decoding(train_dataset), _map_datasets(eval_dataset)
-        super().__init__(
-            model=model,
-            teacher_model=None,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            peft_config=peft_config,
-        )
-        args.use_vllm = self.use_vllm = use_vllm
+        with trl_hooks.parent_init_without_vllm(args) as use_vllm:
+            super().__init__(
+                model=model,
+                teacher_model=None,
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                peft_config=peft_config,
+            )
+        self.use_vllm = use_vllm
         if use_vllm:
             require_vllm()  # fail at start-up, with the install command, not at the first step
         self._last_synced_step = -1
@@ -121,11 +117,19 @@ class VisualOPSDTrainer(DistillationTrainer):
         if self.vt_cache is None and args.vt_source == "cache":
             self.vt_cache = VTCache(args.vt_cache_dir)
         if isinstance(self.vt_cache, VTCache):
-            self._check_cache()
+            check_compatible(self.vt_cache, unwrap_base(self.model), self.processing_class,
+                             allow_trainable_vision=args.allow_trainable_vision_with_cache)
+        self.teacher_context = TeacherContext(
+            self.processing_class, intro=args.teacher_intro, transition=args.teacher_transition,
+            uses_images=self.adapter.uses_images, chat_template_kwargs=self.chat_template_kwargs,
+            max_vt_images=args.max_vt_images, vt_cache=self.vt_cache, vt_cache_name=args.vt_cache_dir,
+            on_missing_vt=args.on_missing_vt, noise_vt=args.noise_vt, noise_vt_space=args.noise_vt_space,
+        )
         self._shadow: ShadowWeights | None = None
         self._resume_dir: str | None = None
         self._generator = None
         self._fuse_ok: bool | None = None
+        self._empty = trl_hooks.EmptyCompletions()
         self.add_callback(_TeacherUpdate(self))
 
     # ----------------------------------------------------------------------------------------------- set-up
@@ -148,41 +152,15 @@ class VisualOPSDTrainer(DistillationTrainer):
             self._generator.eos_token_ids = set(self.eos_token_ids)
         return self._generator
 
-    def _check_cache(self) -> None:
-        check_compatible(self.vt_cache, unwrap_base(self.model), self.processing_class,
-                         allow_trainable_vision=self.args.allow_trainable_vision_with_cache)
-
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             self._signature_columns = ["id", "prompt", "image", "images", "vt_images", "vt_text"]
 
     @property
-    def teacher_shadow(self) -> ShadowWeights:
-        """The EMA / fixed teacher weights, created on first use (after DeepSpeed has partitioned the model)."""
-        if self._shadow is None:
-            self._shadow = ShadowWeights(self.model)
-            if self._resume_dir is not None:
-                path = os.path.join(self._resume_dir, SHADOW_FILE.format(rank=self.accelerator.process_index))
-                if not os.path.isfile(path):
-                    raise ValueError(
-                        f"{self._resume_dir} has no teacher shadow for rank {self.accelerator.process_index} "
-                        f"({os.path.basename(path)}): it was saved with another teacher_mode or number of processes. "
-                        "Resume with the same teacher_mode and process count."
-                    )
-                self._shadow.load(path)
-        return self._shadow
+    def _mode(self) -> str:
+        return "train" if self.model.training else "eval"
 
-    def _teacher_weights(self, unwrapped):
-        mode = self.args.teacher_mode
-        if mode == "self":
-            return contextlib.nullcontext()
-        if mode == "fixed" and self._peft:
-            return unwrapped.disable_adapter()
-        # Under DeepSpeed, every gathered weight is released around the swap (see ShadowWeights.swapped).
-        release = getattr(self.model_wrapped, "empty_partition_cache", None) if self.is_deepspeed_enabled else None
-        return self.teacher_shadow.swapped(release_gathered=release)
-
-    # ----------------------------------------------------------------------------------------------- generation
+    # ----------------------------------------------------------------------------------------------- 1. generation
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
         if self.use_vllm and self.state.global_step != self._last_synced_step:
             self.generator.sync_weights()  # the policy, never the EMA / fixed teacher weights
@@ -194,10 +172,8 @@ class VisualOPSDTrainer(DistillationTrainer):
         result = self.generator.generate(prompt_ids, images)
         self._metrics[self._mode]["time/generation"].append(time.perf_counter() - t0)
         self._metrics[self._mode]["image_skips"].append(sum(result.num_image_skips) / max(len(prompt_ids), 1))
-        # An empty completion (a backend that returned nothing) becomes one pad token with no loss weight:
-        # the parent needs a last token, and `_generate_and_score_completions` masks it out and counts it.
-        self._empty_completions = [not ids for ids in result.completion_ids]
-        return [ids or [self._tokenizer.pad_token_id] for ids in result.completion_ids]
+        # An empty completion (a backend that returned nothing) becomes one pad token with no loss weight.
+        return self._empty.fill(result.completion_ids, self._tokenizer.pad_token_id)
 
     def _generate(self, prompts: list):
         """The parent's generation (which logs lengths and `completions/clipped_ratio` of the sampled completions),
@@ -205,7 +181,7 @@ class VisualOPSDTrainer(DistillationTrainer):
         is replaced by the turn-closing token, which is scored like a sampled EOS (the reference's sampler drops the
         last token of a round cut by the budget, and its packer ends every completion with `<|im_end|>`)."""
         prompt_ids, completion_ids, tool_mask, images, tool_images = super()._generate(prompts)
-        empty = self._empty_completions or [False] * len(completion_ids)
+        empty = self._empty.of(len(completion_ids))
         sampled_eos = [not e and ids[-1] in self.eos_token_ids for ids, e in zip(completion_ids, empty, strict=True)]
         eos = torch.tensor(sampled_eos, dtype=torch.float32, device=self.accelerator.device)
         self._metrics[self._mode]["completions/eos_rate"].append(self.accelerator.gather(eos).mean().item())
@@ -225,91 +201,30 @@ class VisualOPSDTrainer(DistillationTrainer):
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         inputs = [decode_sample_images(x) for x in inputs]
-        self._check_samples(inputs)
-        self._empty_completions = []
+        self.teacher_context.check_samples(inputs)
+        self._empty.reset()
         output = super()._generate_and_score_completions(inputs)
-        if any(self._empty_completions):
-            empty = torch.tensor(self._empty_completions, device=output["completion_mask"].device)
-            output["completion_mask"][empty] = 0
+        n_empty = self._empty.mask(output["completion_mask"])
         # Recounted on every rank (a collective): the masked-out empty completions carry no tokens. What the loss is
         # divided by over the accumulation window: its completion tokens, or its samples with at least one token.
         mask = output["completion_mask"]
         local = mask.sum() if self.args.loss_normalization == "tokens" else (mask.sum(-1) > 0).sum()
         output["num_items_in_batch"] = self.accelerator.gather(local).sum()
-        self._metrics[self._mode]["completions/empty"].append(float(sum(self._empty_completions)))
+        self._metrics[self._mode]["completions/empty"].append(float(n_empty))
         output.update(self._teacher_batch(inputs, output))
         return output
 
-    def _check_samples(self, inputs) -> None:
-        for x in inputs:
-            if "id" not in x:
-                raise ValueError("every sample needs an `id` column (the VT cache key and the name used in errors).")
-            validate_prompt(x)
-            if self.adapter.uses_images:
-                validate_standard({"images": [], **x})
-            n_vt = len(x.get("vt_images") or []) if self.adapter.uses_images else None
-            if self.args.on_missing_vt != "error":
-                continue
-            if self.vt_cache is not None and x["id"] in self.vt_cache:  # the cache is then the only VT source
-                if self._cached_vt_count(x["id"]) == 0:
-                    where = self.args.vt_cache_dir or "(vt_cache=)"
-                    raise ValueError(
-                        f"sample {x['id']!r} is in the VT cache {where} with no visual thoughts (its VT columns were "
-                        "empty when the cache was built); fix the data and rebuild the cache, or set "
-                        "on_missing_vt='no_vt_teacher'."
-                    )
-            elif not (n_vt if self.adapter.uses_images else x.get("vt_text")):  # a VLM's teacher never reads vt_text
-                raise ValueError(
-                    f"sample {x['id']!r} has no visual thoughts (vt_images / vt_text empty, not in the VT cache); "
-                    "fix the data or set on_missing_vt='no_vt_teacher'."
-                )
-
-    def _cached_vt_count(self, sample_id) -> int:
-        counter = getattr(self.vt_cache, "num_images", None)  # a VTCache counts from its index, reading nothing
-        return counter(sample_id) if counter is not None else len(self.vt_cache[sample_id].embeds)
-
-    # ----------------------------------------------------------------------------------------------- teacher batch
-    def _vt_slots(self, x) -> list[SlotFeatures] | None:
-        """This sample's VT features from the cache (None when they are encoded online or given as text)."""
-        if self.vt_cache is None:
-            return None
-        if x["id"] not in self.vt_cache:
-            if self.args.on_missing_vt == "error":
-                raise KeyError(
-                    f"sample {x['id']!r} is not in the VT cache {self.args.vt_cache_dir}; rebuild the cache over this "
-                    "dataset or set on_missing_vt='no_vt_teacher'."
-                )
-            return []
-        entry = self.vt_cache[x["id"]]
-        grids = entry.grid_thw if entry.grid_thw is not None else [None] * len(entry.embeds)
-        deep = entry.deepstack or [None] * len(entry.embeds)
-        return [SlotFeatures(e, g, d) for e, g, d in zip(entry.embeds, grids, deep, strict=True)]
-
+    # ----------------------------------------------------------------------------------------------- 2. teacher context
     def _teacher_batch(self, inputs, output) -> dict[str, Any]:
         """Per sample: teacher prompt ids + slot mask, and VT features (cache) or VT pixels (online)."""
         self._check_prompt_lengths(inputs, output["prompt_mask"].sum(-1).tolist(), "student")
-        problem_tokens = self._problem_image_tokens(output, len(inputs))
-        batch = {"sample_ids": [], "teacher_prompt_ids": [], "teacher_slot_mask": [], "vt_slots": [], "vt_pixels": []}
-        truncated, n_vts = 0, []
-        for x, image_tokens in zip(inputs, problem_tokens, strict=True):
-            slots, pixels, vt_tokens, n_all = self._sample_vts(x)
-            truncated += n_all > len(vt_tokens)
-            prompt = self._teacher_prompt(x, len(vt_tokens), image_tokens + vt_tokens, use_vt_text=slots is None)
-            batch["sample_ids"].append(x["id"])
-            batch["teacher_prompt_ids"].append(prompt.input_ids)
-            batch["teacher_slot_mask"].append(prompt.slot_mask)
-            batch["vt_slots"].append(slots or [])
-            batch["vt_pixels"].append(pixels)
-            n_vts.append(len(vt_tokens))
+        batch, truncated, n_vts = self.teacher_context.batch(inputs, output.get("image_grid_thw"),
+                                                             output.get("num_images"))
         self._check_prompt_lengths(inputs, [len(p) for p in batch["teacher_prompt_ids"]], "teacher")
         if truncated:
             self._metrics[self._mode]["vt/truncated"].append(truncated)
         self._metrics[self._mode]["vt/images_per_sample"].append(sum(n_vts) / len(n_vts))
         return batch
-
-    @property
-    def _mode(self) -> str:
-        return "train" if self.model.training else "eval"
 
     def _check_prompt_lengths(self, inputs, lengths: list[int], role: str) -> None:
         limit = self.args.max_prompt_length
@@ -320,122 +235,7 @@ class VisualOPSDTrainer(DistillationTrainer):
                     "limit or shorten the prompt" + (" / reduce max_vt_images." if role == "teacher" else ".")
                 )
 
-    def _problem_image_tokens(self, output, n_samples: int) -> list[list[int]]:
-        """Per sample, the placeholder count of each problem image (from the student's image grids)."""
-        grids, counts = output.get("image_grid_thw"), output.get("num_images") or [0] * n_samples
-        tokens = self._placeholders_per_image(grids) if grids is not None else []
-        offsets = [sum(counts[:i]) for i in range(n_samples)]
-        return [tokens[o : o + n] for o, n in zip(offsets, counts, strict=True)]
-
-    def _sample_vts(self, x):
-        """`(cached slots | None, VT pixel inputs | None, placeholder count per kept VT, VTs available)`."""
-        slots = self._vt_slots(x)
-        if slots is not None:
-            kept = slots[: self.args.max_vt_images]
-            return kept, None, [s.embeds.shape[0] for s in kept], len(slots)
-        images = list(x.get("vt_images") or []) if self.adapter.uses_images else []
-        kept = images[: self.args.max_vt_images]
-        if not kept:
-            return None, None, [], len(images)
-        pixels = self.processing_class.image_processor(images=kept, return_tensors="pt")
-        return None, pixels, self._placeholders_per_image(pixels["image_grid_thw"]), len(images)
-
-    def _placeholders_per_image(self, grid_thw) -> list[int]:
-        """Image placeholder tokens per image: its pre-merge patch grid `(n, 3)` over the merge window."""
-        merge = getattr(getattr(self.processing_class, "image_processor", None), "merge_size", 1)
-        return (grid_thw.prod(-1) // merge**2).tolist()
-
-    def _vt_text(self, x) -> str | None:
-        """The sample's text VTs; under `noise_vt`, random vocabulary tokens as many as the VT text has (fresh every
-        step; decoded, so re-tokenised about as long), so the control keeps the context length, not the content."""
-        text = x.get("vt_text")
-        if not (self.args.noise_vt and text):
-            return text
-        tok = self._tokenizer
-        n = len(tok(text, add_special_tokens=False)["input_ids"])
-        special = set(tok.all_special_ids)
-        ids = [i for i in torch.randint(len(tok), (2 * n + 8,)).tolist() if i not in special][:n]
-        return tok.decode(ids)
-
-    def _teacher_prompt(self, x, n_vt: int, tokens_per_slot: list[int], use_vt_text: bool):
-        """Render and tokenize one sample's teacher context (slots: problem images, then VTs)."""
-        messages = x["prompt"]
-        if self.adapter.uses_images:
-            messages = prepare_multimodal_messages(messages, images=x.get("images") or [])
-        messages = teacher_messages(
-            messages, n_vt=n_vt, intro=self.args.teacher_intro, transition=self.args.teacher_transition,
-            vt_text=self._vt_text(x) if use_vt_text and not self.adapter.uses_images else None,
-            as_images=self.adapter.uses_images,
-        )
-        text = self.processing_class.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, **self.chat_template_kwargs
-        )
-        image_token = getattr(self.processing_class, "image_token", None) if self.adapter.uses_images else None
-        tok = self._tokenizer
-        return tokenize_teacher_prompt(
-            text, tok, image_token=image_token, tokens_per_slot=tokens_per_slot, placeholder_id=tok.pad_token_id
-        )
-
-    # ----------------------------------------------------------------------------------------------- forward passes
-    @torch.no_grad()
-    def _teacher_hidden_states(self, unwrapped, inputs) -> torch.Tensor:
-        """Teacher hidden states on the completion positions, `(B, C, H)`."""
-        device = self.accelerator.device
-        pad_id = self._tokenizer.pad_token_id
-        prompt_ids = pad([torch.tensor(p) for p in inputs["teacher_prompt_ids"]], padding_value=pad_id,
-                         padding_side="left").to(device)
-        prompt_mask = pad([torch.ones(len(p), dtype=torch.long) for p in inputs["teacher_prompt_ids"]],
-                          padding_value=0, padding_side="left").to(device)
-        slot_mask = pad([torch.tensor(m) for m in inputs["teacher_slot_mask"]], padding_value=False,
-                        padding_side="left").to(device)
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        slot_mask = torch.cat([slot_mask, torch.zeros_like(completion_ids, dtype=torch.bool)], dim=1)
-        slots = self._slots_for_batch(unwrapped, inputs)
-        hidden = self.adapter.teacher_hidden_states(unwrapped, input_ids, attention_mask, slot_mask, slots)
-        c = completion_ids.size(1)
-        return hidden[:, -c - 1 : -1, :]
-
-    def _slots_for_batch(self, unwrapped, inputs) -> list[SlotFeatures]:
-        """Row-major slot features: per sample its problem images (encoded now, under the teacher weights), then
-        its VTs (from the cache, or encoded now)."""
-        if not self.adapter.uses_images:
-            return [s for per in inputs["vt_slots"] for s in self._embedding_noise(per)]
-        problem: list[SlotFeatures] = []
-        if inputs.get("pixel_values") is not None:
-            problem = self.adapter.encode_images(unwrapped, inputs["pixel_values"], inputs["image_grid_thw"])
-        counts = inputs.get("num_images") or [0] * len(inputs["vt_slots"])
-        slots, offset = [], 0
-        for n_img, cached, pixels in zip(counts, inputs["vt_slots"], inputs["vt_pixels"], strict=True):
-            slots += problem[offset : offset + n_img]
-            offset += n_img
-            slots += self._vt_features(unwrapped, cached, pixels)
-        return slots
-
-    def _vt_features(self, unwrapped, cached: list[SlotFeatures], pixels) -> list[SlotFeatures]:
-        """One sample's VT features: cached, or encoded now; under `noise_vt`, the paper's control encodes standard
-        Gaussian pixels of each VT's shape instead (fresh every step), or noises the features (`embeddings`)."""
-        pixel_noise = self.args.noise_vt and self.args.noise_vt_space == "pixels"
-        if pixels is None and not (pixel_noise and cached):
-            return self._embedding_noise(cached)
-        device = self.accelerator.device
-        grid = pixels["image_grid_thw"] if pixels is not None else torch.stack([s.grid_thw for s in cached])
-        if pixel_noise:
-            values = torch.randn(int(grid.prod(-1).sum()), self.adapter.pixel_dim(), device=device)
-        else:
-            values = pixels["pixel_values"].to(device)
-        return self._embedding_noise(self.adapter.encode_images(unwrapped, values, grid))
-
-    def _embedding_noise(self, slots: list[SlotFeatures]) -> list[SlotFeatures]:
-        """`noise_vt_space="embeddings"` (and text LMs' embedding VTs, which have no pixels): Gaussian features with
-        each image's mean and std."""
-        if not self.args.noise_vt or (self.adapter.uses_images and self.args.noise_vt_space == "pixels"):
-            return slots
-        def noise(t):
-            return torch.randn_like(t) * t.std() + t.mean() if t is not None else None
-        return [SlotFeatures(noise(s.embeds), s.grid_thw, noise(s.deepstack)) for s in slots]
-
+    # ----------------------------------------------------------------------------------------------- 3. teacher forward
     def _teacher_pass(self, unwrapped, inputs) -> dict[str, Any]:
         """Teacher hidden states (and the teacher's head when it differs from the policy's), computed under the
         teacher weights. Runs outside the student's wrapped forward, while ZeRO-3 holds every weight partitioned,
@@ -445,11 +245,53 @@ class VisualOPSDTrainer(DistillationTrainer):
         with self._teacher_weights(unwrapped):
             hidden = self._teacher_hidden_states(unwrapped, inputs)
             teacher_head = None
-            if self._teacher_head_differs(head):  # the EMA / fixed teacher's own head, when the head trains
+            if self._needs_shadow() and head.weight.requires_grad:  # the EMA / fixed teacher's own trained head
                 with gathered([head.weight]):
                     teacher_head = head.weight.detach().clone()
         self._metrics[self._mode]["time/teacher"].append(time.perf_counter() - t0)
         return {"teacher_hidden": hidden, "teacher_head": teacher_head}
+
+    def _teacher_weights(self, unwrapped):
+        mode = self.args.teacher_mode
+        if mode == "self":
+            return contextlib.nullcontext()
+        if mode == "fixed" and self._peft:
+            return unwrapped.disable_adapter()
+        # Under DeepSpeed, every gathered weight is released around the swap (see ShadowWeights.swapped).
+        release = getattr(self.model_wrapped, "empty_partition_cache", None) if self.is_deepspeed_enabled else None
+        return self.teacher_shadow.swapped(release_gathered=release)
+
+    def _needs_shadow(self) -> bool:
+        return self.args.needs_teacher_copy(peft=self._peft)
+
+    @property
+    def teacher_shadow(self) -> ShadowWeights:
+        """The EMA / fixed teacher weights, created on first use (after DeepSpeed has partitioned the model)."""
+        if self._shadow is None:
+            self._shadow = ShadowWeights(self.model)
+            if self._resume_dir is not None:
+                load_shadow(self._shadow, self._resume_dir, self.accelerator.process_index)
+        return self._shadow
+
+    @torch.no_grad()
+    def _teacher_hidden_states(self, unwrapped, inputs) -> torch.Tensor:
+        """Teacher hidden states on the completion positions, `(B, C, H)`."""
+        device = self.accelerator.device
+        input_ids, attention_mask, slot_mask = self.teacher_context.sequences(inputs, self._tokenizer.pad_token_id,
+                                                                              device)
+        slots = self.teacher_context.slots_for_batch(self.adapter, unwrapped, inputs, device)
+        hidden = self.adapter.teacher_hidden_states(unwrapped, input_ids, attention_mask, slot_mask, slots)
+        c = inputs["completion_ids"].size(1)
+        return hidden[:, -c - 1 : -1, :]
+
+    # ----------------------------------------------------------------------------------------------- 4-5. student, loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = {**inputs, **self._teacher_pass(self.accelerator.unwrap_model(model), inputs)}
+        # The parent runs `_compute_loss` inside the wrapped forward and normalises `num_items_in_batch`.
+        loss = super().compute_loss(model, inputs, return_outputs=False, num_items_in_batch=num_items_in_batch)
+        trl_hooks.drop_parent_entropy(self._metrics[self._mode])
+        self._metrics[self._mode][self.args.loss_type].append(self.accelerator.gather(loss.detach()).mean().item())
+        return (loss, None) if return_outputs else loss
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         """Student forward + loss; runs inside the wrapped model's forward (ZeRO-3 gathers the head once)."""
@@ -493,17 +335,15 @@ class VisualOPSDTrainer(DistillationTrainer):
                 f"non-finite loss at step {self.state.global_step} for samples {inputs['sample_ids']}; not training "
                 "on it (check the learning rate, the data and the VT features; see docs/troubleshooting.md)."
             )
-        if self._is_logging_step():
+        # Diagnostics cost two extra vocabulary projections: only for steps that get logged (and every eval batch).
+        if not self.model.training or trl_hooks.step_will_log(self.args, self.state):
             for key, value in token_diagnostics(
                 student_hidden.detach(), teacher_hidden, head.weight.detach(), teacher_weight.detach(), mask,
                 temperature=args.temperature, chunk_size=args.loss_chunk_size,
             ).items():
                 self._metrics[mode][key].append(value)
         self._metrics[mode]["time/student"].append(t2 - t1)
-        return loss, torch.zeros((), device=loss.device), mask.sum()
-
-    def _teacher_head_differs(self, head) -> bool:
-        return self._needs_shadow() and head.weight.requires_grad
+        return trl_hooks.no_entropy(loss, mask.sum())
 
     def _fusable(self, model) -> bool:
         if self._fuse_ok is None:
@@ -512,21 +352,6 @@ class VisualOPSDTrainer(DistillationTrainer):
             if reason is not None:
                 logger.warning(f"Visual-OPSD loss: using the logits path ({reason}).")
         return self._fuse_ok
-
-    def _is_logging_step(self) -> bool:
-        """Diagnostics cost two extra vocabulary projections: compute them only for steps that get logged."""
-        if not self.model.training:
-            return True
-        steps = self.args.logging_steps
-        return (self.state.global_step + 1) % max(int(steps), 1) == 0 or self.state.global_step == 0
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = {**inputs, **self._teacher_pass(self.accelerator.unwrap_model(model), inputs)}
-        loss = super().compute_loss(model, inputs, return_outputs=False, num_items_in_batch=num_items_in_batch)
-        mode = self._mode
-        self._metrics[mode].pop("entropy", None)  # replaced by entropy/student and entropy/teacher
-        self._metrics[mode][self.args.loss_type].append(self.accelerator.gather(loss.detach()).mean().item())
-        return (loss, None) if return_outputs else loss
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
@@ -537,42 +362,24 @@ class VisualOPSDTrainer(DistillationTrainer):
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, model, trial):
+        """Atomic (`opsd_trl.checkpoints`): the folder is marked incomplete until every rank has written everything,
+        teacher shadow included; older checkpoints are rotated away only then."""
         run_dir = self._get_output_dir(trial)
         folder = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
         if self.args.should_save:
             mark_incomplete(folder)
         self.accelerator.wait_for_everyone()
-        # Older checkpoints are rotated away only once this one is complete.
-        limit, self.args.save_total_limit = self.args.save_total_limit, None
-        try:
+        with trl_hooks.rotation_deferred(self.args) as limit:
             super()._save_checkpoint(model, trial)
             if self._needs_shadow():
-                self.teacher_shadow.save(os.path.join(folder, SHADOW_FILE.format(rank=self.accelerator.process_index)))
+                self.teacher_shadow.save(shadow_path(folder, self.accelerator.process_index))
             self.accelerator.wait_for_everyone()
-        finally:
-            self.args.save_total_limit = limit
         if self.args.should_save:
             mark_complete(folder)
             rotate_checkpoints(run_dir, save_total_limit=limit, best_model_checkpoint=self.state.best_model_checkpoint)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        if resume_from_checkpoint is True:  # the last *complete* checkpoint, not merely the last folder
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(
-                    f"no complete checkpoint in {self.args.output_dir} to resume from; start without "
-                    "resume_from_checkpoint or point output_dir at the run to continue."
-                )
-        elif isinstance(resume_from_checkpoint, str):
-            if not os.path.isdir(resume_from_checkpoint):
-                raise ValueError(f"resume_from_checkpoint {resume_from_checkpoint} is not a folder.")
-            if not is_complete(resume_from_checkpoint):
-                previous = last_complete_checkpoint(os.path.dirname(resume_from_checkpoint.rstrip("/")))
-                raise ValueError(
-                    f"{resume_from_checkpoint} is not a complete checkpoint (its save was interrupted, or it has no "
-                    "trainer_state.json); "
-                    + (f"resume from {previous} instead." if previous else "no complete checkpoint is next to it.")
-                )
+        resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
         if resume_from_checkpoint is not None and self._needs_shadow():
             self._resume_dir = resume_from_checkpoint
             self._shadow = None  # rebuilt and loaded from the checkpoint at first use
@@ -595,9 +402,6 @@ class VisualOPSDTrainer(DistillationTrainer):
             load_checkpoint_weights(self.accelerator.unwrap_model(self.model), best)
             return
         super()._load_best_model()
-
-    def _needs_shadow(self) -> bool:
-        return self.args.needs_teacher_copy(peft=self._peft)
 
 
 __all__ = ["VisualOPSDConfig", "VisualOPSDTrainer"]

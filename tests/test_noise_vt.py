@@ -67,7 +67,7 @@ def test_embedding_noise_keeps_each_images_statistics(tmp_path):
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     pixels = batch["vt_pixels"][0]
     real = trainer.adapter.encode_images(unwrapped, pixels["pixel_values"], pixels["image_grid_thw"])
-    noised = trainer._vt_features(unwrapped, [], pixels)
+    noised = trainer.teacher_context.vt_features(trainer.adapter, unwrapped, [], pixels, trainer.accelerator.device)
     for r, n in zip(real, noised, strict=True):
         assert n.embeds.shape == r.embeds.shape and not torch.allclose(n.embeds, r.embeds)
         assert abs(n.embeds.mean() - r.embeds.mean()) < 0.2 * r.embeds.std()

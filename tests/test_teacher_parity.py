@@ -19,6 +19,7 @@ from trainer_utils import (
 
 from opsd_trl.models.adapters import SlotFeatures
 from opsd_trl.models.tiny import build_tiny_qwen2_5_vl, build_tiny_qwen3_vl, build_tiny_text_lm
+from opsd_trl.teacher_context import teacher_messages
 from opsd_trl.vt_cache import VisionEncoder, VTCacheError, build_vt_cache
 
 ATOL = 1e-4
@@ -99,3 +100,47 @@ def test_text_lm_vt_text_in_teacher_prompt(tmp_path):
         text = tok.decode(batch["teacher_prompt_ids"][b])
         assert f"think {sample_id[1:]}" in text and trainer.args.teacher_intro in text
         assert not any(batch["teacher_slot_mask"][b])
+
+
+@pytest.mark.parametrize("builder", [build_tiny_qwen2_5_vl, build_tiny_text_lm], ids=["qwen2.5-vl", "text-lm"])
+def test_eval_renders_the_trainers_teacher_and_student_prompts(builder, tmp_path):
+    """`opsd_trl.eval.Contexts` and the trainer build the teacher context with one builder: the same ids and slot
+    mask for a VLM (VT images) and a text LM (`vt_text`); eval's student prompt is TRL's."""
+    from opsd_trl.eval import Contexts
+
+    model, processing_class = builder()
+    vlm = builder is build_tiny_qwen2_5_vl
+    dataset = vl_dataset(n=2, n_vt=3) if vlm else text_dataset(n=2)
+    trainer = make_trainer(model, processing_class, dataset, tmp_path, teacher_mode="self", max_vt_images=2,
+                           teacher_intro="Look:", teacher_transition="Now answer.")
+    batch = generation_batch(trainer, dataset)
+    contexts = Contexts(processing_class, intro="Look:", transition="Now answer.", max_vt_images=2)
+    for b, sample_id in enumerate(batch["sample_ids"]):
+        row = dataset[list(dataset["id"]).index(sample_id)]
+        for teacher in (True, False):
+            grid = contexts.pixels(contexts.images(row, teacher)).get("image_grid_thw")
+            ids, slots = contexts.prompt_ids(row, teacher, grid)
+            if teacher:
+                assert (ids, slots) == (batch["teacher_prompt_ids"][b], batch["teacher_slot_mask"][b])
+            else:
+                assert ids == batch["prompt_ids"][b][batch["prompt_mask"][b].bool()].tolist()
+
+
+def test_eval_text_lm_teacher_logits_match_a_plain_forward():
+    from opsd_trl.eval import Contexts
+    from opsd_trl.eval import completion_logits as eval_logits
+
+    model, tok = build_tiny_text_lm()
+    rows = list(text_dataset(n=2))
+    contexts = Contexts(tok, intro="Look:", transition="Now answer.")
+    completions = [[5, 6, 7], [8]]
+    logits, mask = eval_logits(model, contexts, rows, completions, teacher=True)
+    assert mask.tolist() == [[True] * 3, [True, False, False]]
+    for b, (row, comp) in enumerate(zip(rows, completions, strict=True)):
+        text = tok.apply_chat_template(teacher_messages(row["prompt"], n_vt=0, intro="Look:", transition="Now answer.",
+                                                        vt_text=row["vt_text"], as_images=False),
+                                       tokenize=False, add_generation_prompt=True)
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"] + comp])
+        with torch.no_grad():
+            ref = model(input_ids=ids).logits[0, -len(comp) - 1 : -1]
+        torch.testing.assert_close(logits[b, : len(comp)], ref, atol=ATOL, rtol=1e-4)

@@ -85,6 +85,12 @@ class VisualOPSDConfig(DistillationConfig):
         default=False,
         metadata={"help": "Accept a VT cache while the vision tower trains (the cache then goes stale)."},
     )
+    reuse_problem_image_features: bool = field(
+        default=True,
+        metadata={"help": "With a frozen vision tower, encode each problem image once per step for the teacher and "
+                  "the student forward, or read it from the VT cache when the cache holds it (built with "
+                  "problem columns). False: each forward runs the tower (as with a trainable tower)."},
+    )
     noise_vt: bool = field(
         default=False,
         metadata={"help": "Control run: the teacher's VTs carry no information (see noise_vt_space)."},

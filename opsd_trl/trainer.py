@@ -38,6 +38,13 @@ from .models.adapters import SlotFeatures, get_adapter, head_logits, unwrap_base
 from .models.loading import has_full_weights, load_checkpoint_weights
 from .teacher_context import teacher_messages, tokenize_teacher_prompt
 from .teacher_weights import ShadowWeights
+from .vision_features import (
+    cached_problem_slots,
+    grids_per_sample,
+    problem_image_slots,
+    reusable,
+    student_hidden_states,
+)
 from .vt_cache import VTCache, check_compatible
 from .zero3 import gathered
 
@@ -290,6 +297,7 @@ class VisualOPSDTrainer(DistillationTrainer):
         self._check_prompt_lengths(inputs, output["prompt_mask"].sum(-1).tolist(), "student")
         problem_tokens = self._problem_image_tokens(output, len(inputs))
         batch = {"sample_ids": [], "teacher_prompt_ids": [], "teacher_slot_mask": [], "vt_slots": [], "vt_pixels": []}
+        batch["problem_slots_cached"] = self._cached_problem_slots(inputs, output)
         truncated, n_vts = 0, []
         for x, image_tokens in zip(inputs, problem_tokens, strict=True):
             slots, pixels, vt_tokens, n_all = self._sample_vts(x)
@@ -306,6 +314,13 @@ class VisualOPSDTrainer(DistillationTrainer):
             self._metrics[self._mode]["vt/truncated"].append(truncated)
         self._metrics[self._mode]["vt/images_per_sample"].append(sum(n_vts) / len(n_vts))
         return batch
+
+    def _cached_problem_slots(self, inputs, output) -> list:
+        """Per sample, its problem-image features from the VT cache (None where not cached or not reusable)."""
+        if not (self.args.reuse_problem_image_features and reusable(self.adapter, self.model)):
+            return [None] * len(inputs)
+        grids = grids_per_sample(output.get("image_grid_thw"), output.get("num_images") or [0] * len(inputs))
+        return [cached_problem_slots(self.vt_cache, x, g) for x, g in zip(inputs, grids, strict=True)]
 
     @property
     def _mode(self) -> str:
@@ -402,8 +417,8 @@ class VisualOPSDTrainer(DistillationTrainer):
         its VTs (from the cache, or encoded now)."""
         if not self.adapter.uses_images:
             return [s for per in inputs["vt_slots"] for s in self._embedding_noise(per)]
-        problem: list[SlotFeatures] = []
-        if inputs.get("pixel_values") is not None:
+        problem: list[SlotFeatures] = inputs.get("problem_slots") or []  # shared with the student forward
+        if inputs.get("problem_slots") is None and inputs.get("pixel_values") is not None:
             problem = self.adapter.encode_images(unwrapped, inputs["pixel_values"], inputs["image_grid_thw"])
         counts = inputs.get("num_images") or [0] * len(inputs["vt_slots"])
         slots, offset = [], 0
@@ -460,10 +475,14 @@ class VisualOPSDTrainer(DistillationTrainer):
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         mm_keys = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
-        student_hidden = self._get_last_hidden_state(
-            unwrapped_student, input_ids, attention_mask, inputs["completion_ids"].size(1),
-            **{k: inputs[k] for k in mm_keys if k in inputs},
-        )
+        if inputs.get("problem_slots") is not None:  # the problem images' features, computed once this step
+            student_hidden = student_hidden_states(self.adapter, unwrapped_student, input_ids, attention_mask,
+                                                   inputs["problem_slots"], inputs["completion_ids"].size(1))
+        else:
+            student_hidden = self._get_last_hidden_state(
+                unwrapped_student, input_ids, attention_mask, inputs["completion_ids"].size(1),
+                **{k: inputs[k] for k in mm_keys if k in inputs},
+            )
         t2 = time.perf_counter()
         mask = inputs["completion_mask"].bool()
         args = self.args
@@ -502,6 +521,13 @@ class VisualOPSDTrainer(DistillationTrainer):
         self._metrics[mode]["time/student"].append(t2 - t1)
         return loss, torch.zeros((), device=loss.device), mask.sum()
 
+    def _problem_slots(self, unwrapped, inputs) -> list[SlotFeatures] | None:
+        """The micro-batch's problem-image features for both forwards (frozen tower), else None (each forward
+        encodes its own). Encoded under the live weights: a frozen tower is the teacher's too."""
+        if not (self.args.reuse_problem_image_features and reusable(self.adapter, unwrapped)):
+            return None
+        return problem_image_slots(self.adapter, unwrapped, inputs)
+
     def _teacher_head_differs(self, head) -> bool:
         return self._needs_shadow() and head.weight.requires_grad
 
@@ -521,7 +547,9 @@ class VisualOPSDTrainer(DistillationTrainer):
         return (self.state.global_step + 1) % max(int(steps), 1) == 0 or self.state.global_step == 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = {**inputs, **self._teacher_pass(self.accelerator.unwrap_model(model), inputs)}
+        unwrapped = self.accelerator.unwrap_model(model)
+        inputs = {**inputs, "problem_slots": self._problem_slots(unwrapped, inputs)}
+        inputs = {**inputs, **self._teacher_pass(unwrapped, inputs)}
         loss = super().compute_loss(model, inputs, return_outputs=False, num_items_in_batch=num_items_in_batch)
         mode = self._mode
         self._metrics[mode].pop("entropy", None)  # replaced by entropy/student and entropy/teacher

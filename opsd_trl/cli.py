@@ -42,7 +42,7 @@ def _build_vt_cache(args) -> int:
 
     import torch
 
-    from opsd_trl.data import ensure_ids, load_any, thinkmorph_vt_columns
+    from opsd_trl.data import ensure_ids, load_any, numbered_columns, thinkmorph_vt_columns
     from opsd_trl.vt_cache import build_vt_cache, load_encoder
     from opsd_trl.vt_cache.format import DTYPES
 
@@ -51,6 +51,11 @@ def _build_vt_cache(args) -> int:
     if args.format == "thinkmorph":
         dataset = ensure_ids(dataset, args.split)
         columns = columns or thinkmorph_vt_columns(dataset.column_names)
+    problem_columns = args.problem_columns
+    if problem_columns is None:  # default: the problem-image columns the dataset has
+        names = dataset.column_names
+        problem_columns = (numbered_columns(names, "problem_image") if args.format == "thinkmorph"
+                           else [c for c in ("images",) if c in names])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     image_kwargs = json.loads(args.image_processor_kwargs) if args.image_processor_kwargs else None
     encoder = load_encoder(args.model, dtype=DTYPES[args.dtype], device=device, bagel_weights=args.bagel_weights,
@@ -60,6 +65,7 @@ def _build_vt_cache(args) -> int:
         encoder,
         args.output,
         vt_columns=columns or ["vt_images"],
+        problem_columns=problem_columns,
         id_column=args.id_column,
         batch_size=args.batch_size,
         dtype=args.dtype,
@@ -84,6 +90,9 @@ def _add_build_vt_cache(sub) -> None:
     p.add_argument("--split", default="train")
     p.add_argument("--format", choices=["standard", "thinkmorph"], default="standard")
     p.add_argument("--vt-columns", nargs="+", help="default: vt_images (standard), reasoning_image_* (thinkmorph)")
+    p.add_argument("--problem-columns", nargs="*",
+                   help="problem-image columns cached too (the trainer reuses them while the vision tower is frozen); "
+                        "default: images (standard), problem_image* (thinkmorph), when present; the flag alone: none")
     p.add_argument("--id-column", default="id")
     p.add_argument("--output", required=True)
     p.add_argument("--batch-size", type=positive_int, default=8, help="samples per encoder call")

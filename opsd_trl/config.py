@@ -58,6 +58,7 @@ _FIELD_CHECKS = {
     "teacher_transition": (lambda v: isinstance(v, str), "a string"),
     "vt_cache_dir": (lambda v: v is None or isinstance(v, str), "a folder or None"),
     "allow_trainable_vision_with_cache": (lambda v: isinstance(v, bool), "a bool"),
+    "reuse_problem_image_features": (lambda v: isinstance(v, bool), "a bool"),
     "noise_vt": (lambda v: isinstance(v, bool), "a bool"),
     "image_skip_marker": (lambda v: v is None or isinstance(v, str), "a string or None (None or '': no rounds)"),
     "image_skip_token": (lambda v: isinstance(v, str) and v != "", "a non-empty string (one token)"),
@@ -136,6 +137,10 @@ class VisualOPSDConfig(DistillationConfig):
         on_missing_vt (`str`, *optional*, defaults to `"error"`):
             A sample without visual thoughts: `"error"` (raise, naming it) or `"no_vt_teacher"` (the teacher sees
             intro + transition without images).
+        reuse_problem_image_features (`bool`, *optional*, defaults to `True`):
+            With a frozen vision tower, encode each problem image once per step for the teacher and the student
+            forward, or read its features from the VT cache when the cache holds them (built with problem columns).
+            `False`: each forward runs the tower (as with a trainable tower).
         noise_vt (`bool`, *optional*, defaults to `False`):
             Control run: the teacher's VTs carry no information (see `noise_vt_space`).
         noise_vt_space (`str`, *optional*, defaults to `"pixels"`):
@@ -230,6 +235,12 @@ class VisualOPSDConfig(DistillationConfig):
     on_missing_vt: OnMissingVT = field(
         default="error",
         metadata={"help": "error | no_vt_teacher (the teacher sees intro + transition without images)."},
+    )
+    reuse_problem_image_features: bool = field(
+        default=True,
+        metadata={"help": "With a frozen vision tower, encode each problem image once per step for the teacher and "
+                  "the student forward, or read it from the VT cache when the cache holds it (built with "
+                  "problem columns). False: each forward runs the tower (as with a trainable tower)."},
     )
     noise_vt: bool = field(
         default=False,

@@ -297,8 +297,8 @@ class TeacherContext:
         its VTs (from the cache, or encoded now)."""
         if not adapter.uses_images:
             return [s for per in inputs["vt_slots"] for s in self.embedding_noise(adapter, per)]
-        problem: list[SlotFeatures] = []
-        if inputs.get("pixel_values") is not None:
+        problem: list[SlotFeatures] = inputs.get("problem_slots") or []  # shared with the student forward
+        if inputs.get("problem_slots") is None and inputs.get("pixel_values") is not None:
             problem = adapter.encode_images(model, inputs["pixel_values"], inputs["image_grid_thw"])
         counts = inputs.get("num_images") or [0] * len(inputs["vt_slots"])
         slots, offset = [], 0

@@ -33,10 +33,17 @@ from .diagnostics import token_diagnostics
 from .fused_loss import fused_generalized_jsd, unfusable_reason
 from .generation import build_generator, require_vllm
 from .losses import generalized_jsd, sampled_token_reverse_kl
-from .models.adapters import get_adapter, head_logits, unwrap_base
+from .models.adapters import SlotFeatures, get_adapter, head_logits, unwrap_base
 from .models.loading import has_full_weights, load_checkpoint_weights
 from .teacher_context import TeacherContext
 from .teacher_weights import ShadowWeights
+from .vision_features import (
+    cached_problem_slots,
+    grids_per_sample,
+    problem_image_slots,
+    reusable,
+    student_hidden_states,
+)
 from .vt_cache import VTCache, check_compatible
 from .zero3 import gathered
 
@@ -220,11 +227,19 @@ class VisualOPSDTrainer(DistillationTrainer):
         self._check_prompt_lengths(inputs, output["prompt_mask"].sum(-1).tolist(), "student")
         batch, truncated, n_vts = self.teacher_context.batch(inputs, output.get("image_grid_thw"),
                                                              output.get("num_images"))
+        batch["problem_slots_cached"] = self._cached_problem_slots(inputs, output)
         self._check_prompt_lengths(inputs, [len(p) for p in batch["teacher_prompt_ids"]], "teacher")
         if truncated:
             self._metrics[self._mode]["vt/truncated"].append(truncated)
         self._metrics[self._mode]["vt/images_per_sample"].append(sum(n_vts) / len(n_vts))
         return batch
+
+    def _cached_problem_slots(self, inputs, output) -> list:
+        """Per sample, its problem-image features from the VT cache (None where not cached or not reusable)."""
+        if not (self.args.reuse_problem_image_features and reusable(self.adapter, self.model)):
+            return [None] * len(inputs)
+        grids = grids_per_sample(output.get("image_grid_thw"), output.get("num_images") or [0] * len(inputs))
+        return [cached_problem_slots(self.vt_cache, x, g) for x, g in zip(inputs, grids, strict=True)]
 
     def _check_prompt_lengths(self, inputs, lengths: list[int], role: str) -> None:
         limit = self.args.max_prompt_length
@@ -286,12 +301,21 @@ class VisualOPSDTrainer(DistillationTrainer):
 
     # ----------------------------------------------------------------------------------------------- 4-5. student, loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = {**inputs, **self._teacher_pass(self.accelerator.unwrap_model(model), inputs)}
+        unwrapped = self.accelerator.unwrap_model(model)
+        inputs = {**inputs, "problem_slots": self._problem_slots(unwrapped, inputs)}
+        inputs = {**inputs, **self._teacher_pass(unwrapped, inputs)}
         # The parent runs `_compute_loss` inside the wrapped forward and normalises `num_items_in_batch`.
         loss = super().compute_loss(model, inputs, return_outputs=False, num_items_in_batch=num_items_in_batch)
         trl_hooks.drop_parent_entropy(self._metrics[self._mode])
         self._metrics[self._mode][self.args.loss_type].append(self.accelerator.gather(loss.detach()).mean().item())
         return (loss, None) if return_outputs else loss
+
+    def _problem_slots(self, unwrapped, inputs) -> list[SlotFeatures] | None:
+        """The micro-batch's problem-image features for both forwards (frozen tower), else None (each forward
+        encodes its own). Encoded under the live weights: a frozen tower is the teacher's too."""
+        if not (self.args.reuse_problem_image_features and reusable(self.adapter, unwrapped)):
+            return None
+        return problem_image_slots(self.adapter, unwrapped, inputs)
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         """Student forward + loss; runs inside the wrapped model's forward (ZeRO-3 gathers the head once)."""
@@ -302,10 +326,14 @@ class VisualOPSDTrainer(DistillationTrainer):
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         mm_keys = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
-        student_hidden = self._get_last_hidden_state(
-            unwrapped_student, input_ids, attention_mask, inputs["completion_ids"].size(1),
-            **{k: inputs[k] for k in mm_keys if k in inputs},
-        )
+        if inputs.get("problem_slots") is not None:  # the problem images' features, computed once this step
+            student_hidden = student_hidden_states(self.adapter, unwrapped_student, input_ids, attention_mask,
+                                                   inputs["problem_slots"], inputs["completion_ids"].size(1))
+        else:
+            student_hidden = self._get_last_hidden_state(
+                unwrapped_student, input_ids, attention_mask, inputs["completion_ids"].size(1),
+                **{k: inputs[k] for k in mm_keys if k in inputs},
+            )
         t2 = time.perf_counter()
         mask = inputs["completion_mask"].bool()
         args = self.args

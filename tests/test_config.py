@@ -37,6 +37,7 @@ BAD_VALUES = {
     "vt_cache_dir": (7, "a folder or None"),
     "allow_trainable_vision_with_cache": ("false", "a bool"),
     "on_missing_vt": ("skip", "('error', 'no_vt_teacher')"),
+    "reuse_problem_image_features": ("yes", "a bool"),
     "noise_vt": (None, "a bool"),
     "noise_vt_space": ("tokens", "('pixels', 'embeddings')"),
     "image_skip_marker": (5, "a string or None"),

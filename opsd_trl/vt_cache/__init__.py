@@ -1,7 +1,7 @@
 """VT cache: visual-thought images encoded once by the vision tower + projector, stored as safetensors shards
 with a JSON index and manifest, read back by sample id. Format: ``docs/vt_cache.md``."""
 
-from .build import build_vt_cache, decode_image, import_vt_embeddings, sample_ids
+from .build import build_vt_cache, decode_image, import_vt_embeddings, problem_digest, sample_ids
 from .encoders import EncodedImage, SyntheticEncoder, VisionEncoder, VTEncoder, load_encoder, weights_sha256
 from .format import (
     FORMAT_VERSION,
@@ -10,12 +10,13 @@ from .format import (
     VTCacheError,
     VTCacheMismatchError,
 )
-from .load import VTCache, VTEntry
+from .load import CachedImages, ProblemImages, VTCache, VTEntry
 from .verify import check_compatible, policy_fingerprint, verify_vt_cache
 
 __all__ = [
     "FORMAT_VERSION",
     "BadImageError",
+    "CachedImages",
     "EncodedImage",
     "VisionEncoder",
     "SyntheticEncoder",
@@ -31,6 +32,8 @@ __all__ = [
     "import_vt_embeddings",
     "load_encoder",
     "policy_fingerprint",
+    "problem_digest",
+    "ProblemImages",
     "sample_ids",
     "verify_vt_cache",
     "weights_sha256",

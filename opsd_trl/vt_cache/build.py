@@ -35,6 +35,7 @@ from .format import (
     deepstack_key,
     dtype_name,
     embeds_key,
+    problem_key,
     read_json,
     sha256_file,
     sha256_json,
@@ -76,6 +77,16 @@ def _image_digest(h, column: str, im: Image.Image) -> None:
     h.update(im.tobytes())
 
 
+def problem_digest(images: Sequence[Image.Image]) -> str:
+    """Hash of a sample's decoded RGB problem images in order (mode, size, pixels; not the column names, which
+    differ between a ThinkMorph dataset and its standard layout). The trainer recomputes it to check that the
+    cached features belong to the images it is given."""
+    h = hashlib.sha256()
+    for im in images:
+        _image_digest(h, "", im)
+    return h.hexdigest()
+
+
 def _undecoded(samples, columns: Sequence[str]):
     """For a datasets.Dataset, read image columns as raw bytes so decoding errors name the column."""
     if not hasattr(samples, "cast_column"):
@@ -90,6 +101,10 @@ def _undecoded(samples, columns: Sequence[str]):
         elif isinstance(feature, List) and isinstance(feature.feature, ImageFeature):
             samples = samples.cast_column(c, List(ImageFeature(decode=False)))
     return samples
+
+
+def _decoded_images(sample: dict, sample_id: str, columns: Sequence[str]) -> list[tuple[str, Image.Image]]:
+    return [(c, decode_image(v, sample_id, c)) for c in columns for v in _column_values(sample, c)]
 
 
 def sample_ids(samples, id_column: str = "id") -> list[str]:
@@ -115,24 +130,37 @@ class _ShardWriter:
         self.entries: dict[str, dict] = {}
         self.nbytes = 0
 
-    def add(self, sample_id: str, images: list[tuple[str, EncodedImage]], digest: str) -> None:
-        row, items = self.next_row, []
+    def add(self, sample_id: str, images: list[tuple[str, EncodedImage]], digest: str,
+            problem: tuple[list[tuple[str, EncodedImage]], str] | None = None) -> None:
+        """Buffer one sample: its VTs and their digest, and (when problem columns are cached) its problem images
+        and their digest."""
+        row = self.next_row
+        entry = {"shard": shard_name(self.next_shard), "images": self._add_images(images, row, embeds_key),
+                 "vt_digest": digest}
+        if problem is not None:
+            entry["problem_images"] = self._add_images(problem[0], row, problem_key)
+            entry["problem_digest"] = problem[1]
+        self.entries[sample_id] = entry
+        self.next_row += 1
+
+    def _add_images(self, images: list[tuple[str, EncodedImage]], row: int, key_of) -> list[dict]:
+        items = []
         for j, (column, enc) in enumerate(images):
+            key = key_of(row, j)
             embeds = enc.embeds.to(dtype=self.dtype, copy=True).contiguous()  # own memory, not a batch view
-            self.tensors[embeds_key(row, j)] = embeds
-            item = {"key": embeds_key(row, j), "column": column, "shape": list(embeds.shape)}
+            self.tensors[key] = embeds
+            item = {"key": key, "column": column, "shape": list(embeds.shape)}
             deep = None
             if enc.deepstack is not None:
                 deep = enc.deepstack.to(dtype=self.dtype, copy=True).contiguous()
-                self.tensors[deepstack_key(row, j)] = deep
+                self.tensors[deepstack_key(key)] = deep
                 item["deepstack_shape"] = list(deep.shape)
             if enc.grid_thw is not None:
                 item["grid_thw"] = list(enc.grid_thw)
             item["crc32"] = crc32_tensors(embeds, deep)
             self.nbytes += embeds.nbytes + (deep.nbytes if deep is not None else 0)
             items.append(item)
-        self.entries[sample_id] = {"shard": shard_name(self.next_shard), "images": items, "vt_digest": digest}
-        self.next_row += 1
+        return items
 
     def commit(self) -> tuple[dict, dict] | None:
         """Write the buffered shard (temp name, fsync, rename); return (shard record, its index entries)."""
@@ -154,6 +182,8 @@ class _ShardWriter:
             "num_samples": len(self.entries),
             "num_images": sum(len(e["images"]) for e in self.entries.values()),
         }
+        if any("problem_images" in e for e in self.entries.values()):
+            record["num_problem_images"] = sum(len(e["problem_images"]) for e in self.entries.values())
         entries = self.entries
         self.tensors, self.entries, self.nbytes = {}, {}, 0
         self.next_shard += 1
@@ -194,6 +224,7 @@ def build_vt_cache(
     output: str | Path,
     *,
     vt_columns: Sequence[str] = ("vt_images",),
+    problem_columns: Sequence[str] = (),
     id_column: str = "id",
     batch_size: int = 8,
     dtype: torch.dtype | str = torch.float32,
@@ -207,8 +238,11 @@ def build_vt_cache(
 
     ``samples``: a sequence of dicts (a ``datasets.Dataset`` works) with ``id_column`` and ``vt_columns``; each
     VT column holds an image, a list of images, or None. A sample's VT list is the concatenation over
-    ``vt_columns`` in order. ``batch_size`` counts samples (each brings all its VT images). ``skip_bad``: leave
-    out samples with an unreadable image and list them in ``skipped.json`` instead of raising.
+    ``vt_columns`` in order. ``problem_columns`` (e.g. ``("images",)``): also cache each sample's problem images
+    (concatenated over these columns), which the trainer then reuses instead of running the vision tower when the
+    tower is frozen; encoded in their own encoder call, so the VT tensors are the same bytes as without them.
+    ``batch_size`` counts samples (each brings all its images). ``skip_bad``: leave out samples with an unreadable
+    image and list them in ``skipped.json`` instead of raising.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1 (samples per encoder call), got {batch_size!r}")
@@ -217,8 +251,8 @@ def build_vt_cache(
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    vt_columns = list(vt_columns)
-    samples = _undecoded(samples, vt_columns)
+    vt_columns, problem_columns = list(vt_columns), list(problem_columns)
+    samples = _undecoded(samples, vt_columns + problem_columns)
     ids = sample_ids(samples, id_column)
     fingerprint = encoder.fingerprint()
     config = {
@@ -230,6 +264,8 @@ def build_vt_cache(
         "skip_bad": skip_bad,
         "ids_sha256": sha256_json(ids),
     }
+    if problem_columns:  # absent otherwise: a VT-only build keeps the settings (and bytes) it always had
+        config["problem_columns"] = problem_columns
     if (out / MANIFEST).exists():
         done = read_json(out / MANIFEST, "manifest")
         if done.get("build_config") == config:
@@ -243,25 +279,28 @@ def build_vt_cache(
     n_images = sum(s["num_images"] for s in state["shards"])
     for start in range(state["consumed"], len(ids), batch_size):
         stop = min(start + batch_size, len(ids))
-        batch = []  # (id, [(column, image)], digest)
+        batch = []  # (id, [(column, image)], digest, problem [(column, image)] | None, problem digest)
         for i in range(start, stop):
             sample = samples[i]
             try:
+                images = _decoded_images(sample, ids[i], vt_columns)
                 h = hashlib.sha256()
-                images = []
-                for c in vt_columns:
-                    for v in _column_values(sample, c):
-                        im = decode_image(v, ids[i], c)
-                        _image_digest(h, c, im)
-                        images.append((c, im))
-                batch.append((ids[i], images, h.hexdigest()))
+                for c, im in images:
+                    _image_digest(h, c, im)
+                problem = _decoded_images(sample, ids[i], problem_columns) if problem_columns else None
+                batch.append((ids[i], images, h.hexdigest(), problem))
             except BadImageError as e:
                 if not skip_bad:
                     raise
                 state["skipped"].append({"id": ids[i], "error": str(e)})
-        encoded = iter(encoder.encode([im for _, images, _ in batch for _, im in images]))
-        for sid, images, digest in batch:
-            writer.add(sid, [(c, next(encoded)) for c, _ in images], digest)
+        encoded = iter(encoder.encode([im for _, images, _, _ in batch for _, im in images]))
+        encoded_problem = iter(encoder.encode([im for *_, problem in batch for _, im in problem or []]))
+        for sid, images, digest, problem in batch:
+            problem_entry = None
+            if problem is not None:
+                problem_entry = ([(c, next(encoded_problem)) for c, _ in problem],
+                                 problem_digest([im for _, im in problem]))
+            writer.add(sid, [(c, next(encoded)) for c, _ in images], digest, problem_entry)
             n_images += len(images)
         if writer.nbytes >= shard_bytes:
             _commit(out, writer, state, consumed=stop)
@@ -304,6 +343,7 @@ def _finalize(out: Path, state: dict, fingerprint: dict, source: str | None) -> 
         "num_images": sum(len(e["images"]) for e in entries.values()),
         "num_skipped": len(state["skipped"]),
         "images_sha256": images_hash.hexdigest(),
+        **_problem_manifest(config, entries),
         "index_sha256": sha256_file(out / INDEX),
         "shards": state["shards"],
         "source": source,
@@ -311,6 +351,20 @@ def _finalize(out: Path, state: dict, fingerprint: dict, source: str | None) -> 
     }
     write_json_atomic(out / MANIFEST, manifest)  # last: its presence marks the cache complete
     (out / PROGRESS).unlink()
+
+
+def _problem_manifest(config: dict, entries: dict) -> dict:
+    """Manifest fields of the cached problem images (none for a VT-only cache)."""
+    if not config.get("problem_columns"):
+        return {}
+    h = hashlib.sha256()
+    for sid, e in entries.items():
+        h.update(f"{sid}\0{e['problem_digest']}\n".encode())
+    return {
+        "problem_columns": config["problem_columns"],
+        "num_problem_images": sum(len(e["problem_images"]) for e in entries.values()),
+        "problem_images_sha256": h.hexdigest(),
+    }
 
 
 def import_vt_embeddings(

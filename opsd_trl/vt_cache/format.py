@@ -51,8 +51,13 @@ def embeds_key(row: int, j: int) -> str:
     return f"{row:08d}.{j}"
 
 
-def deepstack_key(row: int, j: int) -> str:
-    return f"{embeds_key(row, j)}.deepstack"
+def problem_key(row: int, j: int) -> str:
+    return f"{row:08d}.p{j}"
+
+
+def deepstack_key(key: str) -> str:
+    """The deepstack tensor stored beside the embeddings tensor ``key``."""
+    return f"{key}.deepstack"
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -25,6 +25,7 @@ from .format import (
     VTCacheCorruptError,
     VTCacheError,
     crc32_tensors,
+    deepstack_key,
     read_json,
     sha256_file,
 )
@@ -33,13 +34,28 @@ VERIFY_MODES = ("none", "size", "sample", "shard")
 
 
 @dataclass
-class VTEntry:
-    """The cached VTs of one sample, in the order of the dataset's VT columns."""
+class CachedImages:
+    """Encoded images of one sample, in column order."""
 
     embeds: list[torch.Tensor]  # per image (n_tokens_i, hidden): rows that replace its image placeholder tokens
     grid_thw: torch.Tensor | None  # (n_images, 3) long, pre-merge (t, h, w) patch grid, for M-RoPE; None if unused
     deepstack: list[torch.Tensor] | None  # per image (n_levels, n_tokens_i, hidden), Qwen3-VL only
     columns: list[str]  # dataset column each image came from
+
+
+@dataclass
+class ProblemImages(CachedImages):
+    """A sample's cached problem images and the digest of the decoded images they were encoded from."""
+
+    digest: str = ""
+
+
+@dataclass
+class VTEntry(CachedImages):
+    """The cached VTs of one sample, in the order of the dataset's VT columns, and its problem images when the
+    cache was built with problem columns (None otherwise)."""
+
+    problem: ProblemImages | None = None
 
 
 class VTCache:
@@ -101,21 +117,35 @@ class VTCache:
 
     def num_images(self, sample_id) -> int:
         """How many VT images the cache holds for `sample_id` (from the index: nothing is read)."""
-        entry = self._index.get(str(sample_id))
-        if entry is None:
-            raise KeyError(f"sample {sample_id!r} is not in the VT cache {self.path}")
-        return len(entry["images"])
+        return len(self._entry(sample_id)["images"])
 
     def __getitem__(self, sample_id) -> VTEntry:
+        entry = self._entry(sample_id)
+        return VTEntry(**vars(self._read_images(sample_id, entry["shard"], entry["images"])),
+                       problem=self._problem(sample_id, entry))
+
+    def problem_images(self, sample_id) -> ProblemImages | None:
+        """The sample's cached problem images (None when the cache has none), without reading its VTs."""
+        return self._problem(sample_id, self._entry(sample_id))
+
+    def _entry(self, sample_id) -> dict:
         entry = self._index.get(str(sample_id))
         if entry is None:
             raise KeyError(f"sample {sample_id!r} is not in the VT cache {self.path}")
-        shard = entry["shard"]
+        return entry
+
+    def _problem(self, sample_id, entry: dict) -> ProblemImages | None:
+        if "problem_images" not in entry:
+            return None
+        images = self._read_images(sample_id, entry["shard"], entry["problem_images"])
+        return ProblemImages(**vars(images), digest=entry["problem_digest"])
+
+    def _read_images(self, sample_id, shard: str, items: list[dict]) -> CachedImages:
         embeds, deepstack, grids = [], [], []
-        for item in entry["images"]:
+        for item in items:
             e = self._read(shard, item["key"], item["shape"])
             d = (
-                self._read(shard, item["key"] + ".deepstack", item["deepstack_shape"])
+                self._read(shard, deepstack_key(item["key"]), item["deepstack_shape"])
                 if "deepstack_shape" in item
                 else None
             )
@@ -128,11 +158,11 @@ class VTCache:
             deepstack.append(d)
             grids.append(item.get("grid_thw"))
         has_grid = bool(grids) and grids[0] is not None
-        return VTEntry(
+        return CachedImages(
             embeds=embeds,
             grid_thw=torch.tensor(grids, dtype=torch.long) if has_grid else None,
             deepstack=deepstack if self.manifest.get("deepstack_levels") else None,
-            columns=[item["column"] for item in entry["images"]],
+            columns=[item["column"] for item in items],
         )
 
     def _read(self, shard: str, key: str, shape: list[int]) -> torch.Tensor:

@@ -8,7 +8,16 @@ from pathlib import Path
 from safetensors import safe_open
 
 from .encoders import FINGERPRINT_FIELDS, VISION_FAMILIES, VisionEncoder, model_family, text_hidden_size, vision_inner
-from .format import FORMAT_VERSION, INDEX, MANIFEST, VTCacheError, VTCacheMismatchError, read_json, sha256_file
+from .format import (
+    FORMAT_VERSION,
+    INDEX,
+    MANIFEST,
+    VTCacheError,
+    VTCacheMismatchError,
+    deepstack_key,
+    read_json,
+    sha256_file,
+)
 from .load import VTCache
 
 _ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -37,13 +46,13 @@ def verify_vt_cache(path: str | Path) -> list[str]:
     samples = read_json(path / INDEX, "index")["samples"]
     expected: dict[str, dict[str, list[int]]] = {s["file"]: {} for s in manifest["shards"]}
     for sid, entry in samples.items():
-        if entry["images"] and entry["shard"] not in expected:
+        if (entry["images"] or entry.get("problem_images")) and entry["shard"] not in expected:
             problems.append(f"{path / INDEX}: sample {sid!r} points to unknown shard {entry['shard']}")
             continue
-        for item in entry["images"]:
+        for item in entry["images"] + entry.get("problem_images", []):
             expected[entry["shard"]][item["key"]] = item["shape"]
             if "deepstack_shape" in item:
-                expected[entry["shard"]][item["key"] + ".deepstack"] = item["deepstack_shape"]
+                expected[entry["shard"]][deepstack_key(item["key"])] = item["deepstack_shape"]
     st_dtype = _ST_DTYPES[manifest["dtype"]]
     for record in manifest["shards"]:
         shard = path / record["file"]
@@ -64,6 +73,10 @@ def verify_vt_cache(path: str | Path) -> list[str]:
             f"{path / INDEX}: {len(samples)} samples / {n_images} images, manifest says "
             f"{manifest['num_samples']} / {manifest['num_images']}"
         )
+    n_problem = sum(len(e.get("problem_images", [])) for e in samples.values())
+    if n_problem != manifest.get("num_problem_images", 0):
+        problems.append(f"{path / INDEX}: {n_problem} problem images, manifest says "
+                        f"{manifest.get('num_problem_images', 0)}")
     return problems
 
 

@@ -4,6 +4,8 @@ from dataclasses import dataclass, field
 
 from trl import DistillationConfig
 
+from .markers import IMAGE_SKIP_MARKER
+
 TEACHER_INTRO = (
     "The following images are privileged visual references that depict the intermediate visual thoughts on the path "
     "to the correct answer. Use them silently as grounding context; do not describe or echo them."
@@ -97,7 +99,7 @@ class VisualOPSDConfig(DistillationConfig):
                   "embedding noise; text VTs (`vt_text`) become random vocabulary tokens, about as many as they had."},
     )
     image_skip_marker: str = field(
-        default="<image_start>",
+        default=IMAGE_SKIP_MARKER,
         metadata={"help": "A round ending on EOS whose text contains this marker gets one more round."},
     )
     image_skip_token: str = field(

@@ -24,8 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import TEACHER_INTRO, TEACHER_TRANSITION
+from .diagnostics import full_vocab_kl
 from .generation import HFGenerator, SamplingSettings
 from .models.adapters import get_adapter
+from .models.loading import load_pretrained, load_quickstart_weights, teacher_prompt_words
 from .tasks import parse, score
 from .tasks.common import load_meta
 from .teacher_context import teacher_messages, tokenize_teacher_prompt
@@ -94,13 +96,6 @@ def completion_logits(model, contexts: Contexts, rows: list[dict], completions: 
     return logits, attn[:, width:].bool().to(device)
 
 
-def per_token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """KL(T||S) over the full vocabulary at each masked position, `(n_tokens,)`."""
-    t = torch.log_softmax(teacher_logits[mask].float(), -1)
-    s = torch.log_softmax(student_logits[mask].float(), -1)
-    return (t.exp() * (t - s)).sum(-1)
-
-
 def kl_gap_closure(kl_before: float, kl_after: float) -> float:
     """Share of the teacher-student KL gap closed by training: (before - after) / before."""
     return (kl_before - kl_after) / kl_before
@@ -156,7 +151,7 @@ def evaluate(model, processor, dataset, *, reference=None, teacher_context: bool
             t_logits, mask = completion_logits(reference, contexts, rows, completions, teacher=True)
             s_logits, _ = completion_logits(model, contexts, rows, completions, teacher=False,
                                             pixels=None if teacher_context else pixels)
-            kl = per_token_kl(t_logits, s_logits, mask)
+            kl = full_vocab_kl(t_logits[mask], s_logits[mask])
             kls.append(kl)
             for record, row_kl in zip(predictions[-len(rows):], kl.split(mask.sum(-1).tolist()), strict=True):
                 record.update(kl_teacher_student=row_kl.mean().item(), kl_tokens=len(row_kl))  # over its tokens
@@ -187,8 +182,6 @@ def write_predictions(metrics: dict, path) -> dict:
 def load_checkpoint(path: str):
     """`(model, processor)` from a quickstart weights file (`.safetensors`) or a saved model folder of a
     vision-language family (`opsd_trl.models.loading`). Errors name the path and what to give instead."""
-    import os
-
     path = str(path)
     if not os.path.exists(path):
         raise FileNotFoundError(
@@ -196,10 +189,8 @@ def load_checkpoint(path: str):
             "save_pretrained folder) or a quickstart .safetensors weights file."
         )
     if path.endswith(".safetensors") and os.path.isfile(path):
-        from .quickstart.model import load_weights
-
         try:
-            return load_weights(path)
+            return load_quickstart_weights(path)
         except RuntimeError as e:
             raise ValueError(
                 f"{path} is not a quickstart weights file (its tensors do not fit the quickstart model: "
@@ -207,8 +198,6 @@ def load_checkpoint(path: str):
             ) from e
     if not os.path.isdir(path):
         raise ValueError(f"checkpoint {path} is neither a model folder nor a .safetensors weights file.")
-    from .models.loading import load_pretrained
-
     model, processor = load_pretrained(path, dtype="float32")
     if getattr(processor, "image_processor", None) is None or not get_adapter(model).uses_images:
         raise ValueError(
@@ -252,7 +241,7 @@ def evaluate_checkpoints(model_path: str, dataset, *, reference_path: str | None
             model, processor = loaded[path]
             if model is reference:  # the same checkpoint: evaluated on its own copy, the reference stays fixed
                 model, processor = load_checkpoint(path)
-            contexts = Contexts(processor, **_prompt_words(processor))
+            contexts = Contexts(processor, **teacher_prompt_words(processor))
             metrics = evaluate(model, processor, dataset, reference=reference, contexts=contexts, desc=name,
                                **kwargs)
             if predictions_dir is not None:
@@ -263,12 +252,3 @@ def evaluate_checkpoints(model_path: str, dataset, *, reference_path: str | None
         results["kl_gap_closure"] = kl_gap_closure(results["baseline"]["kl_teacher_student"],
                                                    results["model"]["kl_teacher_student"])
     return results
-
-
-def _prompt_words(processor) -> dict:
-    """The quickstart's word-level vocabulary cannot spell the paper's intro / transition: use its own words."""
-    from .quickstart.model import TEACHER_INTRO as intro
-    from .quickstart.model import TEACHER_TRANSITION as transition
-    from .quickstart.model import WORDS
-
-    return {"intro": intro, "transition": transition} if processor.tokenizer.get_vocab().keys() >= set(WORDS) else {}

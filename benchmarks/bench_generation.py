@@ -40,7 +40,7 @@ def main():
     else:
         from checkpoints import save_for_vllm
 
-        from opsd_trl.models.tiny import build_tiny_text_lm
+        from opsd_trl.testing.tiny_models import build_tiny_text_lm
 
         model, tok = build_tiny_text_lm()
         gen = torch.Generator().manual_seed(0)

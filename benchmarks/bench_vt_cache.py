@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from opsd_trl.vt_cache import SyntheticEncoder, VisionEncoder, VTCache, build_vt_cache
+from opsd_trl.testing.synthetic_encoder import SyntheticEncoder
+from opsd_trl.vt_cache import VisionEncoder, VTCache, build_vt_cache
 
 N_VTS = 8
 
@@ -72,7 +73,7 @@ def teacher_inputs(model, processor, images):
 
 @torch.no_grad()
 def bench_teacher(workdir: Path, reps: int) -> dict:
-    from opsd_trl.models.tiny import build_tiny_qwen2_5_vl
+    from opsd_trl.testing.tiny_models import build_tiny_qwen2_5_vl
 
     model, processor = build_tiny_qwen2_5_vl(seed=0)
     encoder = VisionEncoder(model, processor)
@@ -110,7 +111,7 @@ def bench_teacher(workdir: Path, reps: int) -> dict:
 
 
 def bench_build_qwen(workdir: Path, n: int) -> dict:
-    from opsd_trl.models.tiny import build_tiny_qwen2_5_vl
+    from opsd_trl.testing.tiny_models import build_tiny_qwen2_5_vl
 
     encoder = VisionEncoder(*build_tiny_qwen2_5_vl(seed=0))
     t = time.perf_counter()

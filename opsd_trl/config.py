@@ -10,6 +10,7 @@ from typing import Literal
 from trl import DistillationConfig
 
 from .losses import ClipForm, Normalization
+from .markers import IMAGE_SKIP_MARKER
 
 TEACHER_INTRO = (
     "The following images are privileged visual references that depict the intermediate visual thoughts on the path "
@@ -256,7 +257,7 @@ class VisualOPSDConfig(DistillationConfig):
 
     # Parameters that control generation
     image_skip_marker: str | None = field(
-        default="<image_start>",
+        default=IMAGE_SKIP_MARKER,
         metadata={"help": "A round ending on EOS whose text contains this marker gets one more round."},
     )
     image_skip_token: str = field(

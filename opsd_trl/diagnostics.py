@@ -5,6 +5,18 @@ from __future__ import annotations
 import torch
 
 
+def full_vocab_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(T||S) over the full vocabulary at each position, in fp32: logits `(..., V)` -> `(...)` nats."""
+    t = torch.log_softmax(teacher_logits.float() / temperature, -1)
+    s = torch.log_softmax(student_logits.float() / temperature, -1)
+    return (t.exp() * (t - s)).sum(-1)
+
+
+def _entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    log_probs = torch.log_softmax(logits / temperature, -1)
+    return -(log_probs.exp() * log_probs).sum(-1)
+
+
 @torch.no_grad()
 def token_diagnostics(
     student_hidden: torch.Tensor,
@@ -25,11 +37,11 @@ def token_diagnostics(
         return {}
     totals = torch.zeros(3, dtype=torch.float64)
     for start in range(0, hs.shape[0], chunk_size):
-        s = torch.log_softmax((hs[start : start + chunk_size].float() @ student_weight.float().t()) / temperature, -1)
-        t = torch.log_softmax((ht[start : start + chunk_size].float() @ teacher_weight.float().t()) / temperature, -1)
-        pt = t.exp()
+        s_logits = hs[start : start + chunk_size].float() @ student_weight.float().t()
+        t_logits = ht[start : start + chunk_size].float() @ teacher_weight.float().t()
+        kl = full_vocab_kl(t_logits, s_logits, temperature)
         totals += torch.stack(
-            [(pt * (t - s)).sum(), -(s.exp() * s).sum(), -(pt * t).sum()]
+            [kl.sum(), _entropy(s_logits, temperature).sum(), _entropy(t_logits, temperature).sum()]
         ).double().cpu()
     mean = totals / hs.shape[0]
     return {"kl_teacher_student": mean[0].item(), "entropy/student": mean[1].item(), "entropy/teacher": mean[2].item()}

@@ -24,8 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import TEACHER_INTRO, TEACHER_TRANSITION
+from .diagnostics import full_vocab_kl
 from .generation import HFGenerator, SamplingSettings
 from .models.adapters import get_adapter
+from .models.loading import load_pretrained, load_quickstart_weights
 from .tasks import parse, score
 from .tasks.common import load_meta
 from .teacher_context import TeacherContext, placeholders_per_image
@@ -106,13 +108,6 @@ def completion_logits(model, contexts: Contexts, rows: list[dict], completions: 
     return logits, attn[:, width:].bool().to(device)
 
 
-def per_token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """KL(T||S) over the full vocabulary at each masked position, `(n_tokens,)`."""
-    t = torch.log_softmax(teacher_logits[mask].float(), -1)
-    s = torch.log_softmax(student_logits[mask].float(), -1)
-    return (t.exp() * (t - s)).sum(-1)
-
-
 def kl_gap_closure(kl_before: float, kl_after: float) -> float:
     """Share of the teacher-student KL gap closed by training: (before - after) / before."""
     return (kl_before - kl_after) / kl_before
@@ -168,7 +163,7 @@ def evaluate(model, processor, dataset, *, reference=None, teacher_context: bool
             t_logits, mask = completion_logits(reference, contexts, rows, completions, teacher=True)
             s_logits, _ = completion_logits(model, contexts, rows, completions, teacher=False,
                                             pixels=None if teacher_context else pixels)
-            kl = per_token_kl(t_logits, s_logits, mask)
+            kl = full_vocab_kl(t_logits[mask], s_logits[mask])
             kls.append(kl)
             for record, row_kl in zip(predictions[-len(rows):], kl.split(mask.sum(-1).tolist()), strict=True):
                 record.update(kl_teacher_student=row_kl.mean().item(), kl_tokens=len(row_kl))  # over its tokens
@@ -199,8 +194,6 @@ def write_predictions(metrics: dict, path) -> dict:
 def load_checkpoint(path: str):
     """`(model, processor)` from a quickstart weights file (`.safetensors`) or a saved model folder of a
     vision-language family (`opsd_trl.models.loading`). Errors name the path and what to give instead."""
-    import os
-
     path = str(path)
     if not os.path.exists(path):
         raise FileNotFoundError(
@@ -208,10 +201,8 @@ def load_checkpoint(path: str):
             "save_pretrained folder) or a quickstart .safetensors weights file."
         )
     if path.endswith(".safetensors") and os.path.isfile(path):
-        from .quickstart.model import load_weights
-
         try:
-            return load_weights(path)
+            return load_quickstart_weights(path)
         except RuntimeError as e:
             raise ValueError(
                 f"{path} is not a quickstart weights file (its tensors do not fit the quickstart model: "
@@ -219,8 +210,6 @@ def load_checkpoint(path: str):
             ) from e
     if not os.path.isdir(path):
         raise ValueError(f"checkpoint {path} is neither a model folder nor a .safetensors weights file.")
-    from .models.loading import load_pretrained
-
     model, processor = load_pretrained(path, dtype="float32")
     if getattr(processor, "image_processor", None) is None or not get_adapter(model).uses_images:
         raise ValueError(
@@ -248,7 +237,7 @@ def evaluate_checkpoints(model_path: str, dataset, *, reference_path: str | None
     """Metrics of `model_path` (and of `baseline_path`, then KL-gap closure between them) on `dataset`.
 
     `intro` / `transition` surround the VTs in the teacher context: the words the run trained with (the quickstart's
-    are `opsd_trl.quickstart.model.TEACHER_INTRO` / `TEACHER_TRANSITION`).
+    are `opsd_trl.testing.quickstart_model.TEACHER_INTRO` / `TEACHER_TRANSITION`).
 
     The KL needs visual thoughts and a fixed reference teacher: `reference_path`, else the baseline. Rows without
     VTs (e.g. a VLMEvalKit TSV) get accuracy, tokens and latency only. Per-sample predictions go to

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from trl.trainer.utils import pad
 
+from .markers import IMAGE_SKIP_MARKER
 from .trl_hooks import vllm_llm_with
 from .zero3 import gathered
 
@@ -58,7 +59,7 @@ class SamplingSettings:
     top_k: int = 0  # 0 = off
     min_p: float = 0.0
     repetition_penalty: float = 1.0
-    image_skip_marker: str | None = "<image_start>"  # None disables image-skip rounds
+    image_skip_marker: str | None = IMAGE_SKIP_MARKER  # None disables image-skip rounds
     image_skip_token: str = "<|im_end|>"  # closes the turn before the next round opens
     max_image_skips: int = 1
     eos_token_ids: Sequence[int] | None = None  # None: the model's generation config + the tokenizer's eos

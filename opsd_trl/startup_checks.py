@@ -69,27 +69,19 @@ def validate(script_args, training_args, model_args, launch: Launch | None = Non
 
 
 def load_model_config(model_args, trust_remote_code: bool = False, bagel_weights: str | None = None):
-    from .train import build_tiny, tiny_name
+    from .models.bagel.convert import is_bagel_checkpoint
+    from .models.loading import load_config, tiny_name
 
-    name = tiny_name(model_args.model_name_or_path)
-    if name is not None:
-        return build_tiny(name)[0].config
-    from transformers import AutoConfig
-
-    from .models import bagel  # noqa: F401  (registers model_type "bagel")
-    from .models.bagel.convert import bagel_config, is_bagel_checkpoint
-
-    if is_bagel_checkpoint(model_args.model_name_or_path):  # a release folder: configs + safetensors headers
-        try:
-            return bagel_config(model_args.model_name_or_path, weights=bagel_weights)
-        except (OSError, ValueError) as e:
-            raise StartupError(str(e)) from e
-
+    path = model_args.model_name_or_path
+    if tiny_name(path) is not None:
+        return load_config(path)
     try:
-        return AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
-                                          trust_remote_code=trust_remote_code)
+        return load_config(path, revision=model_args.model_revision, trust_remote_code=trust_remote_code,
+                           bagel_weights=bagel_weights)
     except (OSError, ValueError) as e:
-        raise StartupError(f"cannot read the config of model_name_or_path={model_args.model_name_or_path!r} ({e}); "
+        if is_bagel_checkpoint(path):  # a release folder: its configs and safetensors headers say what is wrong
+            raise StartupError(str(e)) from e
+        raise StartupError(f"cannot read the config of model_name_or_path={path!r} ({e}); "
                            "give a local folder, a reachable hub id, or a `tiny:` model.") from e
 
 
@@ -177,6 +169,8 @@ def _check_vt_cache(args, model_config) -> None:
     path = os.path.join(args.vt_cache_dir, MANIFEST)
     with open(path) as f:
         manifest = json.load(f)
+    from .vt_cache.encoders import config_fingerprint
+
     for key, expected in config_fingerprint(model_config).items():
         if manifest.get(key) != expected:
             raise StartupError(
@@ -186,28 +180,12 @@ def _check_vt_cache(args, model_config) -> None:
             )
 
 
-def config_fingerprint(model_config) -> dict:
-    """The VT-cache manifest fields a model config determines (the weights hash is checked by the trainer)."""
-    from .vt_cache.encoders import VISION_FAMILIES
-
-    text = getattr(model_config, "text_config", model_config)
-    if model_config.model_type not in VISION_FAMILIES:
-        return {"model_family": "text", "hidden_size": text.hidden_size}
-    vision = model_config.vision_config
-    return {
-        "model_family": model_config.model_type,
-        "hidden_size": text.hidden_size,
-        "spatial_merge_size": getattr(vision, "spatial_merge_size", 1),
-        "deepstack_levels": len(getattr(vision, "deepstack_visual_indexes", None) or []),
-    }
-
-
 def _check_init_weights(script_args) -> None:
-    from .train import init_weights_path
+    from .models.loading import SHIPPED_WARMSTART, init_weights_path
 
     path = init_weights_path(script_args.init_weights)
     if path is not None and not os.path.isfile(path):
         hint = (" (the shipped quickstart warm-start is missing: run `opsd-trl quickstart` and pass "
                 "--init_weights <out>/warmstart.safetensors, or --init_weights none)")
-        raise StartupError(f"init_weights file {path} not found" + (hint if script_args.init_weights == "warmstart"
-                                                                       else "."))
+        shipped = script_args.init_weights == SHIPPED_WARMSTART
+        raise StartupError(f"init_weights file {path} not found" + (hint if shipped else "."))

@@ -17,9 +17,7 @@ from trl import ModelConfig, TrlParser
 
 from .config import VisualOPSDConfig
 
-TINY_PREFIX = "tiny:"
 NONE_WORDS = ("", "none", "None", "null")
-SHIPPED_WARMSTART = "warmstart"
 
 
 @dataclass
@@ -118,70 +116,18 @@ def resume_spec(value):
 
 
 # ----------------------------------------------------------------------------------------------- models
-def _tiny_builders() -> dict:
-    from .models import tiny
-    from .quickstart.model import build_quickstart_model
-
-    return {
-        "quickstart": build_quickstart_model,
-        "text_lm": tiny.build_tiny_text_lm,
-        "qwen2_5_vl": tiny.build_tiny_qwen2_5_vl,
-        "qwen3_vl": tiny.build_tiny_qwen3_vl,
-    }
-
-
-def tiny_name(model_name_or_path: str) -> str | None:
-    """'tiny:quickstart' -> 'quickstart'; None for a real checkpoint."""
-    if not model_name_or_path.startswith(TINY_PREFIX):
-        return None
-    name = model_name_or_path[len(TINY_PREFIX) :]
-    if name not in _tiny_builders():
-        raise ValueError(f"unknown tiny model {model_name_or_path!r}; known: "
-                         f"{[TINY_PREFIX + n for n in _tiny_builders()]}")
-    return name
-
-
-def build_tiny(name: str):
-    """Build a `tiny:` model whole on this rank. Under ZeRO-3 transformers would partition it *while* building it
-    (its weight init then indexes empty shards); DeepSpeed partitions the finished model when the trainer prepares
-    it, as with `zero3_init_flag: false`."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        return _tiny_builders()[name]()
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = ref
-
-
-def init_weights_path(spec: str | None) -> str | None:
-    if spec != SHIPPED_WARMSTART:
-        return spec
-    from importlib import resources
-
-    from .quickstart.pipeline import SHIPPED_WARMSTART as name
-
-    return str(resources.files("opsd_trl.quickstart") / name)
-
-
 def load_model(script_args: ScriptArguments, model_args: ModelConfig, trust_remote_code: bool = False):
     """`(model, processing_class)` for a `tiny:` spec, a saved model folder of any supported family
     (`opsd_trl.models.loading`) or a hub id. `trust_remote_code` is `VisualOPSDConfig.trust_remote_code`
     (TRL's `ModelConfig` has no such field)."""
-    from .models.loading import apply_image_processor_kwargs, load_pretrained
+    from .models.loading import apply_image_processor_kwargs, init_weights_path, load_pretrained
 
     path = model_args.model_name_or_path
-    name = tiny_name(path)
-    if name is not None:
-        model, processing_class = build_tiny(name)
-        model.config.name_or_path = path
-    else:
-        model, processing_class = load_pretrained(
-            path, dtype=model_args.dtype, attn_implementation=model_args.attn_implementation,
-            revision=model_args.model_revision, trust_remote_code=trust_remote_code,
-            bagel_weights=script_args.bagel_weights,
-        )
+    model, processing_class = load_pretrained(
+        path, dtype=model_args.dtype, attn_implementation=model_args.attn_implementation,
+        revision=model_args.model_revision, trust_remote_code=trust_remote_code,
+        bagel_weights=script_args.bagel_weights,
+    )
     apply_image_processor_kwargs(processing_class, script_args.image_processor_kwargs)
     if script_args.init_weights:
         _load_init_weights(model, init_weights_path(script_args.init_weights), path)

@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from opsd_trl.models.tiny import (  # noqa: E402
+from opsd_trl.testing.tiny_models import (  # noqa: E402
     build_tiny_qwen2_5_vl,
     build_tiny_qwen3_vl,
     build_tiny_text_lm,
@@ -49,7 +49,7 @@ def tiny_qwen3_vl():
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory) -> dict[str, str]:
     """The three tiny models (seed 0) saved once per session: ``{"text_lm" | "qwen2_5_vl" | "qwen3_vl": folder}``,
-    each loadable with ``opsd_trl.models.tiny.load_tiny`` (e.g. by a script under ``accelerate launch``)."""
+    each loadable with ``opsd_trl.models.loading.load_pretrained`` (e.g. by a script under ``accelerate launch``)."""
     root = tmp_path_factory.mktemp("tiny_models")
     return {name: save_tiny(*build(seed=0), root / name) for name, build in TINY_BUILDERS.items()}
 
@@ -58,9 +58,9 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, str]:
 def family_model_dirs(tiny_model_dirs, tmp_path_factory) -> dict[str, str]:
     """`tiny_model_dirs` plus the tiny BAGEL (`"bagel"`): every supported family saved with save_pretrained of the
     model and its processor / tokenizer, loadable with `opsd_trl.models.loading.load_pretrained`."""
-    from opsd_trl.models.bagel.tiny import build_tiny_bagel, save_bagel
+    from opsd_trl.testing.tiny_bagel import build_tiny_bagel
 
-    bagel = save_bagel(*build_tiny_bagel(seed=0), tmp_path_factory.mktemp("tiny_bagel") / "bagel")
+    bagel = save_tiny(*build_tiny_bagel(seed=0), tmp_path_factory.mktemp("tiny_bagel") / "bagel")
     return {**tiny_model_dirs, "bagel": bagel}
 
 
@@ -68,7 +68,7 @@ def family_model_dirs(tiny_model_dirs, tmp_path_factory) -> dict[str, str]:
 def bagel_release_dir(tmp_path_factory) -> str:
     """A tiny BAGEL in BAGEL's own release layout (`llm_config.json`, `vit_config.json`, tokenizer,
     `ema.safetensors` = the seed-1 model, `model.safetensors` = the seed-0 model, `ae.safetensors`)."""
-    from opsd_trl.models.bagel.tiny import build_tiny_bagel, save_bagel_release
+    from opsd_trl.testing.tiny_bagel import build_tiny_bagel, save_bagel_release
 
     model, processor = build_tiny_bagel(seed=0)
     ema, _ = build_tiny_bagel(seed=1)

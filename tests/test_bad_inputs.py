@@ -14,7 +14,7 @@ from datasets import Dataset
 from trainer_utils import entry, generation_batch, image_blocks, make_trainer, text_dataset, vl_dataset
 
 from opsd_trl.models.adapters import SlotFeatures
-from opsd_trl.models.tiny import build_tiny_qwen2_5_vl, build_tiny_text_lm
+from opsd_trl.testing.tiny_models import build_tiny_qwen2_5_vl, build_tiny_text_lm
 from opsd_trl.vt_cache import BadImageError, VisionEncoder, VTCacheMismatchError, build_vt_cache
 
 

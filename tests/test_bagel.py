@@ -13,13 +13,15 @@ from PIL import Image
 from safetensors.torch import save_file
 from trainer_utils import completion_logits, generation_batch, make_trainer, reference_teacher_logits, vl_dataset
 
+from opsd_trl.markers import IMAGE_SKIP_MARKER
 from opsd_trl.models.adapters import get_adapter
-from opsd_trl.models.bagel import IMAGE_SKIP_MARKER
 from opsd_trl.models.bagel.adapter import BagelAdapter
 from opsd_trl.models.bagel.convert import convert_bagel_checkpoint, load_bagel_checkpoint, to_bagel_state_dict
 from opsd_trl.models.bagel.layout import bagel_attention_mask, bagel_position_ids, image_blocks
-from opsd_trl.models.bagel.tiny import build_tiny_bagel, load_bagel, save_bagel
+from opsd_trl.models.loading import load_pretrained
 from opsd_trl.teacher_context import teacher_messages
+from opsd_trl.testing.tiny_bagel import build_tiny_bagel
+from opsd_trl.testing.tiny_models import save_tiny
 
 ATOL = 1e-5
 
@@ -168,7 +170,7 @@ def test_forward_padding_and_generate(tiny, tmp_path):
         eos = next((i + 1 for i, t in enumerate(got) if t == model.config.eos_token_id), len(got))
         assert got[:eos] == ref[b, :eos].tolist()
     # save / load round trip
-    model2, processor2 = load_bagel(save_bagel(model, processor, tmp_path / "hf"))
+    model2, processor2 = load_pretrained(save_tiny(model, processor, tmp_path / "hf"))
     torch.testing.assert_close(model2(**processor2(text=[texts[0]], images=[images[0]], return_tensors="pt")).logits,
                                model(**processor(text=[texts[0]], images=[images[0]], return_tensors="pt")).logits)
 
@@ -267,7 +269,7 @@ def test_checkpoint_mapping_round_trip(conv_patch, tiny, tmp_path, caplog):
     assert set(exported) == set(weights) - {"vit_pos_embed.pos_embed"}
     # Converter: a plain HF folder that loads and computes the same logits.
     dst = convert_bagel_checkpoint(src, tmp_path / "hf", image_processor=processor.image_processor)
-    hf_model, hf_processor = load_bagel(dst)
+    hf_model, hf_processor = load_pretrained(dst)
     enc = hf_processor(text=[_prompt(hf_processor)], images=[[_image(6)]], return_tensors="pt")
     assert enc["input_ids"].tolist() == processor(text=[_prompt(processor)], images=[[_image(6)]],
                                                   return_tensors="pt")["input_ids"].tolist()
@@ -333,7 +335,7 @@ def test_zero3_two_processes_equal_one(tmp_path):
     from distributed import SCRIPTS, launch, launch_env
     from safetensors.torch import load_file
 
-    model_dir = save_bagel(*build_tiny_bagel(seed=0), tmp_path / "model")
+    model_dir = save_tiny(*build_tiny_bagel(seed=0), tmp_path / "model")
     dist = launch("train_bagel", "cpu_zero3", ["--model-dir", model_dir], tmp_path / "dist", timeout=900)
     out = tmp_path / "single" / "result.json"
     out.parent.mkdir()
@@ -434,7 +436,7 @@ def test_release_folder_weight_choice(bagel_release_dir, tmp_path):
     with pytest.raises(ValueError, match="is in both"):
         load_bagel_checkpoint(single)
     dst = convert_bagel_checkpoint(bagel_release_dir, tmp_path / "hf", weights="ema")
-    converted, _ = load_bagel(dst)
+    converted, _ = load_pretrained(dst)
     assert all(torch.equal(converted.state_dict()[k], v) for k, v in ema_ref.state_dict().items())
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from opsd_trl.eval import Contexts, completion_logits, evaluate, evaluate_checkpoints, kl_gap_closure
-from opsd_trl.quickstart.model import TEACHER_INTRO, TEACHER_TRANSITION, build_quickstart_model, save_weights
 from opsd_trl.tasks import make_dataset, score
 from opsd_trl.tasks.maze import parse_moves
+from opsd_trl.testing.quickstart_model import TEACHER_INTRO, TEACHER_TRANSITION, build_quickstart_model, save_weights
 
 METRICS = {"n", "accuracy", "mean_output_tokens", "latency_s_per_sample", "batch_size", "kl_teacher_student",
            "predictions"}
@@ -107,7 +107,7 @@ def test_eval_cli_bad_checkpoints_and_counts(family_model_dirs, setup, tmp_path,
     with pytest.raises(ValueError, match="have different vocabularies"):
         run("--model", str(quickstart), "--baseline", family_model_dirs["qwen2_5_vl"])
     other = tmp_path / "other.safetensors"
-    from opsd_trl.models.tiny import build_tiny_qwen2_5_vl
+    from opsd_trl.testing.tiny_models import build_tiny_qwen2_5_vl
 
     save_file(build_tiny_qwen2_5_vl()[0].state_dict(), str(other))
     with pytest.raises(ValueError, match="is not a quickstart weights file"):

@@ -17,7 +17,8 @@ from opsd_trl.generation import (
     iter_policy_weights,
     run_rounds,
 )
-from opsd_trl.models.tiny import IMAGE_MARKER, build_tiny_qwen2_5_vl, build_tiny_text_lm
+from opsd_trl.markers import IMAGE_SKIP_MARKER
+from opsd_trl.testing.tiny_models import build_tiny_qwen2_5_vl, build_tiny_text_lm
 
 GREEDY = dict(temperature=0.0)
 
@@ -96,7 +97,7 @@ def test_hf_sampling_respects_budget_and_seed(text_lm):
 
 def test_forced_image_skip_round(text_lm):
     model, tok = text_lm
-    marker, eos = tok.convert_tokens_to_ids(IMAGE_MARKER), tok.convert_tokens_to_ids("<|im_end|>")
+    marker, eos = tok.convert_tokens_to_ids(IMAGE_SKIP_MARKER), tok.convert_tokens_to_ids("<|im_end|>")
     force = LogitsProcessorList([ForceMarkerThenEos(marker, eos)])
     prompts = _chat_ids(tok, ["draw", "a longer question"])
     separator = reference_skip_separator(tok)
@@ -116,7 +117,7 @@ def test_forced_image_skip_round(text_lm):
 
 def test_image_skip_needs_room_and_is_capped(text_lm):
     model, tok = text_lm
-    marker, eos = tok.convert_tokens_to_ids(IMAGE_MARKER), tok.convert_tokens_to_ids("<|im_end|>")
+    marker, eos = tok.convert_tokens_to_ids(IMAGE_SKIP_MARKER), tok.convert_tokens_to_ids("<|im_end|>")
     force = LogitsProcessorList([ForceMarkerThenEos(marker, eos)])
     prompts = _chat_ids(tok, ["q"])
     separator = reference_skip_separator(tok)
@@ -138,7 +139,7 @@ def test_image_skip_needs_room_and_is_capped(text_lm):
 def test_run_rounds_lockstep_pads_and_drops():
     """Under lockstep every rank sends the global max count; padding requests' outputs are ignored."""
     tok = build_tiny_text_lm()[1]
-    marker, eos = tok.convert_tokens_to_ids(IMAGE_MARKER), tok.eos_token_id
+    marker, eos = tok.convert_tokens_to_ids(IMAGE_SKIP_MARKER), tok.eos_token_id
     calls = []
 
     def sample(prompts, images, max_new):
@@ -156,7 +157,7 @@ def test_run_rounds_lockstep_pads_and_drops():
 def test_run_rounds_context_of_the_next_round():
     """The continuation request is prompt + round-1 text + <|im_end|> + the prompt's turn opening."""
     tok = build_tiny_text_lm()[1]
-    marker, eos = tok.convert_tokens_to_ids(IMAGE_MARKER), tok.eos_token_id
+    marker, eos = tok.convert_tokens_to_ids(IMAGE_SKIP_MARKER), tok.eos_token_id
     prompt = _chat_ids(tok, ["q"])[0]
     seen = []
 

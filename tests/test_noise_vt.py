@@ -12,7 +12,7 @@ from trainer_utils import (
     vl_dataset,
 )
 
-from opsd_trl.models.tiny import build_tiny_qwen2_5_vl, build_tiny_text_lm
+from opsd_trl.testing.tiny_models import build_tiny_qwen2_5_vl, build_tiny_text_lm
 from opsd_trl.vt_cache import VisionEncoder, build_vt_cache
 
 ATOL = 1e-4

@@ -8,7 +8,8 @@ import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from recipe_utils import EIGHT_GPUS, GPU_RECIPES, MODEL_CONFIGS, RECIPES, REPO, parse_recipe, write_manifest
 
-from opsd_trl.startup_checks import config_fingerprint, validate
+from opsd_trl.startup_checks import validate
+from opsd_trl.vt_cache import config_fingerprint
 
 CONFIGS = sorted((REPO / "accelerate_configs").glob("*.yaml"))
 GPU_PROCESSES = {"zero3": 8, "zero3_offload": 8, "zero2": 8, "multi_gpu": 8, "single_gpu": 1}

@@ -128,7 +128,7 @@ def test_load_best_model_at_end_restores_the_best_qwen2_5_vl_checkpoint(tmp_path
 
     from opsd_trl import VisualOPSDTrainer
     from opsd_trl.models.loading import to_module_keys
-    from opsd_trl.models.tiny import build_tiny_qwen2_5_vl
+    from opsd_trl.testing.tiny_models import build_tiny_qwen2_5_vl
 
     model, processor = build_tiny_qwen2_5_vl()
     config = make_config(tmp_path, max_steps=3, save_strategy="steps", save_steps=1, eval_strategy="steps",
@@ -150,7 +150,7 @@ def test_resume_is_exact_with_lora_fixed_teacher_qwen2_5_vl(tmp_path):
     from trainer_utils import make_config, vl_dataset
 
     from opsd_trl import VisualOPSDTrainer
-    from opsd_trl.models.tiny import build_tiny_qwen2_5_vl
+    from opsd_trl.testing.tiny_models import build_tiny_qwen2_5_vl
 
     def run(name, resume=None):
         model, processor = build_tiny_qwen2_5_vl()

@@ -18,8 +18,8 @@ from trainer_utils import (
 )
 
 from opsd_trl.models.adapters import SlotFeatures
-from opsd_trl.models.tiny import build_tiny_qwen2_5_vl, build_tiny_qwen3_vl, build_tiny_text_lm
 from opsd_trl.teacher_context import teacher_messages
+from opsd_trl.testing.tiny_models import build_tiny_qwen2_5_vl, build_tiny_qwen3_vl, build_tiny_text_lm
 from opsd_trl.vt_cache import VisionEncoder, VTCacheError, build_vt_cache
 
 ATOL = 1e-4

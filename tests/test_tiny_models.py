@@ -8,13 +8,13 @@ import torch
 from transformers import AutoTokenizer, ProcessorMixin
 from trl.data_utils import apply_chat_template as trl_apply_chat_template
 
-from opsd_trl.models.tiny import (
-    IMAGE_MARKER,
+from opsd_trl.markers import IMAGE_SKIP_MARKER
+from opsd_trl.models.loading import load_pretrained
+from opsd_trl.testing.tiny_models import (
     build_tiny_qwen2_5_vl,
     build_tiny_qwen3_vl,
     build_tiny_text_lm,
     build_tiny_tokenizer,
-    load_tiny,
     save_tiny,
 )
 
@@ -26,7 +26,7 @@ ALL_BUILDERS = pytest.mark.parametrize(
     [build_tiny_text_lm, build_tiny_qwen2_5_vl, build_tiny_qwen3_vl],
     ids=["text_lm", "qwen2_5_vl", "qwen3_vl"],
 )
-TRICKY_TEXTS = ["héllo  wörld\n\n\tx", "日本語 🙂 123456", f"a{IMAGE_MARKER}b <|im_end|> c", "Ａ\u0065\u0301 ﬁ", ""]
+TRICKY_TEXTS = ["héllo  wörld\n\n\tx", "日本語 🙂 123456", f"a{IMAGE_SKIP_MARKER}b <|im_end|> c", "Ａ\u0065\u0301 ﬁ", ""]
 
 
 def _vl_prompt(processor, text="What colour?", n_images=1):
@@ -41,11 +41,11 @@ def test_tokenizer_special_tokens_and_template():
     tok = build_tiny_tokenizer()
     assert tok.eos_token == tok.pad_token == "<|im_end|>" and tok.eos_token_id == tok.pad_token_id
     assert tok.unk_token is None
-    for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|image_pad|>", IMAGE_MARKER):
+    for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|image_pad|>", IMAGE_SKIP_MARKER):
         assert len(tok(t, add_special_tokens=False)["input_ids"]) == 1, t
     # The marker is a plain added token: it must survive decoding completions with skip_special_tokens=True.
-    ids = tok(f"go {IMAGE_MARKER} now<|im_end|>")["input_ids"]
-    assert tok.decode(ids, skip_special_tokens=True) == f"go {IMAGE_MARKER} now"
+    ids = tok(f"go {IMAGE_SKIP_MARKER} now<|im_end|>")["input_ids"]
+    assert tok.decode(ids, skip_special_tokens=True) == f"go {IMAGE_SKIP_MARKER} now"
     text = tok.apply_chat_template(
         [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
         tokenize=False,
@@ -152,7 +152,7 @@ def test_trl_style_chat_template_calls(builder, tiny_image):
 def test_save_load_round_trip(builder, tmp_path, tiny_image):
     model, processing_class = builder()
     save_tiny(model, processing_class, tmp_path / "m")
-    loaded, loaded_pc = load_tiny(tmp_path / "m")
+    loaded, loaded_pc = load_pretrained(tmp_path / "m")
     assert type(loaded) is type(model) and type(loaded_pc) is type(processing_class)
     state, loaded_state = model.state_dict(), loaded.state_dict()
     assert state.keys() == loaded_state.keys() and all(torch.equal(state[k], loaded_state[k]) for k in state)

@@ -15,8 +15,9 @@ from distributed import _free_port, launch_env
 from recipe_utils import EIGHT_GPUS, GIB, MODEL_CONFIGS, REPO, parse_recipe, write_manifest
 
 from opsd_trl.cli import main as cli_main
-from opsd_trl.startup_checks import Launch, StartupError, config_fingerprint, validate
+from opsd_trl.startup_checks import Launch, StartupError, validate
 from opsd_trl.train import parse_args
+from opsd_trl.vt_cache import config_fingerprint
 
 CPU_RECIPE = REPO / "recipes/cpu_quickstart.yaml"
 QWEN25 = REPO / "recipes/qwen2_5_vl_7b_thinkmorph.yaml"
@@ -111,9 +112,9 @@ def test_cpu_recipe_two_processes_zero3(tmp_path):
            "--ddp_backend", "gloo", "--report_to", "none", "--output_dir", str(tmp_path / "run")]
     proc = subprocess.run(cmd, cwd=REPO, env=launch_env(config), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    from opsd_trl.models.tiny import load_tiny
+    from opsd_trl.models.loading import load_pretrained
 
-    model, _ = load_tiny(tmp_path / "run")  # full weights gathered from the 2 ZeRO-3 shards
+    model, _ = load_pretrained(tmp_path / "run")  # full weights gathered from the 2 ZeRO-3 shards
     assert sum(p.numel() for p in model.parameters()) > 600_000
     assert json.loads((tmp_path / "run/train_results.json").read_text())["step"] == 2
 

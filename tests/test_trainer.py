@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig
 from trainer_utils import completion_logits, generation_batch, make_trainer, text_dataset, vl_dataset
 
-from opsd_trl.models.tiny import build_tiny_qwen2_5_vl, build_tiny_text_lm
+from opsd_trl.testing.tiny_models import build_tiny_qwen2_5_vl, build_tiny_text_lm
 
 
 def _move_student_away(trainer):
@@ -220,10 +220,10 @@ def test_forced_image_skip_round_follows_the_reference_rule(tmp_path):
     <|im_end|> when cut by the budget, and every one of its tokens is scored."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
-    from opsd_trl.models.tiny import IMAGE_MARKER
+    from opsd_trl.markers import IMAGE_SKIP_MARKER
 
     model, tok = build_tiny_text_lm()
-    marker, im_end = tok.convert_tokens_to_ids(IMAGE_MARKER), tok.convert_tokens_to_ids("<|im_end|>")
+    marker, im_end = tok.convert_tokens_to_ids(IMAGE_SKIP_MARKER), tok.convert_tokens_to_ids("<|im_end|>")
     assert im_end == tok.eos_token_id
 
     class MarkerThenEos(LogitsProcessor):  # the first two tokens: <image_start>, EOS; then free (greedy)

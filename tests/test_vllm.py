@@ -26,7 +26,7 @@ from opsd_trl.generation import (  # noqa: E402
     _collapse_image_runs,
     turn_opening,
 )
-from opsd_trl.models.tiny import build_tiny_qwen2_5_vl, build_tiny_text_lm  # noqa: E402
+from opsd_trl.testing.tiny_models import build_tiny_qwen2_5_vl, build_tiny_text_lm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent / "vllm_support"))
 from checkpoints import save_for_vllm  # noqa: E402

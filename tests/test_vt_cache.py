@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from opsd_trl.testing.synthetic_encoder import SyntheticEncoder
 from opsd_trl.vt_cache import (
     BadImageError,
-    SyntheticEncoder,
     VisionEncoder,
     VTCache,
     VTCacheCorruptError,
@@ -42,7 +42,7 @@ def make_samples(n: int = 12) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def qwen25():
-    from opsd_trl.models.tiny import build_tiny_qwen2_5_vl
+    from opsd_trl.testing.tiny_models import build_tiny_qwen2_5_vl
 
     model, processor = build_tiny_qwen2_5_vl(seed=0)
     model.requires_grad_(False)  # the trainer freezes the tower when it uses a cache
@@ -57,7 +57,7 @@ def build(samples, encoder, out, **kw):
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_round_trip_equals_direct_encoding(tmp_path, family, qwen25):
     if family == "qwen3_vl":
-        from opsd_trl.models.tiny import build_tiny_qwen3_vl
+        from opsd_trl.testing.tiny_models import build_tiny_qwen3_vl
 
         model, processor = build_tiny_qwen3_vl(seed=0)
         model.requires_grad_(False)
@@ -84,9 +84,9 @@ def test_round_trip_equals_direct_encoding(tmp_path, family, qwen25):
 
 
 ENCODERS = {
-    "synthetic": "from opsd_trl.vt_cache import SyntheticEncoder as make_encoder",
+    "synthetic": "from opsd_trl.testing.synthetic_encoder import SyntheticEncoder as make_encoder",
     "qwen2_5_vl": textwrap.dedent("""
-        from opsd_trl.models.tiny import build_tiny_qwen2_5_vl
+        from opsd_trl.testing.tiny_models import build_tiny_qwen2_5_vl
         from opsd_trl.vt_cache import VisionEncoder
         def make_encoder():
             return VisionEncoder(*build_tiny_qwen2_5_vl(seed=0))
@@ -173,7 +173,7 @@ def test_altered_index_refused(synthetic_cache):
 
 
 def test_manifest_mismatch_refused(tmp_path, qwen25):
-    from opsd_trl.models.tiny import build_tiny_qwen2_5_vl, build_tiny_qwen3_vl
+    from opsd_trl.testing.tiny_models import build_tiny_qwen2_5_vl, build_tiny_qwen3_vl
 
     model, processor = qwen25
     cache = build(make_samples(4), VisionEncoder(model, processor), tmp_path / "c")
@@ -241,7 +241,7 @@ def test_loader_in_dataloader_workers(synthetic_cache):
 def test_import_text_vt_embeddings(tmp_path):
     from safetensors.torch import save_file
 
-    from opsd_trl.models.tiny import build_tiny_text_lm
+    from opsd_trl.testing.tiny_models import build_tiny_text_lm
 
     src = tmp_path / "vt.safetensors"
     save_file({"a": torch.randn(5, 64), "b": torch.randn(2, 3, 64)}, src)
@@ -259,7 +259,7 @@ def test_cli_build_and_verify(tmp_path, qwen25, capsys):
     import datasets
 
     from opsd_trl.cli import main
-    from opsd_trl.models.tiny import save_tiny
+    from opsd_trl.testing.tiny_models import save_tiny
 
     save_tiny(*qwen25, tmp_path / "model")
     samples = make_samples(5)
@@ -314,7 +314,7 @@ def test_training_with_a_cache_missing_its_index(synthetic_cache, capsys, tmp_pa
     from trainer_utils import make_trainer, vl_dataset
 
     from opsd_trl.cli import main
-    from opsd_trl.models.tiny import build_tiny_qwen2_5_vl
+    from opsd_trl.testing.tiny_models import build_tiny_qwen2_5_vl
 
     (synthetic_cache / "index.json").unlink()
     # opsd-trl train: a start-up check, exit 2, before any weights load

@@ -8,7 +8,7 @@ import torch
 from distributed import launch, load_script
 from safetensors.torch import load_file
 
-from opsd_trl.models.tiny import load_tiny
+from opsd_trl.models.loading import load_pretrained
 
 TOL = 1e-5
 LR = 1.0  # SGD with lr 1: the post-step weights compare the gradients themselves, at the same tolerance
@@ -17,7 +17,7 @@ LR = 1.0  # SGD with lr 1: the post-step weights compare the gradients themselve
 def _single_process_step(model_dir: str):
     """Reference: the launched script's own batch and loss, on all samples at once, plain torch SGD step."""
     script = load_script("zero3_step")
-    model, processor = load_tiny(model_dir)
+    model, processor = load_pretrained(model_dir)
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)

@@ -1,1 +1,1 @@
-"""Model-family adapters and the tiny in-code models used by tests and the CPU quickstart."""
+"""Model-family adapters (`adapters.py`), the one model loader (`loading.py`) and model ports (`bagel/`)."""

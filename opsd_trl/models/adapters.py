@@ -5,11 +5,17 @@ precomputed embeddings instead of token embeddings: image placeholder tokens for
 and visual thoughts), soft-prefix placeholders for text-only LMs. Each adapter turns
 `(input_ids, attention_mask, slot_mask, slot_embeds)` into the backbone's last hidden states, calling the model's
 own submodules so that ZeRO-3 gathers each weight on use (never the raw embedding matrix).
+
+`ModelAdapter` is the contract; `get_adapter` picks one by `model_type` from `ADAPTERS`. A model port registers its
+own with `register_adapter` when its package is imported (BAGEL: `opsd_trl.models.bagel`), so this module imports
+no port.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -26,6 +32,28 @@ class SlotFeatures:
     embeds: torch.Tensor
     grid_thw: torch.Tensor | None = None
     deepstack: torch.Tensor | None = None
+
+
+class ModelAdapter(Protocol):
+    """How the trainer, eval and the VT cache builder run one model family's teacher pass (docs/architecture.md)."""
+
+    family: str  # "text" | "qwen_vl" | "bagel" | ...: names the family in messages
+    uses_images: bool  # VTs are images (spliced as vision features); False: soft-prefix embeddings or `vt_text`
+    config: object  # the transformers config of the (unwrapped) model
+
+    def hidden_size(self) -> int:
+        """Width `H` of the language model's hidden states (and of every slot row)."""
+
+    def encode_images(self, model: nn.Module, pixel_values: torch.Tensor,
+                      image_grid_thw: torch.Tensor) -> list[SlotFeatures]:
+        """Vision tower + projector, no grad: the processor's `pixel_values` `(sum patches, D)` and `image_grid_thw`
+        `(n_images, 3)` -> one `SlotFeatures` per image. The VT cache stores exactly these, so cached and online
+        features are the same computation. Raises for a family without a vision tower."""
+
+    def teacher_hidden_states(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                              slot_mask: torch.Tensor, slots: list[SlotFeatures]) -> torch.Tensor:
+        """The spliced teacher forward: `(B, L)` ids / attention mask / bool slot mask and the slots in row-major
+        slot order -> last hidden states `(B, L, H)`, positions as the model's own forward would give them."""
 
 
 def unwrap_base(model: nn.Module) -> nn.Module:
@@ -56,7 +84,7 @@ class TextLMAdapter:
         """`(B, L)` ids/masks + slots in row-major slot order -> last hidden states `(B, L, H)`."""
         base = unwrap_base(model)
         embeds = base.get_input_embeddings()(input_ids)
-        embeds = _scatter_slots(embeds, slot_mask, slots)
+        embeds = scatter_slots(embeds, slot_mask, slots)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = base.base_model(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
@@ -119,7 +147,7 @@ class QwenVLAdapter:
         inner = unwrap_base(model).model
         if not torch.equal(slot_mask, input_ids == self.image_token_id):
             raise ValueError("Qwen-VL teacher slots must sit exactly on the image placeholder tokens.")
-        embeds = _scatter_slots(inner.get_input_embeddings()(input_ids), slot_mask, slots)
+        embeds = scatter_slots(inner.get_input_embeddings()(input_ids), slot_mask, slots)
         grid = torch.stack([s.grid_thw for s in slots]).to(input_ids.device) if slots else None
         if grid is not None:
             position_ids, _ = inner.get_rope_index(
@@ -146,7 +174,9 @@ class QwenVLAdapter:
         return out.last_hidden_state
 
 
-def _scatter_slots(embeds: torch.Tensor, slot_mask: torch.Tensor, slots: list[SlotFeatures]) -> torch.Tensor:
+def scatter_slots(embeds: torch.Tensor, slot_mask: torch.Tensor, slots: list[SlotFeatures]) -> torch.Tensor:
+    """Token embeddings `(B, L, H)` with the slot positions (`slot_mask` `(B, L)`, row-major) replaced by the
+    slots' rows in order; the count of rows must equal the count of slot positions."""
     n_slots = int(slot_mask.sum())
     if not slots:
         if n_slots:
@@ -173,19 +203,28 @@ def head_logits(model: nn.Module, hidden: torch.Tensor, weight: torch.Tensor | N
     return logits
 
 
-def get_adapter(model: nn.Module):
+# model_type -> adapter class; text-only causal LMs (no `vision_config`) fall back to `TextLMAdapter`.
+ADAPTERS: dict[str, Callable[[nn.Module], ModelAdapter]] = {
+    "qwen2_vl": QwenVLAdapter,
+    "qwen2_5_vl": QwenVLAdapter,
+    "qwen3_vl": QwenVLAdapter,
+}
+
+
+def register_adapter(model_type: str, adapter: Callable[[nn.Module], ModelAdapter]) -> None:
+    """Make `get_adapter` pick `adapter` for models of `model_type` (a model port calls this when imported)."""
+    ADAPTERS[model_type] = adapter
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
     """Pick the adapter for a (possibly PEFT-wrapped) transformers model."""
     config = unwrap_base(model).config
     model_type = getattr(config, "model_type", "")
-    if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
-        return QwenVLAdapter(model)
-    if model_type == "bagel":  # imported here: the BAGEL package imports this module
-        from .bagel.adapter import BagelAdapter
-
-        return BagelAdapter(model)
+    if model_type in ADAPTERS:
+        return ADAPTERS[model_type](model)
     if getattr(config, "vision_config", None) is not None:
         raise ValueError(
             f"model_type {model_type!r} is a vision-language model without a Visual-OPSD adapter; supported: "
-            "qwen2_vl, qwen2_5_vl, qwen3_vl, bagel and text-only causal LMs (see docs/models.md)."
+            f"{', '.join(ADAPTERS)} and text-only causal LMs (see docs/models.md)."
         )
     return TextLMAdapter(model)

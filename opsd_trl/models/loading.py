@@ -1,17 +1,23 @@
-"""Loading a policy and its processor from a folder, and loading checkpoint weights into a built model.
+"""Loading a policy and its processor: the one place that knows the model families.
 
-One place for every entry point that reads a model folder (`opsd-trl train`, `opsd-trl eval`): a folder written by
-`save_pretrained` of the model + its processor / tokenizer (`config.json`, `model.safetensors`, tokenizer files,
-`processor_config.json` / `preprocessor_config.json`), or a hub id. The family is read from `config.json`:
+Every entry point that reads a model (`opsd-trl train` and `eval`, sweeps, the VT cache builder, the start-up
+checks) goes through `load_pretrained` / `load_config`. A model is a `tiny:` name (an in-code model, below), a
+folder written by `save_pretrained` of the model + its processor / tokenizer (`config.json`, `model.safetensors`,
+tokenizer files, `processor_config.json` / `preprocessor_config.json`), or a hub id. The family is read from
+`config.json` (`FAMILIES`):
 
 | family | model class | processing class |
 |---|---|---|
-| text LM (no `vision_config`) | `AutoModelForCausalLM` | `AutoTokenizer` |
-| Qwen2-VL / Qwen2.5-VL / Qwen3-VL | `AutoModelForImageTextToText` | the tiny processors when `processor_config.json` names one, else `AutoProcessor` |
-| BAGEL (`model_type: bagel`) | `BagelForConditionalGeneration` | `BagelProcessor` |
+| `text`: text LM (no `vision_config`) | `AutoModelForCausalLM` | `AutoTokenizer` |
+| `qwen_vl`: Qwen2-VL / Qwen2.5-VL / Qwen3-VL | `AutoModelForImageTextToText` | the torchvision-free processors (`qwen_vl_processors`) when `processor_config.json` names one, else `AutoProcessor` (`processing="image"`: `AutoImageProcessor`, PIL backend) |
+| `bagel` (`model_type: bagel`) | `BagelForConditionalGeneration` | `BagelProcessor` |
 | BAGEL / ThinkMorph release folder (`llm_config.json` + `vit_config.json`) | the same, converted on load | the same, at the reference's image sizes |
 
 A release folder is read with `opsd_trl.models.bagel.convert` (its weight set chosen with `bagel_weights`).
+
+In-code models: `tiny:quickstart`, `tiny:text_lm`, `tiny:qwen2_5_vl`, `tiny:qwen3_vl` are built from
+`opsd_trl.testing` (fixtures the CPU recipes and tests name), as are quickstart `.safetensors` weights files and the
+shipped warm-start (`init_weights: warmstart`). This module is the runtime's only door to those fixtures.
 
 `load_checkpoint_weights` loads a checkpoint's `model.safetensors` into an already built model (trainer resume).
 transformers 5 saves some families under their original checkpoint names (Qwen2.5-VL: `model.layers.*`,
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 
 import torch
 
@@ -59,62 +66,178 @@ def _processor_class(path: str) -> str | None:
         return json.load(f).get("processor_class")
 
 
-def _load_bagel_release(path: str, dtype, weights: str | None):
-    """A BAGEL / ThinkMorph release folder, built whole on this rank (as `tiny:` models: under ZeRO-3 DeepSpeed
-    partitions the finished model when the trainer prepares it)."""
+@contextmanager
+def _whole_on_this_rank():
+    """Build a model in code whole on this rank. Under ZeRO-3 transformers would partition it *while* building it
+    (its weight init then indexes empty shards); DeepSpeed partitions the finished model when the trainer prepares
+    it, as with `zero3_init_flag: false`."""
     from transformers.integrations import deepspeed as hf_deepspeed
-
-    from .bagel.convert import bagel_processor, load_bagel_checkpoint
 
     ref = hf_deepspeed._hf_deepspeed_config_weak_ref
     hf_deepspeed.unset_hf_deepspeed_config()
     try:
-        model, _ = load_bagel_checkpoint(path, None if dtype == "auto" else dtype, weights=weights)
+        yield
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = ref
+
+
+def _load_bagel_release(path: str, dtype, weights: str | None):
+    """A BAGEL / ThinkMorph release folder, built whole on this rank (as `tiny:` models)."""
+    from .bagel.convert import bagel_processor, load_bagel_checkpoint
+
+    with _whole_on_this_rank():
+        model, _ = load_bagel_checkpoint(path, None if dtype == "auto" else dtype, weights=weights)
     model.config.name_or_path = path
     return model, bagel_processor(path)
 
 
+# ----------------------------------------------------------------------------------------------- families
+def _load_text(path: str, model_kwargs: dict, hub_kwargs: dict, processing: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path, **model_kwargs), AutoTokenizer.from_pretrained(path, **hub_kwargs)
+
+
+def _load_qwen_vl(path: str, model_kwargs: dict, hub_kwargs: dict, processing: str):
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor
+
+    from .qwen_vl_processors import PROCESSOR_CLASSES
+
+    model = AutoModelForImageTextToText.from_pretrained(path, **model_kwargs)
+    name = _processor_class(path) if os.path.isdir(path) else None
+    if name in PROCESSOR_CLASSES:  # AutoProcessor would silently return only the tokenizer for these
+        return model, PROCESSOR_CLASSES[name].from_pretrained(path)
+    if processing == "image":  # the image processor alone: no video processor, so no torchvision
+        return model, AutoImageProcessor.from_pretrained(path, backend="pil")
+    return model, AutoProcessor.from_pretrained(path, **hub_kwargs)
+
+
+def _load_bagel(path: str, model_kwargs: dict, hub_kwargs: dict, processing: str):
+    from .bagel import BagelForConditionalGeneration, BagelProcessor
+
+    return BagelForConditionalGeneration.from_pretrained(path, **model_kwargs), BagelProcessor.from_pretrained(path)
+
+
+# family -> loader `(path, model_kwargs, hub_kwargs, processing) -> (model, processing_class)`.
+FAMILIES = {"text": _load_text, "qwen_vl": _load_qwen_vl, "bagel": _load_bagel}
+
+
+def family_of(config) -> str:
+    """The `FAMILIES` key of a transformers config."""
+    if config.model_type == "bagel":
+        return "bagel"
+    return "text" if getattr(config, "vision_config", None) is None else "qwen_vl"
+
+
+def local_model_type(path: str) -> str | None:
+    """`model_type` of a local model folder ("bagel" for a BAGEL release folder), read without loading weights;
+    None for a `tiny:` name or a hub id."""
+    from .bagel.convert import is_bagel_checkpoint
+
+    if tiny_name(path) is not None:
+        return None
+    if is_bagel_checkpoint(path):
+        return "bagel"
+    config = read_folder_config(path)
+    return None if config is None else config.get("model_type")
+
+
 def load_pretrained(path: str, *, dtype=None, attn_implementation: str | None = None, revision: str | None = None,
-                    trust_remote_code: bool = False, bagel_weights: str | None = None):
-    """`(model, processing_class)` from a saved folder or a hub id, for every supported family (table above).
-    `dtype`: a torch dtype, its name, or None / "auto" (the checkpoint's dtype). `bagel_weights`: "ema" | "model",
-    which weight set of a BAGEL release folder holding both (ignored for other folders)."""
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForImageTextToText,
-        AutoProcessor,
-        AutoTokenizer,
-    )
+                    trust_remote_code: bool = False, bagel_weights: str | None = None, processing: str = "full"):
+    """`(model, processing_class)` from a `tiny:` name, a saved folder or a hub id, for every supported family
+    (table above). `dtype`: a torch dtype, its name, or None / "auto" (the checkpoint's dtype). `bagel_weights`:
+    "ema" | "model", which weight set of a BAGEL release folder holding both (ignored for other folders).
+    `processing`: "full" (the processor or tokenizer) | "image" (a Qwen-VL hub folder's image processor only, as
+    the VT cache builder needs; other families return their processor)."""
+    from transformers import AutoConfig
 
     from . import bagel  # noqa: F401  (registers model_type "bagel" with AutoConfig / AutoModelForImageTextToText)
     from .bagel.convert import is_bagel_checkpoint
-    from .tiny import _PROCESSORS
 
     path = os.fspath(path)
+    name = tiny_name(path)
+    if name is not None:
+        model, processing_class = build_tiny(name)
+        model.config.name_or_path = path
+        return model, processing_class
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     if is_bagel_checkpoint(path):
         return _load_bagel_release(path, dtype, bagel_weights)
-    kwargs = dict(dtype=dtype or "auto", revision=revision, trust_remote_code=trust_remote_code)
+    hub_kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
+    model_kwargs = dict(dtype=dtype or "auto", **hub_kwargs)
     if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
-    local = read_folder_config(path)
-    config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-    if config.model_type == "bagel":
-        from .bagel import BagelForConditionalGeneration, BagelProcessor
+        model_kwargs["attn_implementation"] = attn_implementation
+    read_folder_config(path)  # a missing local folder is an error, never a hub look-up
+    config = AutoConfig.from_pretrained(path, **hub_kwargs)
+    return FAMILIES[family_of(config)](path, model_kwargs, hub_kwargs, processing)
 
-        return BagelForConditionalGeneration.from_pretrained(path, **kwargs), BagelProcessor.from_pretrained(path)
-    if getattr(config, "vision_config", None) is None:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        return model, AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-    name = _processor_class(path) if local is not None else None
-    if name in _PROCESSORS:  # AutoProcessor would silently return only the tokenizer for these
-        return model, _PROCESSORS[name].from_pretrained(path)
-    return model, AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+
+def load_config(path: str, *, revision: str | None = None, trust_remote_code: bool = False,
+                bagel_weights: str | None = None):
+    """The transformers config of what `load_pretrained` would load, without its weights (a `tiny:` model is
+    built: it is cheap; a BAGEL release folder is read from its configs and safetensors headers)."""
+    from transformers import AutoConfig
+
+    from . import bagel  # noqa: F401  (registers model_type "bagel")
+    from .bagel.convert import bagel_config, is_bagel_checkpoint
+
+    name = tiny_name(path)
+    if name is not None:
+        return build_tiny(name)[0].config
+    if is_bagel_checkpoint(path):
+        return bagel_config(path, weights=bagel_weights)
+    return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+
+
+# ----------------------------------------------------------------------------------------------- in-code models
+TINY_PREFIX = "tiny:"
+SHIPPED_WARMSTART = "warmstart"  # `init_weights` word for the quickstart's shipped warm-start weights
+
+
+def _tiny_builders() -> dict:
+    from ..testing import quickstart_model, tiny_models
+
+    return {
+        "quickstart": quickstart_model.build_quickstart_model,
+        "text_lm": tiny_models.build_tiny_text_lm,
+        "qwen2_5_vl": tiny_models.build_tiny_qwen2_5_vl,
+        "qwen3_vl": tiny_models.build_tiny_qwen3_vl,
+    }
+
+
+def tiny_name(model_name_or_path: str) -> str | None:
+    """'tiny:quickstart' -> 'quickstart'; None for a real checkpoint."""
+    if not model_name_or_path.startswith(TINY_PREFIX):
+        return None
+    name = model_name_or_path[len(TINY_PREFIX) :]
+    if name not in _tiny_builders():
+        raise ValueError(f"unknown tiny model {model_name_or_path!r}; known: "
+                         f"{[TINY_PREFIX + n for n in _tiny_builders()]}")
+    return name
+
+
+def build_tiny(name: str):
+    """`(model, processing_class)` of a `tiny:` model, built whole on this rank."""
+    with _whole_on_this_rank():
+        return _tiny_builders()[name]()
+
+
+def init_weights_path(spec: str | None) -> str | None:
+    """An `init_weights` value as a file path: `warmstart` is the quickstart's shipped warm-start."""
+    if spec != SHIPPED_WARMSTART:
+        return spec
+    from ..testing.quickstart_model import shipped_warmstart
+
+    return str(shipped_warmstart())
+
+
+def load_quickstart_weights(path: str):
+    """`(model, processor)` of the quickstart's policy with the weights of a `.safetensors` file (weights only: the
+    architecture and tokenizer are built in code). A state dict of another model raises RuntimeError."""
+    from ..testing.quickstart_model import load_weights
+
+    return load_weights(path)
 
 
 def apply_image_processor_kwargs(processing_class, kwargs: dict | None) -> None:

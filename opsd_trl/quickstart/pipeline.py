@@ -15,7 +15,6 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, replace
-from importlib import resources
 from pathlib import Path
 
 import datasets as datasets_lib
@@ -23,13 +22,19 @@ import torch
 
 from ..eval import Contexts, evaluate, kl_gap_closure, write_predictions
 from ..tasks import make_dataset
+from ..testing.quickstart_model import (
+    TEACHER_INTRO,
+    TEACHER_TRANSITION,
+    build_quickstart_model,
+    load_weights,
+    save_weights,
+    shipped_warmstart,
+)
 from .advice import teacher_advice
-from .model import TEACHER_INTRO, TEACHER_TRANSITION, build_quickstart_model, load_weights, save_weights
 from .opsd import ValidationCurve, freeze_vision, train_opsd, vt_cache
 from .report import LABELS, write_docs, write_report
 from .sft import warm_start
 
-SHIPPED_WARMSTART = "quickstart_warmstart.safetensors"
 # The trained students, each from the same warm-start with the same steps x batch: the method, the paper's control
 # (Gaussian VT pixels) and the supervised baseline (reference answers in the student context).
 METHODS = ("visual_opsd", "noise_control", "supervised")
@@ -84,8 +89,7 @@ def datasets(s: Settings) -> dict:
 
 
 def _shipped(s: Settings) -> Path | None:
-    path = resources.files("opsd_trl.quickstart") / SHIPPED_WARMSTART
-    meta = resources.files("opsd_trl.quickstart") / (SHIPPED_WARMSTART + ".json")
+    path, meta = shipped_warmstart(), shipped_warmstart(".json")
     if path.is_file() and meta.is_file() and json.loads(meta.read_text())["key"] == s.warmstart_key():
         return Path(str(path))
     return None

@@ -2,7 +2,15 @@
 with a JSON index and manifest, read back by sample id. Format: ``docs/vt_cache.md``."""
 
 from .build import build_vt_cache, decode_image, import_vt_embeddings, problem_digest, sample_ids
-from .encoders import EncodedImage, SyntheticEncoder, VisionEncoder, VTEncoder, load_encoder, weights_sha256
+from .encoders import (
+    EncodedImage,
+    VisionEncoder,
+    VTEncoder,
+    config_fingerprint,
+    encoder_fingerprint,
+    load_encoder,
+    weights_sha256,
+)
 from .format import (
     FORMAT_VERSION,
     BadImageError,
@@ -19,7 +27,6 @@ __all__ = [
     "CachedImages",
     "EncodedImage",
     "VisionEncoder",
-    "SyntheticEncoder",
     "VTCache",
     "VTCacheCorruptError",
     "VTCacheError",
@@ -28,7 +35,9 @@ __all__ = [
     "VTEntry",
     "build_vt_cache",
     "check_compatible",
+    "config_fingerprint",
     "decode_image",
+    "encoder_fingerprint",
     "import_vt_embeddings",
     "load_encoder",
     "policy_fingerprint",

@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .encoders import FINGERPRINT_FIELDS, EncodedImage, VTEncoder
+from .encoders import FINGERPRINT_FIELDS, EncodedImage, VTEncoder, encoder_fingerprint
 from .format import (
     DEFAULT_SHARD_BYTES,
     DTYPES,
@@ -389,15 +389,7 @@ def import_vt_embeddings(
         keys = list(f.keys())
         first = f.get_tensor(keys[0]) if keys else torch.zeros(0, 0)
         dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or first.dtype)
-        fingerprint = {
-            "model_family": "text",
-            "hidden_size": first.shape[-1],
-            "spatial_merge_size": None,
-            "deepstack_levels": 0,
-            "vision_weights_sha256": None,
-            "processor_sha256": None,
-            "processor_config": None,
-        }
+        fingerprint = encoder_fingerprint(model_family="text", hidden_size=first.shape[-1])
         config = {
             **{k: fingerprint[k] for k in FINGERPRINT_FIELDS},
             "dtype": dtype_name(dtype),

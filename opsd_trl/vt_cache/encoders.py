@@ -1,14 +1,13 @@
 """Encoders turn VT images into the rows that replace image placeholder tokens.
 
-The cache builder only needs the :class:`VTEncoder` protocol, so the format is testable with the cheap
-:class:`SyntheticEncoder`; :class:`VisionEncoder` is the real one for the Qwen2-VL / Qwen2.5-VL / Qwen3-VL families.
+The cache builder only needs the :class:`VTEncoder` protocol, so the format is testable with a cheap stand-in
+(``opsd_trl.testing.synthetic_encoder``); :class:`VisionEncoder` is the real one for the Qwen2-VL / Qwen2.5-VL /
+Qwen3-VL and BAGEL families. An encoder's fingerprint (:func:`encoder_fingerprint`) goes into the cache manifest.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -40,7 +39,7 @@ class EncodedImage:
 
 class VTEncoder(Protocol):
     def fingerprint(self) -> dict:
-        """``FINGERPRINT_FIELDS`` plus ``processor_config`` (a JSON dict)."""
+        """``FINGERPRINT_FIELDS`` plus ``processor_config`` (a JSON dict): see :func:`encoder_fingerprint`."""
 
     def encode(self, images: list) -> list[EncodedImage]:
         """Encode PIL images (one batch) in order."""
@@ -54,6 +53,36 @@ def weights_sha256(module: torch.nn.Module) -> str:
         h.update(f"{name}:{tuple(t.shape)}\n".encode())
         h.update(tensor_bytes(t.detach().to("cpu", torch.float32)))
     return h.hexdigest()
+
+
+def encoder_fingerprint(*, model_family: str, hidden_size: int, spatial_merge_size: int | None = None,
+                        deepstack_levels: int = 0, vision_weights_sha256: str | None = None,
+                        processor_config: dict | None = None) -> dict:
+    """What a VT cache records of the encoder that built it (``FINGERPRINT_FIELDS`` + ``processor_config``);
+    ``check_compatible`` compares a policy's against it. Defaults: no vision tower (text-only embeddings)."""
+    return {
+        "model_family": model_family,
+        "hidden_size": hidden_size,
+        "spatial_merge_size": spatial_merge_size,
+        "deepstack_levels": deepstack_levels,
+        "vision_weights_sha256": vision_weights_sha256,
+        "processor_sha256": None if processor_config is None else sha256_json(processor_config),
+        "processor_config": processor_config,
+    }
+
+
+def config_fingerprint(model_config) -> dict:
+    """The fingerprint fields a model config alone determines (the weights and processor hashes need the model)."""
+    text = getattr(model_config, "text_config", model_config)
+    if model_config.model_type not in VISION_FAMILIES:
+        return {"model_family": "text", "hidden_size": text.hidden_size}
+    vision = model_config.vision_config
+    return {
+        "model_family": model_config.model_type,
+        "hidden_size": text.hidden_size,
+        "spatial_merge_size": getattr(vision, "spatial_merge_size", 1),
+        "deepstack_levels": len(getattr(vision, "deepstack_visual_indexes", None) or []),
+    }
 
 
 def processor_config(image_processor) -> dict:
@@ -95,17 +124,11 @@ class VisionEncoder:
 
     def fingerprint(self) -> dict:
         if self._fingerprint is None:  # hashing a real tower takes seconds; do it once
-            vision = self.config.vision_config
-            pcfg = processor_config(self.image_processor)
-            self._fingerprint = {
-                "model_family": self.config.model_type,
-                "hidden_size": text_hidden_size(self.inner),
-                "spatial_merge_size": getattr(vision, "spatial_merge_size", 1),
-                "deepstack_levels": len(getattr(vision, "deepstack_visual_indexes", None) or []),
-                "vision_weights_sha256": weights_sha256(self.inner.visual),
-                "processor_sha256": sha256_json(pcfg),
-                "processor_config": pcfg,
-            }
+            self._fingerprint = encoder_fingerprint(
+                **config_fingerprint(self.config),
+                vision_weights_sha256=weights_sha256(self.inner.visual),
+                processor_config=processor_config(self.image_processor),
+            )
         return self._fingerprint
 
     @torch.no_grad()
@@ -119,75 +142,24 @@ class VisionEncoder:
         return [EncodedImage(s.embeds, tuple(int(x) for x in s.grid_thw), s.deepstack) for s in slots]
 
 
-class SyntheticEncoder:
-    """Deterministic stand-in with the Qwen-VL token geometry (patch, 2x2 merge): features are random rows
-    seeded by the pixels. For format tests and benchmarks only."""
-
-    def __init__(self, hidden_size: int = 32, patch_size: int = 14, deepstack_levels: int = 0, seed: int = 0):
-        self.hidden_size, self.patch_size, self.levels, self.seed = hidden_size, patch_size, deepstack_levels, seed
-
-    def fingerprint(self) -> dict:
-        pcfg = {"patch_size": self.patch_size, "merge_size": 2}
-        return {
-            "model_family": "synthetic",
-            "hidden_size": self.hidden_size,
-            "spatial_merge_size": 2,
-            "deepstack_levels": self.levels,
-            "vision_weights_sha256": sha256_json({"seed": self.seed}),
-            "processor_sha256": sha256_json(pcfg),
-            "processor_config": pcfg,
-        }
-
-    def encode(self, images: list) -> list[EncodedImage]:
-        out = []
-        for im in images:
-            unit = 2 * self.patch_size
-            gh, gw = (max(1, round(s / unit)) * 2 for s in (im.height, im.width))
-            n = gh * gw // 4
-            g = torch.Generator().manual_seed(zlib.crc32(im.tobytes(), self.seed))
-            embeds = torch.randn(n, self.hidden_size, generator=g)
-            deep = torch.randn(self.levels, n, self.hidden_size, generator=g) if self.levels else None
-            out.append(EncodedImage(embeds, (1, gh, gw), deep))
-        return out
-
-
 def load_encoder(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
                  bagel_weights: str | None = None, image_processor_kwargs: dict | None = None) -> VisionEncoder:
-    """Load a Qwen-VL checkpoint folder (or a tiny model saved with ``save_tiny``, a BAGEL folder in transformers'
-    or in BAGEL's own release layout) for cache building. ``bagel_weights`` / ``image_processor_kwargs``: as the
-    training fields of the same names (the cache is checked against the policy's processor settings)."""
-    from opsd_trl.models.bagel.convert import is_bagel_checkpoint
-    from opsd_trl.models.loading import apply_image_processor_kwargs, load_pretrained, read_folder_config
+    """Load a vision-language model folder (any family ``opsd_trl.models.loading.load_pretrained`` reads: Qwen-VL,
+    a tiny model saved in code, BAGEL in transformers' or in its own release layout) or hub id for cache building.
+    ``bagel_weights`` / ``image_processor_kwargs``: as the training fields of the same names (the cache is checked
+    against the policy's processor settings)."""
+    from opsd_trl.models.loading import apply_image_processor_kwargs, load_pretrained, local_model_type
 
-    if is_bagel_checkpoint(path):
-        model, processor = load_pretrained(str(path), dtype=dtype, bagel_weights=bagel_weights)
-        apply_image_processor_kwargs(processor, image_processor_kwargs)
-        return VisionEncoder(model.eval().to(device), processor)
-    config = read_folder_config(str(path))
-    if config is not None and config.get("model_type") not in VISION_FAMILIES:  # refused before any weights load
+    model_type = local_model_type(str(path))
+    if model_type is not None and model_type not in VISION_FAMILIES:  # refused before any weights load
         raise ValueError(
-            f"{path}: model_type {config.get('model_type')!r} has no VT encoder; supported: {', '.join(VISION_FAMILIES)}"
+            f"{path}: model_type {model_type!r} has no VT encoder; supported: {', '.join(VISION_FAMILIES)}"
         )
-    path = Path(path)
-    proc_file = path / "processor_config.json"
-    proc_class = json.loads(proc_file.read_text()).get("processor_class") if proc_file.exists() else None
-    if proc_class and proc_class.startswith("Tiny"):
-        from opsd_trl.models.tiny import load_tiny
-
-        model, processor = load_tiny(path, dtype=dtype)
-    elif proc_class == "BagelProcessor":
-        from opsd_trl.models.bagel.tiny import load_bagel
-
-        model, processor = load_bagel(path, dtype=dtype)
-    else:
-        from transformers import AutoImageProcessor, AutoModelForImageTextToText
-
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).eval()
-        processor = AutoImageProcessor.from_pretrained(path, backend="pil")
+    model, processor = load_pretrained(str(path), dtype=dtype, bagel_weights=bagel_weights, processing="image")
     if model_family(model) not in VISION_FAMILIES:
         raise ValueError(
             f"{path}: model_type {model.config.model_type!r} has no VT encoder; "
             f"supported: {', '.join(VISION_FAMILIES)}"
         )
     apply_image_processor_kwargs(processor, image_processor_kwargs)
-    return VisionEncoder(model.to(device), processor)
+    return VisionEncoder(model.eval().to(device), processor)

@@ -7,7 +7,14 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from .encoders import FINGERPRINT_FIELDS, VISION_FAMILIES, VisionEncoder, model_family, text_hidden_size, vision_inner
+from .encoders import (
+    FINGERPRINT_FIELDS,
+    VISION_FAMILIES,
+    VisionEncoder,
+    config_fingerprint,
+    model_family,
+    vision_inner,
+)
 from .format import (
     FORMAT_VERSION,
     INDEX,
@@ -109,7 +116,7 @@ def policy_fingerprint(model, processor=None) -> dict:
         if processor is None:
             raise ValueError("a Qwen-VL policy needs its processor to check a VT cache")
         return VisionEncoder(model, processor).fingerprint()
-    return {"model_family": "text", "hidden_size": text_hidden_size(model)}
+    return config_fingerprint(model.config)
 
 
 def check_compatible(

@@ -1,4 +1,4 @@
-"""A few Visual-OPSD steps of a saved tiny BAGEL (`--model-dir`, written by `save_bagel`), under whatever launcher
+"""A few Visual-OPSD steps of a saved tiny BAGEL (`--model-dir`, written by `save_tiny`), under whatever launcher
 runs this script: plain python is the single-process reference, `accelerate launch` with a ZeRO-3 config the
 distributed run. Greedy generation, so both runs train on the same completions. Writes losses, grad norms and the
 final full weights next to `--out` (same JSON as train_opsd.py, which tests/test_trainer_distributed.py compares).
@@ -29,10 +29,10 @@ def main():
     from trainer_utils import make_config, vl_dataset
 
     from opsd_trl import VisualOPSDTrainer
-    from opsd_trl.models.bagel.tiny import load_bagel
+    from opsd_trl.models.loading import load_pretrained
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    model, processor = load_bagel(args.model_dir)
+    model, processor = load_pretrained(args.model_dir)
     out = Path(args.out)
     config = make_config(
         out.parent, output_dir=str(out.parent / "run"), teacher_mode=args.mode, max_steps=args.steps,

@@ -25,9 +25,9 @@ def run_variant(variant: str, model_dir: str, out_dir: Path, steps: int) -> dict
     from trainer_checks import train_and_check
     from trainer_utils import text_dataset
 
-    from opsd_trl.models.tiny import load_tiny
+    from opsd_trl.models.loading import load_pretrained
 
-    model, tok = load_tiny(model_dir)
+    model, tok = load_pretrained(model_dir)
     model.name_or_path = model.config._name_or_path = model_dir  # what vLLM loads at start
     peft_config = None
     if variant == "lora":  # a large alpha so that 2 steps move the merged weights enough to change greedy tokens

@@ -56,14 +56,14 @@ def main():
     from accelerate.utils import InitProcessGroupKwargs
     from safetensors.torch import save_file
 
-    from opsd_trl.models.tiny import load_tiny
+    from opsd_trl.models.loading import load_pretrained
 
     # gloo: DeepSpeed on CPU otherwise comes up as a single process.
     accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
     rank, world = accelerator.process_index, accelerator.num_processes
     assert N_SAMPLES % world == 0, "every rank must hold the same number of samples for the mean to match"
 
-    model, processor = load_tiny(args.model_dir)
+    model, processor = load_pretrained(args.model_dir)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     if accelerator.state.deepspeed_plugin is not None:

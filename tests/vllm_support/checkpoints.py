@@ -3,7 +3,7 @@
 import json
 import os
 
-from opsd_trl.models.tiny import save_tiny
+from opsd_trl.testing.tiny_models import save_tiny
 
 
 def save_for_vllm(model, processing_class, path) -> str:

@@ -2,9 +2,11 @@
 
 from transformers import AutoConfig, AutoModelForImageTextToText
 
+from ..adapters import register_adapter
+from .adapter import BagelAdapter
 from .configuration_bagel import BagelConfig, BagelTextConfig, BagelVisionConfig
 from .modeling_bagel import BagelForConditionalGeneration, BagelModel
-from .processing_bagel import IMAGE_SKIP_MARKER, BagelImageProcessor, BagelProcessor
+from .processing_bagel import BagelImageProcessor, BagelProcessor
 
 
 def _register() -> None:
@@ -18,12 +20,13 @@ def _register() -> None:
         AutoModelForImageTextToText.register(BagelConfig, BagelForConditionalGeneration)
     except ValueError:
         pass
+    register_adapter("bagel", BagelAdapter)  # the teacher pass (opsd_trl.models.adapters.get_adapter)
 
 
 _register()
 
 __all__ = [
-    "IMAGE_SKIP_MARKER",
+    "BagelAdapter",
     "BagelConfig",
     "BagelForConditionalGeneration",
     "BagelImageProcessor",

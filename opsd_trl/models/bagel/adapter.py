@@ -11,10 +11,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..adapters import SlotFeatures, _scatter_slots, unwrap_base
+from ..adapters import SlotFeatures, scatter_slots, unwrap_base
 
 
 class BagelAdapter:
+    """`opsd_trl.models.adapters.ModelAdapter` for BAGEL."""
+
     family = "bagel"
     uses_images = True
 
@@ -50,7 +52,7 @@ class BagelAdapter:
         # as in the student forward (mm_token_type_ids 0 there).
         if bool((slot_mask & (input_ids != self.image_token_id)).any()):
             raise ValueError("BAGEL teacher slots must sit on <|image_pad|> tokens of image blocks.")
-        embeds = _scatter_slots(inner.get_input_embeddings()(input_ids), slot_mask, slots)
+        embeds = scatter_slots(inner.get_input_embeddings()(input_ids), slot_mask, slots)
         out = inner(input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask, image_mask=slot_mask,
                     use_cache=False)
         return out.last_hidden_state

@@ -2,7 +2,7 @@
 vision tower, and the wrapper that ties them with the connector and BAGEL's image-block conventions.
 
 Defaults are those of BAGEL-7B-MoT / ThinkMorph-7B (Qwen2.5-7B LLM, SigLIP so400m/14 with 26 layers, 70 patches
-per side); tests build tiny configs in code (`opsd_trl.models.bagel.tiny`).
+per side); tests build tiny configs in code (`opsd_trl.testing.tiny_bagel`).
 """
 
 from __future__ import annotations

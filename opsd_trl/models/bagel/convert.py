@@ -256,7 +256,7 @@ def bagel_processor(folder: str | os.PathLike, image_processor: BagelImageProces
 def convert_bagel_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype | None = None,
                              image_processor: BagelImageProcessor | None = None, weights: str | None = None) -> str:
     """Write a plain HF folder (config, safetensors, tokenizer with BAGEL's chat template, processor) to `dst`,
-    loadable with `opsd_trl.models.bagel.tiny.load_bagel` or `BagelForConditionalGeneration.from_pretrained`."""
+    loadable with `opsd_trl.models.loading.load_pretrained` or `BagelForConditionalGeneration.from_pretrained`."""
     model, _ = load_bagel_checkpoint(src, dtype, weights)
     model.save_pretrained(dst)
     bagel_processor(src, image_processor).save_pretrained(dst)

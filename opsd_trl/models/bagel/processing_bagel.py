@@ -22,8 +22,9 @@ from transformers import AutoTokenizer, BatchFeature
 from transformers.image_processing_base import ImageProcessingMixin
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 
+from ...markers import IMAGE_SKIP_MARKER
+
 IMAGE_TOKEN = "<|image_pad|>"
-IMAGE_SKIP_MARKER = "<image_start>"  # plain text in the checkpoint's vocabulary, never a special token
 # The Visual-OPSD reference's ViT transform (its data/configs/visual_opsd.yaml; also ThinkMorph's text-reasoning
 # config). BAGEL's demo uses 980 / 224; ThinkMorph's interleaved training 518 / 224 (docs/models.md).
 REFERENCE_IMAGE_TRANSFORM = {"max_image_size": 980, "min_image_size": 378, "max_pixels": 2_007_040}

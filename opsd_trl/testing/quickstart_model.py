@@ -1,4 +1,5 @@
-"""The quickstart's policy: a 0.7M-parameter Qwen2.5-VL built in code with a word-level vocabulary.
+"""The CPU quickstart's policy (`tiny:quickstart`): a 0.7M-parameter Qwen2.5-VL built in code with a word-level
+vocabulary, and its shipped warm-start weights.
 
 Sized by the feasibility probe (docs/quickstart.md): text hidden 128 x 3 layers, vision depth 1, and 28 px maze
 cells, so each cell is exactly one merged image token (patch 14, merge 2). A word-level vocabulary (moves, step
@@ -7,18 +8,20 @@ numbers, the few prompt words) keeps every answer token a single, meaningful pre
 
 from __future__ import annotations
 
+from importlib import resources
+
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from ..models.tiny import (
+from ..models.qwen_vl_processors import TinyQwen2_5_VLProcessor
+from .tiny_models import (
     CHAT_TEMPLATE,
     SPECIAL_TOKENS,
-    TinyQwen2_5_VLProcessor,
-    _build_vl,
-    _image_processor,
-    _text_config,
-    _vision_config,
+    build_tiny_vl,
+    tiny_image_processor,
+    tiny_text_config,
+    tiny_vision_config,
 )
 
 VOCAB_SIZE = 64
@@ -28,6 +31,13 @@ WORDS = ["user", "assistant", "system", "solve", "maze", "answer", "hint", "L", 
 WORDS += [str(i) for i in range(1, 17)]
 # The chat template joins text parts without a separator: the leading space keeps "answer" and "hint" two words.
 TEACHER_INTRO, TEACHER_TRANSITION = " hint", "answer"
+# The warm-start SFT weights shipped as package data beside the quickstart that trains them (docs/quickstart.md).
+SHIPPED_WARMSTART_FILE = "quickstart_warmstart.safetensors"
+
+
+def shipped_warmstart(suffix: str = ""):
+    """The shipped warm-start weights file (`suffix=".json"`: its settings key), as an importlib resource."""
+    return resources.files("opsd_trl") / "quickstart" / (SHIPPED_WARMSTART_FILE + suffix)
 
 
 def build_word_tokenizer() -> PreTrainedTokenizerFast:
@@ -49,13 +59,14 @@ def build_word_tokenizer() -> PreTrainedTokenizerFast:
 def build_quickstart_model(seed: int = 0) -> tuple[Qwen2_5_VLForConditionalGeneration, TinyQwen2_5_VLProcessor]:
     """Fresh `(model, processor)`, fp32, deterministic by seed."""
     tok = build_word_tokenizer()
-    model = _build_vl(
+    model = build_tiny_vl(
         Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, tok, seed,
-        text_config={**_text_config(tok, [4, 6, 6]), "vocab_size": VOCAB_SIZE, "num_hidden_layers": 3,
+        text_config={**tiny_text_config(tok, [4, 6, 6]), "vocab_size": VOCAB_SIZE, "num_hidden_layers": 3,
                      "max_position_embeddings": 1024},
-        vision_config={**_vision_config(14, window_size=56, fullatt_block_indexes=[0]), "depth": 1},
+        vision_config={**tiny_vision_config(14, window_size=56, fullatt_block_indexes=[0]), "depth": 1},
     )
-    processor = TinyQwen2_5_VLProcessor(_image_processor(14, [0.5] * 3, [0.5] * 3), tok, chat_template=CHAT_TEMPLATE)
+    image_processor = tiny_image_processor(14, [0.5] * 3, [0.5] * 3)
+    processor = TinyQwen2_5_VLProcessor(image_processor, tok, chat_template=CHAT_TEMPLATE)
     model.generation_config.max_new_tokens = 16
     for config in (model.config, model.generation_config):  # the tokenizer's specials (else a warning per trainer)
         config.pad_token_id = config.eos_token_id = tok.eos_token_id

@@ -1,8 +1,9 @@
-"""A tiny random BAGEL built in code (no downloads), plus save / load of an HF folder.
+"""A tiny random BAGEL built in code (no downloads), and a writer of BAGEL's own release layout.
 
 Sizes: LLM 2 layers x hidden 64 (2 heads of 32, 1 KV head, qk-norm); SigLIP 2 layers x hidden 32, patch 14,
 8 x 8 position table; images resized to 28..56 px, so at most 16 tokens per image. Same tokenizer as the other
-tiny models (`opsd_trl.models.tiny`), with BAGEL's chat format.
+tiny models (`opsd_trl.testing.tiny_models`), with BAGEL's chat format. A saved folder (`save_tiny`) loads with
+`opsd_trl.models.loading.load_pretrained`.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import os
 import torch
 from transformers import GenerationConfig
 
-from ..tiny import build_tiny_tokenizer
-from .configuration_bagel import BagelConfig
-from .modeling_bagel import BagelForConditionalGeneration
-from .processing_bagel import CHAT_TEMPLATE, BagelImageProcessor, BagelProcessor
+from ..models.bagel.configuration_bagel import BagelConfig
+from ..models.bagel.modeling_bagel import BagelForConditionalGeneration
+from ..models.bagel.processing_bagel import CHAT_TEMPLATE, BagelImageProcessor, BagelProcessor
+from .tiny_models import build_tiny_tokenizer
 
 
 def tiny_bagel_config(tok, **overrides) -> BagelConfig:
@@ -55,20 +56,6 @@ def build_tiny_bagel(seed: int = 0, **overrides) -> tuple[BagelForConditionalGen
     return model.float().eval(), BagelProcessor(image_processor, tok, chat_template=CHAT_TEMPLATE)
 
 
-def save_bagel(model, processor, path: str | os.PathLike) -> str:
-    path = os.fspath(path)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
-def load_bagel(path: str | os.PathLike, **model_kwargs):
-    """`(model, processor)` from a folder written by `save_bagel` or `convert_bagel_checkpoint`."""
-    model_kwargs.setdefault("dtype", torch.float32)
-    model = BagelForConditionalGeneration.from_pretrained(os.fspath(path), **model_kwargs)
-    return model.eval(), BagelProcessor.from_pretrained(os.fspath(path))
-
-
 def save_bagel_release(path: str | os.PathLike, weight_sets: dict, processor) -> str:
     """Write models in BAGEL's own release layout (what BAGEL-7B-MoT / ThinkMorph-7B folders hold): `llm_config.json`
     (Qwen2), `vit_config.json` (SigLIP, with the layer BAGEL drops: depth + 1), the tokenizer files, one
@@ -80,8 +67,8 @@ def save_bagel_release(path: str | os.PathLike, weight_sets: dict, processor) ->
 
     from safetensors.torch import save_file
 
-    from .convert import to_bagel_state_dict
-    from .modeling_bagel import sincos_2d
+    from ..models.bagel.convert import to_bagel_state_dict
+    from ..models.bagel.modeling_bagel import sincos_2d
 
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)

@@ -2,53 +2,45 @@
 
 Every builder returns ``(model, processing_class)`` in fp32, random init, deterministic by ``seed``.
 Sizes respect the constraints of the real stack: head_dim 32 (vLLM kernels accept 32/64/...), M-RoPE sections
-summing to head_dim / 2, a vision tower with the family's patch size and a 2x2 merge.
-
-The Qwen-VL processors: transformers' ``Qwen2_5_VLProcessor`` / ``Qwen3VLProcessor`` want a video processor,
-and every video processor imports torchvision, which does not import beside torch 2.13 here. The subclasses
-below drop the video slot, so the processor is just the slow PIL image processor + the tokenizer and keeps the
-parent's image-token expansion and ``mm_token_type_ids``. ``AutoProcessor`` does not know these classes and
-silently returns only the tokenizer for a saved folder: load saved folders with :func:`load_tiny`.
+summing to head_dim / 2, a vision tower with the family's patch size and a 2x2 merge. The Qwen-VL models use the
+torchvision-free processors of ``opsd_trl.models.qwen_vl_processors``; a folder written by :func:`save_tiny` loads
+with ``opsd_trl.models.loading.load_pretrained``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 from tokenizers import AddedToken, pre_tokenizers
 from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForImageTextToText,
-    AutoTokenizer,
     GenerationConfig,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLProcessor,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen2Tokenizer,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
-    Qwen3VLProcessor,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from ..markers import IMAGE_SKIP_MARKER
+from ..models.qwen_vl_processors import TinyQwen2_5_VLProcessor, TinyQwen3VLProcessor
+
 __all__ = [
-    "IMAGE_MARKER",
-    "TinyQwen2_5_VLProcessor",
-    "TinyQwen3VLProcessor",
+    "CHAT_TEMPLATE",
+    "SPECIAL_TOKENS",
     "build_tiny_qwen2_5_vl",
     "build_tiny_qwen3_vl",
     "build_tiny_text_lm",
     "build_tiny_tokenizer",
-    "load_tiny",
+    "build_tiny_vl",
     "save_tiny",
+    "tiny_image_processor",
+    "tiny_text_config",
+    "tiny_vision_config",
 ]
-
-# The literal marker after which a Visual-OPSD student may "draw" a visual thought (image-skip rounds).
-IMAGE_MARKER = "<image_start>"
 
 # Order fixes the ids (after the 256 byte tokens): <|endoftext|> 256, <|im_start|> 257, <|im_end|> 258, ...
 SPECIAL_TOKENS = [
@@ -59,7 +51,7 @@ SPECIAL_TOKENS = [
     "<|vision_end|>",
     "<|image_pad|>",
     "<|video_pad|>",
-    IMAGE_MARKER,
+    IMAGE_SKIP_MARKER,
 ]
 
 # Qwen2-VL style: an image part becomes <|vision_start|><|image_pad|><|vision_end|>; the processor then expands
@@ -81,7 +73,7 @@ CHAT_TEMPLATE = (
 
 def build_tiny_tokenizer() -> Qwen2Tokenizer:
     """The real ``Qwen2Tokenizer`` class over a tiny vocabulary: 256 byte tokens and no merges (any text encodes,
-    one token per byte), then the Qwen specials and :data:`IMAGE_MARKER` at fixed ids 256...
+    one token per byte), then the Qwen specials and :data:`~opsd_trl.markers.IMAGE_SKIP_MARKER` at fixed ids 256...
 
     Using Qwen2Tokenizer (NFC + Qwen split regex + byte level), not a bare ``PreTrainedTokenizerFast``, matters:
     ``AutoTokenizer`` loads a saved ``qwen2`` folder as Qwen2Tokenizer whatever tokenizer_config says, and a
@@ -98,12 +90,12 @@ def build_tiny_tokenizer() -> Qwen2Tokenizer:
         unk_token=None,
         eos_token="<|im_end|>",
         pad_token="<|im_end|>",
-        extra_special_tokens=[t for t in SPECIAL_TOKENS if t != IMAGE_MARKER],
+        extra_special_tokens=[t for t in SPECIAL_TOKENS if t != IMAGE_SKIP_MARKER],
         chat_template=CHAT_TEMPLATE,
         padding_side="left",  # generation batches pad on the left
         model_max_length=4096,
     )
-    tok.add_tokens([AddedToken(IMAGE_MARKER, special=False, normalized=False)])  # keeps its vocab id
+    tok.add_tokens([AddedToken(IMAGE_SKIP_MARKER, special=False, normalized=False)])  # keeps its vocab id
     return tok
 
 
@@ -158,7 +150,8 @@ def build_tiny_text_lm(seed: int = 0) -> tuple[Qwen2ForCausalLM, Qwen2Tokenizer]
     return _finish(model, tok), tok
 
 
-def _image_processor(patch_size: int, mean: list[float], std: list[float]) -> Qwen2VLImageProcessorPil:
+def tiny_image_processor(patch_size: int, mean: list[float], std: list[float]) -> Qwen2VLImageProcessorPil:
+    """The slow PIL Qwen-VL image processor, merge 2."""
     # Resize every image to between 2x2 and 4x4 merged tokens: 4..16 image tokens keep sequences tiny.
     factor = patch_size * 2
     return Qwen2VLImageProcessorPil(
@@ -171,21 +164,8 @@ def _image_processor(patch_size: int, mean: list[float], std: list[float]) -> Qw
     )
 
 
-class TinyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
-    """``Qwen2_5_VLProcessor`` without the video slot (its video processor needs torchvision)."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-
-class TinyQwen3VLProcessor(Qwen3VLProcessor):
-    """``Qwen3VLProcessor`` without the video slot (its video processor needs torchvision)."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-
-def _text_config(tok, mrope_section: list[int], **extra) -> dict:
+def tiny_text_config(tok, mrope_section: list[int], **extra) -> dict:
+    """Text config fields of the tiny VLMs: 2 layers x hidden 128, 4 heads (2 KV), the tokenizer's ids."""
     ids = _token_ids(tok)
     return dict(
         vocab_size=len(tok),
@@ -202,13 +182,14 @@ def _text_config(tok, mrope_section: list[int], **extra) -> dict:
     )
 
 
-def _vision_config(patch_size: int, **extra) -> dict:
+def tiny_vision_config(patch_size: int, **extra) -> dict:
     """2 blocks x hidden 64, merge 2, projected to the text width 128."""
     return dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=patch_size,
                 spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=128, **extra)
 
 
-def _build_vl(config_cls, model_cls, tok, seed: int, text_config: dict, vision_config: dict):
+def build_tiny_vl(config_cls, model_cls, tok, seed: int, text_config: dict, vision_config: dict):
+    """A Qwen-VL `model_cls` from text / vision config fields and the tokenizer's special ids, fp32, eval mode."""
     ids = _token_ids(tok)
     config = config_cls(
         text_config=text_config,
@@ -227,14 +208,14 @@ def _build_vl(config_cls, model_cls, tok, seed: int, text_config: dict, vision_c
 def build_tiny_qwen2_5_vl(seed: int = 0) -> tuple[Qwen2_5_VLForConditionalGeneration, TinyQwen2_5_VLProcessor]:
     """Tiny Qwen2.5-VL: text 2 layers x hidden 128 (4 heads of 32), vision 2 blocks x hidden 64, patch 14."""
     tok = build_tiny_tokenizer()
-    model = _build_vl(
+    model = build_tiny_vl(
         Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, tok, seed,
         # head_dim 32 -> rotary half-dim 16 split over (t, h, w), like the real 128 -> [16, 24, 24].
-        text_config=_text_config(tok, [4, 6, 6]),
-        vision_config=_vision_config(14, window_size=56, fullatt_block_indexes=[1]),
+        text_config=tiny_text_config(tok, [4, 6, 6]),
+        vision_config=tiny_vision_config(14, window_size=56, fullatt_block_indexes=[1]),
     )
     clip_mean, clip_std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-    processor = TinyQwen2_5_VLProcessor(_image_processor(14, clip_mean, clip_std), tok, chat_template=CHAT_TEMPLATE)
+    processor = TinyQwen2_5_VLProcessor(tiny_image_processor(14, clip_mean, clip_std), tok, chat_template=CHAT_TEMPLATE)
     return model, processor
 
 
@@ -242,44 +223,23 @@ def build_tiny_qwen3_vl(seed: int = 0) -> tuple[Qwen3VLForConditionalGeneration,
     """Tiny Qwen3-VL: text 2 layers x hidden 128 (head_dim 32), vision 2 blocks x hidden 64, patch 16,
     deepstack features taken after vision block 0."""
     tok = build_tiny_tokenizer()
-    model = _build_vl(
+    model = build_tiny_vl(
         Qwen3VLConfig, Qwen3VLForConditionalGeneration, tok, seed,
         # Real: head_dim 128 -> [24, 20, 20] interleaved; scaled to head_dim 32.
-        text_config={**_text_config(tok, [6, 5, 5], mrope_interleaved=True), "head_dim": 32},
-        vision_config=_vision_config(16, num_position_embeddings=256, deepstack_visual_indexes=[0]),
+        text_config={**tiny_text_config(tok, [6, 5, 5], mrope_interleaved=True), "head_dim": 32},
+        vision_config=tiny_vision_config(16, num_position_embeddings=256, deepstack_visual_indexes=[0]),
     )
-    processor = TinyQwen3VLProcessor(_image_processor(16, [0.5] * 3, [0.5] * 3), tok, chat_template=CHAT_TEMPLATE)
+    processor = TinyQwen3VLProcessor(tiny_image_processor(16, [0.5] * 3, [0.5] * 3), tok, chat_template=CHAT_TEMPLATE)
     return model, processor
 
 
-# --- save / load --------------------------------------------------------------------------------------------
-
-_PROCESSORS = {cls.__name__: cls for cls in (TinyQwen2_5_VLProcessor, TinyQwen3VLProcessor)}
+# --- save ---------------------------------------------------------------------------------------------------
 
 
 def save_tiny(model, processing_class, path: str | os.PathLike) -> str:
-    """Save a tiny model and its tokenizer / processor to ``path`` (a folder) for :func:`load_tiny`."""
+    """Save a model and its tokenizer / processor to ``path`` (a folder), loadable with
+    ``opsd_trl.models.loading.load_pretrained``."""
     path = os.fspath(path)
     model.save_pretrained(path)
     processing_class.save_pretrained(path)
     return path
-
-
-def load_tiny(path: str | os.PathLike, **model_kwargs):
-    """Load ``(model, processing_class)`` saved by :func:`save_tiny` (fp32 unless ``dtype`` is given).
-
-    Text LMs come back with ``AutoTokenizer``; tiny VLMs with their torchvision-free processor class, which
-    ``AutoProcessor`` does not know.
-    """
-    path = os.fspath(path)
-    model_kwargs.setdefault("dtype", torch.float32)
-    proc_file = os.path.join(path, "processor_config.json")
-    if os.path.exists(proc_file):
-        with open(proc_file) as f:
-            name = json.load(f).get("processor_class")
-        processing_class = _PROCESSORS[name].from_pretrained(path)
-        model = AutoModelForImageTextToText.from_pretrained(path, **model_kwargs)
-    else:
-        processing_class = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
-    return model.eval(), processing_class

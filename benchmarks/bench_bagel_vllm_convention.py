@@ -4,7 +4,7 @@ vLLM's `BagelForConditionalGeneration` runs the LLM as a plain Qwen2: image toke
 causal attention. BAGEL gives an image block one shared position and full attention inside it. This script builds
 the tiny random BAGEL twice (same seed, the two conventions) and reports, over the text tokens that follow the
 images, the max |logit difference|, the max per-token KL(native || vLLM-like) and the greedy-token agreement, for
-each factor alone and both together. `python -m opsd_trl.models.bagel.vllm_convention`.
+each factor alone and both together (the table in docs/models.md). `python benchmarks/bench_bagel_vllm_convention.py`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .tiny import build_tiny_bagel
+from opsd_trl.diagnostics import full_vocab_kl
+from opsd_trl.testing.tiny_bagel import build_tiny_bagel
 
 CONVENTIONS = {
     "positions only (sequential, bidirectional)": dict(image_rope="sequential"),
@@ -43,7 +44,7 @@ def measure(seeds=(0, 1, 2), n_images=(1, 3)) -> list[dict]:
                 enc = _inputs(processor, n, seed)
                 after = int(enc["mm_token_type_ids"][0].nonzero().max()) + 2  # past the last <|vision_end|>
                 a, b = native(**enc).logits[0, after:], other(**enc).logits[0, after:]
-                kl = (a.log_softmax(-1).exp() * (a.log_softmax(-1) - b.log_softmax(-1))).sum(-1)
+                kl = full_vocab_kl(a, b)
                 stats.append(((a - b).abs().max().item(), kl.max().item(),
                               (a.argmax(-1) == b.argmax(-1)).float().mean().item(), a.std().item()))
             s = np.array(stats)

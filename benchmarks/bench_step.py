@@ -135,7 +135,7 @@ def _vl_model_and_data(n: int):
     from datasets import Dataset
     from PIL import Image
 
-    from opsd_trl.models.tiny import build_tiny_qwen2_5_vl
+    from opsd_trl.testing.tiny_models import build_tiny_qwen2_5_vl
 
     model, processor = build_tiny_qwen2_5_vl(seed=0)
     model.model.visual.requires_grad_(False)  # the recipes' freeze_vision_tower

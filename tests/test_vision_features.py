@@ -6,7 +6,7 @@ import pytest
 import torch
 from trainer_utils import generation_batch, make_trainer, square, vl_dataset
 
-from opsd_trl.models.tiny import build_tiny_qwen2_5_vl
+from opsd_trl.testing.tiny_models import build_tiny_qwen2_5_vl
 from opsd_trl.vt_cache import (
     VisionEncoder,
     VTCache,

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from .losses import (
     compute_dtype,
     counted_rows,
-    per_token_divergence,
-    reduce_per_token,
+    divergence_and_grad,
+    row_weights,
     teacher_support,
     validate_divergence_args,
     validate_num_items,
@@ -63,75 +63,128 @@ def unfusable_reason(model: torch.nn.Module) -> str | None:
     return None
 
 
+def _project(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``hidden @ weight.T`` ``(C, V)`` written into ``out`` (compute dtype)."""
+    if hidden.dtype == weight.dtype == out.dtype:
+        return torch.mm(hidden, weight.T, out=out)
+    return out.copy_(hidden @ weight.T)
+
+
 def _gather_rows(weight: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
     """Rows of ``weight`` ``(V, H)`` at ``support`` ``(C, K)``, shape ``(C, K, H)`` (index_select: fast on CPU)."""
     return weight.index_select(0, support.reshape(-1)).view(*support.shape, weight.size(1))
 
 
+def _accumulate_chunks(student_hidden, teacher_hidden, weight, teacher_weight, row_scale, hyper, grad_hidden,
+                       grad_weight) -> torch.Tensor:
+    """Per-token values ``(N,)``; adds ``sum_r row_scale[r] * d value_r / d input`` into ``grad_hidden`` ``(N, H)``
+    and ``grad_weight`` ``(V, H)`` (either may be None: not needed), ``C`` rows at a time.
+
+    Per chunk: the teacher projection (full vocabulary, to find its support), the student's logits on the support
+    (the full projection, or ``K`` dot products with the gathered ``lm_head`` rows), the closed-form gradient of the
+    values with respect to those logits (:func:`divergence_and_grad`), then its two products with the weight rows and
+    the hidden rows. The full-vocabulary path thus costs four ``(C, H) x (H, V)`` products, the top-K path one.
+    """
+    beta, top_k, clip, temperature, chunk, clip_form = hyper
+    dtype = compute_dtype(student_hidden.dtype)
+    values = []
+    # Two (C, V) tiles reused by every chunk (a fresh tile per chunk would pay its page faults each time).
+    tiles = torch.empty(1 if top_k else 2, min(chunk, student_hidden.size(0)), weight.size(0), dtype=dtype, device=weight.device)
+    for start in range(0, student_hidden.size(0), chunk):
+        rows = slice(start, start + chunk)
+        h_s = student_hidden[rows]
+        teacher_logits = _project(teacher_hidden[rows], teacher_weight, tiles[0, : h_s.size(0)])
+        if temperature != 1.0:
+            teacher_logits /= temperature
+        teacher_log_probs, support = teacher_support(teacher_logits, top_k)
+        if support is None:
+            student_logits = _project(h_s, weight, tiles[1, : h_s.size(0)])
+        else:
+            weight_rows = _gather_rows(weight, support)  # (C, K, H), reused by the hidden-state gradient below
+            student_logits = torch.einsum("ch,ckh->ck", h_s, weight_rows).to(dtype)
+        value, grad_logits = divergence_and_grad(
+            student_logits, teacher_log_probs, beta=beta, clip=clip, temperature=temperature, clip_form=clip_form
+        )
+        values.append(value)
+        if grad_hidden is None and grad_weight is None:
+            continue
+        grad_logits.mul_(row_scale[rows, None].to(dtype))
+        if support is None:
+            if grad_hidden is not None:
+                grad_hidden[rows] += (grad_logits.to(weight.dtype) @ weight).to(grad_hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.T, h_s.to(dtype))
+        else:
+            if grad_hidden is not None:
+                grad_hidden[rows] += torch.einsum("ck,ckh->ch", grad_logits.to(weight.dtype), weight_rows).to(
+                    grad_hidden.dtype
+                )
+            if grad_weight is not None:
+                outer = grad_logits[:, :, None] * h_s[:, None, :].to(dtype)
+                grad_weight.index_add_(0, support.reshape(-1), outer.reshape(-1, weight.size(1)))
+    return torch.cat(values) if values else student_hidden.new_zeros(0, dtype=dtype)
+
+
 class _FusedDivergence(torch.autograd.Function):
-    """Per-token generalized JSD from counted hidden rows ``(N, H)`` and ``lm_head`` weights ``(V, H)``."""
+    """Loss ``sum_r w_r v_r`` and per-token values ``v`` ``(N,)`` from counted hidden rows ``(N, H)`` and ``lm_head``
+    weights ``(V, H)``, with the row weights ``w`` ``(N,)`` of the reduction.
+
+    The gradient of the loss is formed during forward (the row weights are known then), so backward only scales it
+    by the incoming scalar and no logits are recomputed. If the per-token values are differentiated too (a caller
+    weighting them itself), backward recomputes the chunks once with the combined row weights.
+    """
 
     @staticmethod
-    def forward(
-        ctx, student_hidden, teacher_hidden, weight, teacher_weight, beta, top_k, clip, temperature, chunk, clip_form
-    ):
+    def forward(ctx, student_hidden, teacher_hidden, weight, teacher_weight, row_weight, hyper):
+        ctx.set_materialize_grads(False)
         dtype = compute_dtype(student_hidden.dtype)
-        need_grad = any(ctx.needs_input_grad[i] for i in (0, 2))
-        values, jacobians, supports = [], [], []
-        for start in range(0, student_hidden.size(0), chunk):
-            h_s, h_t = student_hidden[start : start + chunk], teacher_hidden[start : start + chunk]
-            teacher_log_probs, support = teacher_support((h_t @ teacher_weight.T).to(dtype) / temperature, top_k)
-            if support is None:
-                student = (h_s @ weight.T).to(dtype)
-            else:  # student logits on the K support entries only: row-wise dot products with the gathered rows
-                student = torch.einsum("ch,ckh->ck", h_s, _gather_rows(weight, support)).to(dtype)
-            student = (student / temperature).requires_grad_(need_grad and support is not None)
-            with torch.set_grad_enabled(student.requires_grad):
-                value = per_token_divergence(
-                    F.log_softmax(student, dim=-1), teacher_log_probs, beta=beta, clip=clip, clip_form=clip_form
-                ) * (temperature**2)
-            if student.requires_grad:
-                (jacobian,) = torch.autograd.grad(value, student, torch.ones_like(value))
-                jacobians.append(jacobian / temperature)
-                supports.append(support)
-            values.append(value.detach())
-        ctx.hyper = (beta, top_k, clip, temperature, chunk, clip_form)
-        ctx.jacobians, ctx.supports = jacobians, supports
-        ctx.save_for_backward(student_hidden, teacher_hidden, weight, teacher_weight)
-        return torch.cat(values) if values else student_hidden.new_zeros(0, dtype=dtype)
+        grad_hidden, grad_weight = _gradient_buffers(ctx, student_hidden, weight, dtype)
+        values = _accumulate_chunks(
+            student_hidden, teacher_hidden, weight, teacher_weight, row_weight, hyper, grad_hidden, grad_weight
+        )
+        ctx.hyper, ctx.grads = hyper, (grad_hidden, grad_weight)
+        ctx.save_for_backward(student_hidden, teacher_hidden, weight, teacher_weight, row_weight)
+        return (values * row_weight.to(values.dtype)).sum(), values
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_values):
-        student_hidden, teacher_hidden, weight, teacher_weight = ctx.saved_tensors
-        beta, top_k, clip, temperature, chunk, clip_form = ctx.hyper
-        dtype = compute_dtype(weight.dtype)
-        grad_hidden = torch.zeros_like(student_hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
-        for i, start in enumerate(range(0, student_hidden.size(0), chunk)):
-            rows = slice(start, start + chunk)
-            h_s, upstream = student_hidden[rows], grad_values[rows, None]
-            if top_k is None:  # recompute this chunk's logits and their gradient
-                teacher_log_probs, _ = teacher_support(
-                    (teacher_hidden[rows] @ teacher_weight.T).to(dtype) / temperature, None
-                )
-                student = (h_s @ weight.T).to(dtype).detach().requires_grad_()
-                with torch.enable_grad():
-                    value = per_token_divergence(
-                        F.log_softmax(student / temperature, dim=-1), teacher_log_probs, beta=beta, clip=clip,
-                        clip_form=clip_form,
-                    ) * (temperature**2)
-                (grad_logits,) = torch.autograd.grad(value, student, upstream.squeeze(1).to(value.dtype))
-                grad_logits = grad_logits.to(weight.dtype)
-                grad_hidden[rows] = grad_logits @ weight
-                grad_weight.addmm_(grad_logits.T.to(dtype), h_s.to(dtype))
-            else:
-                support = ctx.supports[i]
-                grad_logits = (ctx.jacobians[i] * upstream.to(ctx.jacobians[i].dtype)).to(weight.dtype)
-                grad_hidden[rows] = torch.einsum("ck,ckh->ch", grad_logits, _gather_rows(weight, support))
-                outer = (grad_logits[:, :, None] * h_s[:, None, :]).to(dtype)
-                grad_weight.index_add_(0, support.reshape(-1), outer.reshape(-1, weight.size(1)))
-        return grad_hidden, None, grad_weight.to(weight.dtype), None, None, None, None, None, None, None
+    def backward(ctx, grad_loss, grad_values):
+        student_hidden, teacher_hidden, weight, teacher_weight, row_weight = ctx.saved_tensors
+        stored = ctx.grads
+        ctx.grads = None  # scaled in place below; a second backward (retain_graph) recomputes
+        if grad_values is not None or (stored is None and grad_loss is not None):
+            # the per-token values are used too, or this is a second backward: recompute with the combined weights
+            scale = torch.zeros_like(row_weight) if grad_values is None else grad_values.to(row_weight.dtype)
+            if grad_loss is not None:
+                scale = scale + grad_loss.to(row_weight.dtype) * row_weight
+            grad_hidden, grad_weight = _gradient_buffers(ctx, student_hidden, weight, compute_dtype(weight.dtype))
+            _accumulate_chunks(
+                student_hidden, teacher_hidden, weight, teacher_weight, scale, ctx.hyper, grad_hidden, grad_weight
+            )
+        elif grad_loss is not None:
+            grad_hidden, grad_weight = stored
+            for grad in stored:
+                if grad is not None:
+                    grad.mul_(grad_loss.to(grad.dtype))
+        else:
+            return (None,) * 6
+        return (
+            None if grad_hidden is None else grad_hidden.to(student_hidden.dtype),
+            None,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def _gradient_buffers(ctx, student_hidden, weight, dtype):
+    """Zeroed fp32 (fp64 for fp64 inputs) accumulators for the inputs that need a gradient, else None."""
+    grad_hidden = torch.zeros(student_hidden.shape, dtype=dtype) if ctx.needs_input_grad[0] else None
+    grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if ctx.needs_input_grad[2] else None
+    if grad_hidden is not None:
+        grad_hidden = grad_hidden.to(student_hidden.device)
+    return grad_hidden, grad_weight
 
 
 def fused_generalized_jsd(
@@ -202,16 +255,14 @@ def fused_generalized_jsd(
     )
     validate_num_items(num_items_in_batch)
     rows = counted_rows(mask, batch, length, student_hidden.device)
-    per_token = _FusedDivergence.apply(
+    loss, per_token = _FusedDivergence.apply(
         student_hidden.reshape(batch * length, -1)[rows],
         teacher_hidden.detach().reshape(batch * length, -1)[rows],
         lm_head_weight,
         teacher_weight.detach(),
-        float(beta),
-        top_k,
-        clip,
-        float(temperature),
-        chunk_size,
-        clip_form,
+        row_weights(rows, (batch, length), num_items_in_batch, normalization, compute_dtype(student_hidden.dtype)),
+        (float(beta), top_k, clip, float(temperature), chunk_size, clip_form),
     )
-    return reduce_per_token(per_token, rows, (batch, length), num_items_in_batch, return_per_token, normalization)
+    if not return_per_token:
+        return loss
+    return loss, per_token.new_zeros(batch * length).index_put((rows,), per_token).view(batch, length)

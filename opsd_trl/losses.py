@@ -25,9 +25,11 @@ __all__ = [
     "Normalization",
     "compute_dtype",
     "counted_rows",
+    "divergence_and_grad",
     "generalized_jsd",
     "per_token_divergence",
     "reduce_per_token",
+    "row_weights",
     "sampled_token_reverse_kl",
     "teacher_support",
     "validate_divergence_args",
@@ -95,7 +97,8 @@ def teacher_support(teacher_logits: torch.Tensor, top_k: int | None) -> tuple[to
     """Teacher log-probabilities on the support the divergence is taken over.
 
     Args:
-        teacher_logits (torch.Tensor): already temperature-scaled logits, shape ``(N, V)``.
+        teacher_logits (torch.Tensor): already temperature-scaled logits, shape ``(N, V)``; overwritten without
+            top-K.
         top_k (int | None): keep the teacher's ``top_k`` largest entries per row (None: the full vocabulary).
 
     Returns:
@@ -103,8 +106,8 @@ def teacher_support(teacher_logits: torch.Tensor, top_k: int | None) -> tuple[to
         (``K = V`` without top-K), and the vocabulary indices of the support, shape ``(N, K)``, or None for the full
         vocabulary.
     """
-    if top_k is None:
-        return F.log_softmax(teacher_logits, dim=-1), None
+    if top_k is None:  # in place: the callers pass a scratch tile, and at K = V a copy costs as much as a pass
+        return torch.log_softmax(teacher_logits, dim=-1, out=teacher_logits), None
     values, indices = teacher_logits.topk(top_k, dim=-1)
     return F.log_softmax(values, dim=-1), indices
 
@@ -154,26 +157,125 @@ def per_token_divergence(
     Returns:
         torch.Tensor: shape ``(N,)``.
     """
-    nonnegative = clip_form == "nonnegative"
-    if beta == 0.0:
-        terms = _entry_kl(teacher_log_probs, student_log_probs, nonnegative)
-    elif beta == 1.0:
-        terms = _entry_kl(student_log_probs, teacher_log_probs, nonnegative)
-    else:
-        # Entries absent from both distributions would make the mixture -inf and its gradient NaN; both of their
-        # terms are zero anyway, so give them a finite placeholder.
-        both_absent = (student_log_probs == -math.inf) & (teacher_log_probs == -math.inf)
-        mixture = torch.logaddexp(
-            student_log_probs.masked_fill(both_absent, 0.0) + math.log1p(-beta),
-            teacher_log_probs.masked_fill(both_absent, 0.0) + math.log(beta),
-        )
-        terms = beta * _entry_kl(teacher_log_probs, mixture, nonnegative) + (1.0 - beta) * _entry_kl(
-            student_log_probs, mixture, nonnegative
-        )
-        terms = terms.masked_fill(both_absent, 0.0)
+    terms, _ = _divergence_terms(student_log_probs, teacher_log_probs, beta, clip_form == "nonnegative")
     if clip is not None:
         terms = terms.clamp(max=clip)
     return terms.sum(dim=-1)
+
+
+def _divergence_terms(
+    student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, beta: float, nonnegative: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-entry terms ``(N, K)`` of :func:`per_token_divergence` before the clip, and the log-mixture (for
+    0 < beta < 1, else None)."""
+    if beta == 0.0:
+        return _entry_kl(teacher_log_probs, student_log_probs, nonnegative), None
+    if beta == 1.0:
+        return _entry_kl(student_log_probs, teacher_log_probs, nonnegative), None
+    # Entries absent from both distributions would make the mixture -inf and its gradient NaN; both of their
+    # terms are zero anyway, so give them a finite placeholder.
+    both_absent = (student_log_probs == -math.inf) & (teacher_log_probs == -math.inf)
+    mixture = torch.logaddexp(
+        student_log_probs.masked_fill(both_absent, 0.0) + math.log1p(-beta),
+        teacher_log_probs.masked_fill(both_absent, 0.0) + math.log(beta),
+    )
+    terms = beta * _entry_kl(teacher_log_probs, mixture, nonnegative) + (1.0 - beta) * _entry_kl(
+        student_log_probs, mixture, nonnegative
+    )
+    return terms.masked_fill(both_absent, 0.0), mixture
+
+
+def divergence_and_grad(
+    student_logits: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    *,
+    beta: float,
+    clip: float | None,
+    temperature: float = 1.0,
+    clip_form: str = "reference",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token values of :func:`per_token_divergence` (times ``temperature**2``) and their gradient with respect to
+    the raw student logits, in closed form (no autograd graph over the ``(N, K)`` tiles).
+
+    With ``s = log_softmax(z / temperature)``, ``S = exp(s)``, ``T`` the teacher and ``M`` the mixture, the
+    derivative of each per-entry term with respect to ``s_v`` is ``S_v (s_v - t_v + 1)`` (beta = 1, reference form),
+    ``S_v (s_v - t_v)`` (beta = 1, non-negative), ``-T_v`` (beta = 0, reference), ``S_v - T_v`` (beta = 0,
+    non-negative) and ``(1 - beta) S_v (s_v - m_v)`` in between (both forms: the ``M`` terms cancel). A clipped entry
+    (term above ``clip``) contributes nothing, as under ``clamp``. Through the softmax,
+    ``d/dz_u = (g_u - S_u sum_v g_v) / temperature``; times ``temperature**2`` for the scaled values.
+
+    Args:
+        student_logits (torch.Tensor): raw student logits on the support, shape ``(N, K)``, compute dtype; used as
+            scratch (overwritten).
+        teacher_log_probs (torch.Tensor): teacher log-probabilities at ``temperature`` on that support, ``(N, K)``;
+            used as scratch (overwritten).
+        beta, clip, temperature, clip_form: as in :func:`generalized_jsd`.
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor]: values ``(N,)`` and the gradient of their sum, ``(N, K)``.
+    """
+    nonnegative = clip_form == "nonnegative"
+    lowest = torch.finfo(student_logits.dtype).min
+    # In place on the caller's (N, K) tiles: at K = V every pass costs a sizeable share of a projection and every new
+    # tile its page faults. Absent entries (-inf log-probabilities: a masked vocabulary) are moved to the lowest
+    # finite value, where their probability is exactly 0, so each product below is 0 * finite, never 0 * inf.
+    s = student_logits.div_(temperature) if temperature != 1.0 else student_logits
+    s = torch.log_softmax(s, dim=-1, out=s).clamp_min_(lowest)
+    t = teacher_log_probs.clamp_min_(lowest)
+    student_probs = s.exp()
+    if beta == 1.0:  # kl(S, T) = S (s - t) [- S + T]
+        grad = s.sub_(t)
+        terms = grad * student_probs
+        if nonnegative:
+            terms += t.exp_().sub_(student_probs)
+        else:
+            grad += 1.0
+        grad *= student_probs
+    elif beta == 0.0:  # kl(T, S) = T (t - s) [- T + S]
+        teacher_probs = t.exp()
+        terms = t.sub_(s).mul_(teacher_probs)
+        if nonnegative:
+            grad = student_probs - teacher_probs
+            terms += grad
+        else:
+            grad = teacher_probs.neg_()
+    else:  # beta kl(T, M) + (1 - beta) kl(S, M); the M parts of the two forms cancel entry by entry
+        teacher_probs = t.exp()
+        log_mixture = (teacher_probs * beta).add_(student_probs, alpha=1.0 - beta)
+        log_mixture = log_mixture.clamp_min_(torch.finfo(log_mixture.dtype).tiny).log_()
+        grad = s.sub_(log_mixture).mul_(student_probs).mul_(1.0 - beta)  # (1 - beta) S (s - m): also its term
+        terms = t.sub_(log_mixture).mul_(teacher_probs).mul_(beta).add_(grad)
+        del log_mixture, teacher_probs
+    if clip is not None:
+        grad.masked_fill_(terms > clip, 0.0)
+        terms = terms.clamp_(max=clip)
+    grad -= student_probs.mul_(grad.sum(dim=-1, keepdim=True))
+    return terms.sum(dim=-1) * temperature**2, grad.mul_(temperature)
+
+
+def row_weights(
+    rows: torch.Tensor,
+    shape: tuple[int, int],
+    num_items_in_batch: int | float | torch.Tensor | None,
+    normalization: str,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Weight of each counted position in the loss, shape ``(N,)``: the loss is ``(per_token * weights).sum()``.
+
+    ``"tokens"``: ``1 / num_items_in_batch`` (or ``1 / N``); ``"samples"``: ``1 / (n_i * num_items_in_batch)`` with
+    ``n_i`` the counted tokens of the position's sample (or the local number of samples with a counted token, at
+    least 1, in place of ``num_items_in_batch``). See :func:`reduce_per_token`.
+    """
+    if normalization == "samples":
+        sample = torch.div(rows, shape[1], rounding_mode="floor")
+        counts = torch.bincount(sample, minlength=shape[0])
+        weights, local = 1.0 / counts[sample].to(dtype), max(int((counts > 0).sum()), 1)
+    else:
+        weights, local = torch.ones(rows.numel(), dtype=dtype, device=rows.device), max(rows.numel(), 1)
+    denominator = local if num_items_in_batch is None else num_items_in_batch
+    if isinstance(denominator, torch.Tensor):
+        denominator = denominator.to(rows.device, dtype)
+    return weights / denominator
 
 
 def reduce_per_token(
@@ -202,17 +304,7 @@ def reduce_per_token(
             positions).
         normalization (str): ``"tokens"`` or ``"samples"``.
     """
-    if normalization == "samples":
-        sample = torch.div(rows, shape[1], rounding_mode="floor").to(per_token.device)
-        counts = torch.bincount(sample, minlength=shape[0])
-        weighted = per_token / counts[sample].to(per_token.dtype)
-        local = max(int((counts > 0).sum()), 1)
-    else:
-        weighted, local = per_token, max(per_token.numel(), 1)
-    denominator = local if num_items_in_batch is None else num_items_in_batch
-    if isinstance(denominator, torch.Tensor):
-        denominator = denominator.to(per_token.device, per_token.dtype)
-    loss = weighted.sum() / denominator
+    loss = (per_token * row_weights(rows, shape, num_items_in_batch, normalization, per_token.dtype)).sum()
     if not return_per_token:
         return loss
     full = per_token.new_zeros(shape[0] * shape[1]).index_put((rows,), per_token)
@@ -236,19 +328,14 @@ class _LogitsDivergence(torch.autograd.Function):
             chunk = rows[start : start + chunk_size]
             teacher_log_probs, support = teacher_support(teacher_flat[chunk].to(dtype) / temperature, top_k)
             student = student_flat[chunk] if support is None else student_flat[chunk[:, None], support]
-            student = (student.to(dtype) / temperature).requires_grad_(need_grad)
-            with torch.set_grad_enabled(need_grad):
-                value = (
-                    per_token_divergence(
-                        F.log_softmax(student, dim=-1), teacher_log_probs, beta=beta, clip=clip, clip_form=clip_form
-                    )
-                    * temperature**2
-                )
+            value, jacobian = divergence_and_grad(
+                student.to(dtype), teacher_log_probs, beta=beta, clip=clip, temperature=temperature,
+                clip_form=clip_form,
+            )
             if need_grad:
-                (jacobian,) = torch.autograd.grad(value, student, torch.ones_like(value))
-                jacobians.append((jacobian / temperature).to(student_flat.dtype))
+                jacobians.append(jacobian.to(student_flat.dtype))
                 supports.append(support)
-            values.append(value.detach())
+            values.append(value)
         ctx.chunk_size = chunk_size
         ctx.grad_shape, ctx.grad_dtype = student_flat.shape, student_flat.dtype
         if need_grad:

@@ -24,7 +24,7 @@ def _case(dtype, *, b=2, t=5, h=8, v=29, untied=False, seed=0):
     return hs, ht, w, wt, mask, weights
 
 
-def _run(fused, hs, ht, w, wt, mask, weights, **kw):
+def _run(fused, hs, ht, w, wt, mask, weights, per_token_grad=True, **kw):
     hs, w = hs.clone().requires_grad_(), w.clone().requires_grad_()
     if fused:
         loss, per_token = fused_generalized_jsd(
@@ -33,7 +33,8 @@ def _run(fused, hs, ht, w, wt, mask, weights, **kw):
     else:
         teacher_logits = ht @ (w if wt is None else wt).detach().T
         loss, per_token = generalized_jsd(hs @ w.T, teacher_logits, mask=mask, return_per_token=True, **kw)
-    (loss + (per_token * weights).sum()).backward()
+    # The loss alone takes the gradient formed during forward; weighting the per-token values too takes the recompute.
+    (loss + (per_token * weights).sum() if per_token_grad else loss).backward()
     return loss.detach(), per_token.detach(), hs.grad, w.grad
 
 
@@ -50,13 +51,14 @@ SETTINGS = [
 ]
 
 
+@pytest.mark.parametrize("per_token_grad", [False, True], ids=["loss", "loss+per_token"])
 @pytest.mark.parametrize("untied", [False, True])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
 @pytest.mark.parametrize("kw", SETTINGS, ids=str)
-def test_matches_logits_path_values_and_grads(kw, dtype, tol, untied):
+def test_matches_logits_path_values_and_grads(kw, dtype, tol, untied, per_token_grad):
     case = _case(dtype, untied=untied, seed=3)
-    fused = _run(True, *case, **kw)
-    reference = _run(False, *case, **kw)
+    fused = _run(True, *case, per_token_grad=per_token_grad, **kw)
+    reference = _run(False, *case, per_token_grad=per_token_grad, **kw)
     for got, want in zip(fused, reference, strict=True):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     assert bool((fused[2][~case[4]] == 0).all())  # uncounted positions get no gradient
@@ -74,6 +76,24 @@ def test_num_items_in_batch_and_all_false_mask():
         loss = fused_generalized_jsd(hs_, ht, w_, mask=torch.zeros_like(mask), top_k=top_k)
         loss.backward()
         assert loss.item() == 0.0 and bool((hs_.grad == 0).all()) and bool((w_.grad == 0).all())
+
+
+@pytest.mark.parametrize("top_k", [None, 4])
+def test_second_backward_and_frozen_head(top_k):
+    """retain_graph: a second backward gives the same gradients (the first one consumed the forward's buffers);
+    a frozen head gets no gradient and the hidden-state gradient is unchanged."""
+    hs, ht, w, _, mask, _ = _case(torch.float64, seed=8)
+    hs, w = hs.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = fused_generalized_jsd(hs, ht, w, mask=mask, top_k=top_k, clip=0.05, normalization="samples", chunk_size=3)
+    loss.backward(retain_graph=True)
+    first = hs.grad.clone(), w.grad.clone()
+    hs.grad, w.grad = None, None
+    (2 * loss).backward()
+    torch.testing.assert_close((hs.grad, w.grad), (2 * first[0], 2 * first[1]), rtol=1e-12, atol=1e-14)
+    hs.grad = None
+    fused_generalized_jsd(hs, ht, w.detach(), mask=mask, top_k=top_k, clip=0.05, normalization="samples",
+                          chunk_size=3).backward()
+    torch.testing.assert_close(hs.grad, first[0], rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("top_k", [None, 3])

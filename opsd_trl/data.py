@@ -131,6 +131,17 @@ def validate_prompt(example: dict) -> None:
                          "the visual thoughts go into the last user turn: add one.")
 
 
+def check_prompt_lengths(samples: list[dict], lengths: list[int], role: str, limit: int | None) -> None:
+    """Refuse a tokenized `role` ("student" / "teacher") prompt longer than `limit` (`max_prompt_length`; None: no
+    limit), naming the sample."""
+    for x, length in zip(samples, lengths, strict=True):
+        if limit is not None and length > limit:
+            raise ValueError(
+                f"sample {x['id']!r}: {role} prompt has {length} tokens > max_prompt_length={limit}; raise the "
+                "limit or shorten the prompt" + (" / reduce max_vt_images." if role == "teacher" else ".")
+            )
+
+
 def validate_standard(example: dict) -> None:
     """Check one standard row: the prompt has exactly one image part per problem image."""
     parts = [p for m in example["prompt"] if isinstance(m["content"], list) for p in m["content"]]
@@ -166,9 +177,12 @@ IMAGE_COLUMNS = ("images", "vt_images")
 
 def defer_image_decoding(dataset):
     """Keep the image columns of a `datasets.Dataset` as stored bytes, so the trainer decodes them itself and a
-    corrupt image raises an error naming the sample and column (instead of failing inside the dataloader)."""
+    corrupt image raises an error naming the sample and column (instead of failing inside the dataloader). A dict
+    of datasets (an `eval_dataset` with several names) is mapped by name."""
     from datasets import Dataset, Image, List
 
+    if isinstance(dataset, dict):
+        return {name: defer_image_decoding(ds) for name, ds in dataset.items()}
     if not isinstance(dataset, Dataset):
         return dataset
     for column in IMAGE_COLUMNS:

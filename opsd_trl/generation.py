@@ -36,7 +36,10 @@ __all__ = [
     "VLLMGenerator",
     "VLLM_INSTALL_HINT",
     "build_generator",
+    "close_truncated",
+    "closing_token_id",
     "iter_policy_weights",
+    "placeholder_token_ids",
     "push_weights_to_vllm",
     "run_rounds",
     "turn_opening",
@@ -508,7 +511,30 @@ def _reset_server_encoder_cache(client) -> None:
     response.raise_for_status()
 
 
+# --- truncated completions -------------------------------------------------------------------------------------
+
+
+def closing_token_id(tokenizer, image_skip_token: str, eos_token_ids) -> int:
+    """The turn-closing token: `image_skip_token` (`<|im_end|>`) when it is one of the EOS ids, else the EOS."""
+    close = tokenizer.convert_tokens_to_ids(image_skip_token)
+    return close if close in eos_token_ids else tokenizer.eos_token_id
+
+
+def close_truncated(completion_ids: list[list[int]], ended: list[bool], close_id: int) -> list[list[int]]:
+    """The reference's closing of a completion cut by the budget: its last sampled token gives way to `close_id`,
+    scored like a sampled EOS (the reference's sampler drops the last token of a round cut by the budget, and its
+    packer ends every completion with `<|im_end|>`). `ended`: per completion, True to keep it as it is."""
+    return [ids if e else [*ids[:-1], close_id] for ids, e in zip(completion_ids, ended, strict=True)]
+
+
 # --- from a TRL config ------------------------------------------------------------------------------------------
+
+
+def placeholder_token_ids(config) -> list[int]:
+    """A VLM config's image / video placeholder ids: never to be sampled (a sampled placeholder would match no
+    image features in the student forward)."""
+    ids = [getattr(config, k, None) for k in ("image_token_id", "video_token_id")]
+    return [i for i in ids if i is not None]
 
 
 def build_generator(
@@ -517,7 +543,8 @@ def build_generator(
     """Pick the backend from the TRL config fields users know (`use_vllm`, `vllm_mode`, `vllm_*`, sampling).
 
     Image-skip fields are read when the config has them (`image_skip_marker`, `image_skip_token`,
-    `max_image_skips`). Fails at startup with an install hint when vLLM is selected but missing.
+    `max_image_skips`), as are `ds3_gather_for_generation` (HF) and `vllm_llm_kwargs` (vLLM); `overrides` go to the
+    backend's constructor. Fails at startup with an install hint when vLLM is selected but missing.
     """
     defaults = SamplingSettings()
     settings = SamplingSettings(
@@ -534,8 +561,10 @@ def build_generator(
     )
     gen_kwargs = args.generation_kwargs if isinstance(args.generation_kwargs, dict) else None
     if not args.use_vllm:
+        overrides.setdefault("gather_deepspeed3_params", getattr(args, "ds3_gather_for_generation", True))
         return HFGenerator(model, processing_class, settings, accelerator, generation_kwargs=gen_kwargs, **overrides)
     require_vllm()
+    overrides.setdefault("llm_kwargs", getattr(args, "vllm_llm_kwargs", None))
     return VLLMGenerator(
         model,
         processing_class,

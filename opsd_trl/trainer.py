@@ -28,32 +28,19 @@ from trl import DistillationTrainer
 from . import trl_hooks
 from .checkpoints import load_shadow, mark_complete, mark_incomplete, resolve_resume, shadow_path
 from .config import VisualOPSDConfig
-from .data import decode_sample_images, defer_image_decoding
-from .diagnostics import token_diagnostics
-from .fused_loss import fused_generalized_jsd, unfusable_reason
-from .generation import build_generator, require_vllm
-from .losses import generalized_jsd, sampled_token_reverse_kl
-from .models.adapters import SlotFeatures, get_adapter, head_logits, unwrap_base
+from .data import check_prompt_lengths, decode_sample_images, defer_image_decoding
+from .fused_loss import unfusable_reason
+from .generation import build_generator, close_truncated, closing_token_id, placeholder_token_ids, require_vllm
+from .models.adapters import get_adapter, unwrap_base
 from .models.loading import has_full_weights, load_checkpoint_weights
+from .objective import completion_loss
 from .teacher_context import TeacherContext
 from .teacher_weights import ShadowWeights
-from .vision_features import (
-    cached_problem_slots,
-    grids_per_sample,
-    problem_image_slots,
-    reusable,
-    student_hidden_states,
-)
+from .vision_features import cached_problem_slots, problem_image_slots, reusable, student_hidden_states
 from .vt_cache import VTCache, check_compatible
 from .zero3 import gathered
 
 logger = logging.get_logger(__name__)
-
-
-def _map_datasets(eval_dataset):
-    if isinstance(eval_dataset, dict):
-        return {name: defer_image_decoding(ds) for name, ds in eval_dataset.items()}
-    return defer_image_decoding(eval_dataset)
 
 
 class _TeacherUpdate(TrainerCallback):
@@ -95,19 +82,11 @@ class VisualOPSDTrainer(DistillationTrainer):
             raise TypeError(f"args must be a VisualOPSDConfig, got {type(args).__name__}.")
         # teacher_model=None: the parent's teacher preparation (a second engine, eval() every step) is bypassed;
         # this class owns the teacher forward. vLLM is set up by `opsd_trl.generation`, not by the parent.
-        train_dataset, eval_dataset = defer_image_decoding(train_dataset), _map_datasets(eval_dataset)
+        train_dataset, eval_dataset = defer_image_decoding(train_dataset), defer_image_decoding(eval_dataset)
         with trl_hooks.parent_init_without_vllm(args) as use_vllm:
-            super().__init__(
-                model=model,
-                teacher_model=None,
-                args=args,
-                train_dataset=train_dataset,
-                eval_dataset=eval_dataset,
-                processing_class=processing_class,
-                callbacks=callbacks,
-                optimizers=optimizers,
-                peft_config=peft_config,
-            )
+            super().__init__(model=model, teacher_model=None, args=args, train_dataset=train_dataset,
+                             eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
+                             optimizers=optimizers, peft_config=peft_config)
         self.use_vllm = use_vllm
         if use_vllm:
             require_vllm()  # fail at start-up, with the install command, not at the first step
@@ -144,17 +123,9 @@ class VisualOPSDTrainer(DistillationTrainer):
     def generator(self):
         """The student sampler, built on first use: after `accelerator.prepare` has wrapped the model."""
         if self._generator is None:
-            config = unwrap_base(self.model).config
-            # A sampled image placeholder would match no image features in the student forward (both backends).
-            suppress = [getattr(config, k, None) for k in ("image_token_id", "video_token_id")]
-            extra = (
-                {"llm_kwargs": self.args.vllm_llm_kwargs}
-                if self.use_vllm
-                else {"gather_deepspeed3_params": self.args.ds3_gather_for_generation}
-            )
             self._generator = build_generator(
                 self.args, self.model_wrapped, self.processing_class, self.accelerator,
-                suppress_token_ids=[i for i in suppress if i is not None], **extra,
+                suppress_token_ids=placeholder_token_ids(unwrap_base(self.model).config),
             )
             self._generator.eos_token_ids = set(self.eos_token_ids)
         return self._generator
@@ -184,27 +155,18 @@ class VisualOPSDTrainer(DistillationTrainer):
 
     def _generate(self, prompts: list):
         """The parent's generation (which logs lengths and `completions/clipped_ratio` of the sampled completions),
-        then, with `close_truncated_completions`, the reference's closing of a cut completion: its last sampled token
-        is replaced by the turn-closing token, which is scored like a sampled EOS (the reference's sampler drops the
-        last token of a round cut by the budget, and its packer ends every completion with `<|im_end|>`)."""
+        then the EOS rate and, with `close_truncated_completions`, the reference's closing of the completions cut by
+        the budget (`generation.close_truncated`)."""
         prompt_ids, completion_ids, tool_mask, images, tool_images = super()._generate(prompts)
         empty = self._empty.of(len(completion_ids))
         sampled_eos = [not e and ids[-1] in self.eos_token_ids for ids, e in zip(completion_ids, empty, strict=True)]
         eos = torch.tensor(sampled_eos, dtype=torch.float32, device=self.accelerator.device)
         self._metrics[self._mode]["completions/eos_rate"].append(self.accelerator.gather(eos).mean().item())
         if self.args.close_truncated_completions:
-            close = self._closing_token_id()
-            completion_ids = [
-                ids if e or ended else [*ids[:-1], close]
-                for ids, e, ended in zip(completion_ids, empty, sampled_eos, strict=True)
-            ]
+            close = closing_token_id(self._tokenizer, self.args.image_skip_token, self.eos_token_ids)
+            ended = [e or s for e, s in zip(empty, sampled_eos, strict=True)]
+            completion_ids = close_truncated(completion_ids, ended, close)
         return prompt_ids, completion_ids, tool_mask, images, tool_images
-
-    def _closing_token_id(self) -> int:
-        """`image_skip_token` (`<|im_end|>`) when it is one of the EOS ids, else the tokenizer's EOS."""
-        tok = self._tokenizer
-        close = tok.convert_tokens_to_ids(self.args.image_skip_token)
-        return close if close in self.eos_token_ids else tok.eos_token_id
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         inputs = [decode_sample_images(x) for x in inputs]
@@ -224,31 +186,18 @@ class VisualOPSDTrainer(DistillationTrainer):
     # ----------------------------------------------------------------------------------------------- 2. teacher context
     def _teacher_batch(self, inputs, output) -> dict[str, Any]:
         """Per sample: teacher prompt ids + slot mask, and VT features (cache) or VT pixels (online)."""
-        self._check_prompt_lengths(inputs, output["prompt_mask"].sum(-1).tolist(), "student")
-        batch, truncated, n_vts = self.teacher_context.batch(inputs, output.get("image_grid_thw"),
-                                                             output.get("num_images"))
-        batch["problem_slots_cached"] = self._cached_problem_slots(inputs, output)
-        self._check_prompt_lengths(inputs, [len(p) for p in batch["teacher_prompt_ids"]], "teacher")
+        limit, grids, counts = self.args.max_prompt_length, output.get("image_grid_thw"), output.get("num_images")
+        check_prompt_lengths(inputs, output["prompt_mask"].sum(-1).tolist(), "student", limit)
+        batch, truncated, n_vts = self.teacher_context.batch(inputs, grids, counts)
+        # The problem images' features the VT cache holds (problem columns), reused while the tower is frozen.
+        reuse = reusable(self.adapter, self.model, self.args.reuse_problem_image_features)
+        batch["problem_slots_cached"] = (cached_problem_slots(self.vt_cache, inputs, grids, counts) if reuse
+                                         else [None] * len(inputs))
+        check_prompt_lengths(inputs, [len(p) for p in batch["teacher_prompt_ids"]], "teacher", limit)
         if truncated:
             self._metrics[self._mode]["vt/truncated"].append(truncated)
         self._metrics[self._mode]["vt/images_per_sample"].append(sum(n_vts) / len(n_vts))
         return batch
-
-    def _cached_problem_slots(self, inputs, output) -> list:
-        """Per sample, its problem-image features from the VT cache (None where not cached or not reusable)."""
-        if not (self.args.reuse_problem_image_features and reusable(self.adapter, self.model)):
-            return [None] * len(inputs)
-        grids = grids_per_sample(output.get("image_grid_thw"), output.get("num_images") or [0] * len(inputs))
-        return [cached_problem_slots(self.vt_cache, x, g) for x, g in zip(inputs, grids, strict=True)]
-
-    def _check_prompt_lengths(self, inputs, lengths: list[int], role: str) -> None:
-        limit = self.args.max_prompt_length
-        for x, length in zip(inputs, lengths, strict=True):
-            if limit is not None and length > limit:
-                raise ValueError(
-                    f"sample {x['id']!r}: {role} prompt has {length} tokens > max_prompt_length={limit}; raise the "
-                    "limit or shorten the prompt" + (" / reduce max_vt_images." if role == "teacher" else ".")
-                )
 
     # ----------------------------------------------------------------------------------------------- 3. teacher forward
     def _teacher_pass(self, unwrapped, inputs) -> dict[str, Any]:
@@ -302,7 +251,10 @@ class VisualOPSDTrainer(DistillationTrainer):
     # ----------------------------------------------------------------------------------------------- 4-5. student, loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         unwrapped = self.accelerator.unwrap_model(model)
-        inputs = {**inputs, "problem_slots": self._problem_slots(unwrapped, inputs)}
+        # With a frozen tower, the problem images' features are computed once here for both forwards (under the live
+        # weights: a frozen tower is the teacher's too); else None and each forward encodes its own.
+        shared = reusable(self.adapter, unwrapped, self.args.reuse_problem_image_features)
+        inputs = {**inputs, "problem_slots": problem_image_slots(self.adapter, unwrapped, inputs) if shared else None}
         inputs = {**inputs, **self._teacher_pass(unwrapped, inputs)}
         # The parent runs `_compute_loss` inside the wrapped forward and normalises `num_items_in_batch`.
         loss = super().compute_loss(model, inputs, return_outputs=False, num_items_in_batch=num_items_in_batch)
@@ -310,70 +262,37 @@ class VisualOPSDTrainer(DistillationTrainer):
         self._metrics[self._mode][self.args.loss_type].append(self.accelerator.gather(loss.detach()).mean().item())
         return (loss, None) if return_outputs else loss
 
-    def _problem_slots(self, unwrapped, inputs) -> list[SlotFeatures] | None:
-        """The micro-batch's problem-image features for both forwards (frozen tower), else None (each forward
-        encodes its own). Encoded under the live weights: a frozen tower is the teacher's too."""
-        if not (self.args.reuse_problem_image_features and reusable(self.adapter, unwrapped)):
-            return None
-        return problem_image_slots(self.adapter, unwrapped, inputs)
-
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         """Student forward + loss; runs inside the wrapped model's forward (ZeRO-3 gathers the head once)."""
         mode = self._mode
-        head = unwrapped_student.get_output_embeddings()
-        teacher_hidden, teacher_head = inputs["teacher_hidden"], inputs["teacher_head"]
         t1 = time.perf_counter()
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        mm_keys = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
+        c = inputs["completion_ids"].size(1)
         if inputs.get("problem_slots") is not None:  # the problem images' features, computed once this step
             student_hidden = student_hidden_states(self.adapter, unwrapped_student, input_ids, attention_mask,
-                                                   inputs["problem_slots"], inputs["completion_ids"].size(1))
+                                                   inputs["problem_slots"], c)
         else:
-            student_hidden = self._get_last_hidden_state(
-                unwrapped_student, input_ids, attention_mask, inputs["completion_ids"].size(1),
-                **{k: inputs[k] for k in mm_keys if k in inputs},
-            )
+            mm = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids") if k in inputs}
+            student_hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, c, **mm)
         t2 = time.perf_counter()
         mask = inputs["completion_mask"].bool()
-        args = self.args
-        teacher_weight = head.weight if teacher_head is None else teacher_head
-        if args.loss_type == "gjsd" and self._fusable(unwrapped_student):
-            loss, per_token = fused_generalized_jsd(
-                student_hidden, teacher_hidden, head.weight, teacher_lm_head_weight=teacher_head, mask=mask,
-                beta=args.beta, top_k=args.teacher_top_k, clip=args.jsd_clip, temperature=args.temperature,
-                num_items_in_batch=num_items_in_batch, return_per_token=True, chunk_size=args.loss_chunk_size,
-                clip_form=args.jsd_clip_form, normalization=args.loss_normalization,
-            )
-        else:
-            student_logits = head_logits(unwrapped_student, student_hidden)
-            teacher_logits = head_logits(unwrapped_student, teacher_hidden, weight=teacher_weight).detach()
-            common = dict(temperature=args.temperature, mask=mask, num_items_in_batch=num_items_in_batch,
-                          return_per_token=True, chunk_size=args.loss_chunk_size,
-                          normalization=args.loss_normalization)
-            if args.loss_type == "gjsd":
-                loss, per_token = generalized_jsd(student_logits, teacher_logits, beta=args.beta,
-                                                  top_k=args.teacher_top_k, clip=args.jsd_clip,
-                                                  clip_form=args.jsd_clip_form, **common)
-            else:
-                loss, per_token = sampled_token_reverse_kl(student_logits, teacher_logits, inputs["completion_ids"],
-                                                           **common)
-        if not torch.isfinite(per_token[mask]).all() or not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite loss at step {self.state.global_step} for samples {inputs['sample_ids']}; not training "
-                "on it (check the learning rate, the data and the VT features; see docs/troubleshooting.md)."
-            )
-        # Diagnostics cost two extra vocabulary projections: only for steps that get logged (and every eval batch).
-        if not self.model.training or trl_hooks.step_will_log(self.args, self.state):
-            for key, value in token_diagnostics(
-                student_hidden.detach(), teacher_hidden, head.weight.detach(), teacher_weight.detach(), mask,
-                temperature=args.temperature, chunk_size=args.loss_chunk_size,
-            ).items():
-                self._metrics[mode][key].append(value)
+        loss, diagnostics = completion_loss(
+            self.args, unwrapped_student, student_hidden, inputs["teacher_hidden"], inputs["teacher_head"], mask,
+            inputs["completion_ids"], num_items_in_batch, fused=self._fusable(unwrapped_student),
+            # Diagnostics cost two extra vocabulary projections: only for steps that get logged (and every eval batch).
+            diagnose=not self.model.training or trl_hooks.step_will_log(self.args, self.state),
+            step=self.state.global_step, sample_ids=inputs["sample_ids"],
+        )
+        for key, value in diagnostics.items():
+            self._metrics[mode][key].append(value)
         self._metrics[mode]["time/student"].append(t2 - t1)
         return trl_hooks.no_entropy(loss, mask.sum())
 
     def _fusable(self, model) -> bool:
+        """Whether the generalized JSD goes through the fused kernel; when it cannot, says why (once)."""
+        if self.args.loss_type != "gjsd":  # the only loss with a fused kernel
+            return False
         if self._fuse_ok is None:
             reason = unfusable_reason(model) if self.args.fused_loss else "fused_loss=False"
             self._fuse_ok = reason is None
@@ -414,22 +333,22 @@ class VisualOPSDTrainer(DistillationTrainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        """Full weights (no DeepSpeed: DeepSpeed resumes from its own engine state) go through the model's key
-        mapping and must load completely; the parent's `load_state_dict(strict=False)` only warns, and matches
-        none of the renamed Qwen2.5-VL keys."""
-        model = self.model if model is None else model
-        if not self._peft and not self.is_fsdp_enabled and has_full_weights(resume_from_checkpoint):
-            load_checkpoint_weights(self.accelerator.unwrap_model(model), resume_from_checkpoint)
-            return
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not self._load_full_weights(resume_from_checkpoint, self.model if model is None else model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
 
-    def _load_best_model(self):
-        """`load_best_model_at_end` without DeepSpeed: the same complete, key-mapped load as resume."""
-        best = self.state.best_model_checkpoint
-        if not self.is_deepspeed_enabled and not self.is_fsdp_enabled and not self._peft and has_full_weights(best):
-            load_checkpoint_weights(self.accelerator.unwrap_model(self.model), best)
-            return
-        super()._load_best_model()
+    def _load_best_model(self):  # `load_best_model_at_end`
+        if not self._load_full_weights(self.state.best_model_checkpoint, self.model):
+            super()._load_best_model()
+
+    def _load_full_weights(self, folder, model) -> bool:
+        """Resume and best-model load: a checkpoint's full weights go through the model's key mapping and must load
+        completely (the parent's `load_state_dict(strict=False)` only warns, and matches none of the renamed
+        Qwen2.5-VL keys). False, loading nothing, where the parent's load applies: DeepSpeed (its engine state;
+        transformers never resumes it through `_load_from_checkpoint`), FSDP, a PEFT adapter, no full weights."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or self._peft or not has_full_weights(folder):
+            return False
+        load_checkpoint_weights(self.accelerator.unwrap_model(model), folder)
+        return True
 
 
 __all__ = ["VisualOPSDConfig", "VisualOPSDTrainer"]

@@ -19,15 +19,26 @@ from .models.adapters import SlotFeatures, unwrap_base
 from .vt_cache import VTCacheMismatchError, problem_digest
 
 
-def reusable(adapter, model: nn.Module) -> bool:
-    """True when problem-image features can be shared: a Qwen-VL policy whose vision tower (and projector) has no
-    trainable parameter."""
-    if adapter.family != "qwen_vl":
+def reusable(adapter, model: nn.Module, enabled: bool) -> bool:
+    """True when problem-image features are shared: `enabled` (the config's `reuse_problem_image_features`) and a
+    Qwen-VL policy whose vision tower (and projector) has no trainable parameter."""
+    if not enabled or adapter.family != "qwen_vl":
         return False
     return not any(p.requires_grad for p in unwrap_base(model).model.visual.parameters())
 
 
-def cached_problem_slots(cache, sample: dict, grid_thw: torch.Tensor | None) -> list[SlotFeatures] | None:
+def cached_problem_slots(cache, samples: list[dict], grid_thw: torch.Tensor | None,
+                         num_images: list[int] | None) -> list[list[SlotFeatures] | None]:
+    """Per sample, its problem-image features from the VT cache (None where the cache holds none).
+
+    `grid_thw`: the student batch's patch grids `(n_images, 3)` (None without images), `num_images`: the samples'
+    image counts (None: no images).
+    """
+    grids = grids_per_sample(grid_thw, num_images or [0] * len(samples))
+    return [_cached_slots(cache, x, g) for x, g in zip(samples, grids, strict=True)]
+
+
+def _cached_slots(cache, sample: dict, grid_thw: torch.Tensor | None) -> list[SlotFeatures] | None:
     """The sample's problem-image features from the VT cache, or None when the cache holds none for it.
 
     `grid_thw`: the student's patch grids of this sample's images `(n, 3)` (None without images). The cached

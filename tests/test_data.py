@@ -1,5 +1,7 @@
 """Dataset adapters: ThinkMorph columns -> standard layout; ids; loading."""
 
+import io
+
 import datasets
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ from PIL import Image
 
 from opsd_trl.data import (
     STANDARD_COLUMNS,
+    defer_image_decoding,
     ensure_ids,
     load_any,
     numbered_columns,
@@ -63,3 +66,17 @@ def test_validate_standard_counts_image_parts():
            "images": [image(0)], "vt_images": [], "answer": "a"}
     with pytest.raises(ValueError, match="'x'.*0 image parts but 1 images"):
         validate_standard(row)
+
+
+def test_deferred_image_decoding_keeps_bytes_and_maps_a_dict_of_datasets_by_name():
+    """The image columns stay stored bytes (the trainer decodes them, naming the sample); an `eval_dataset` given
+    as a dict of datasets gets the same, per name."""
+    ds = datasets.Dataset.from_list([{"id": "a", "images": [image(1)], "vt_images": [image(2)]}])
+    assert isinstance(ds[0]["images"][0], Image.Image)
+    deferred = defer_image_decoding({"val": ds, "test": ds})
+    assert set(deferred) == {"val", "test"}
+    for d in deferred.values():
+        row = d[0]
+        assert isinstance(row["images"][0], dict) and row["images"][0]["bytes"]
+        assert Image.open(io.BytesIO(row["vt_images"][0]["bytes"])).getpixel((0, 0)) == (2, 2, 2)
+    assert defer_image_decoding(None) is None

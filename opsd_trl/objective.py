@@ -1,0 +1,74 @@
+"""The distillation objective of one micro-batch, from the completion positions' hidden states.
+
+`loss_type="gjsd"` goes through the fused kernel (`fused_loss`: no `(B, C, V)` logits) when the policy's head allows
+it, else through logits (`losses`), as `"sampled_reverse_kl"` always does. A non-finite loss is refused, not
+trained on. The diagnostics (full-vocabulary KL and entropies) cost two extra vocabulary projections, so the caller
+asks for them only on the steps that get logged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .diagnostics import token_diagnostics
+from .fused_loss import fused_generalized_jsd
+from .losses import generalized_jsd, sampled_token_reverse_kl
+from .models.adapters import head_logits
+
+
+def completion_loss(
+    args,
+    model: nn.Module,
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_head: torch.Tensor | None,
+    mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    num_items_in_batch,
+    *,
+    fused: bool,
+    diagnose: bool,
+    step: int,
+    sample_ids: list[str],
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss over the accumulation window (`num_items_in_batch`, per `args.loss_normalization`) and, when
+    `diagnose`, the token diagnostics ({} otherwise).
+
+    `args`: the config's loss fields (`loss_type`, `beta`, `teacher_top_k`, `jsd_clip`, `jsd_clip_form`,
+    `temperature`, `loss_chunk_size`, `loss_normalization`). `model`: the unwrapped policy, whose head (and logit
+    scale / softcapping on the logits path) makes the logits. Hidden states `(B, C, H)`; `teacher_head`: the
+    teacher's own head weight `(V, H)`, or None when it is the policy's; `mask`, `completion_ids`: `(B, C)`.
+    `fused`: the head can go through the fused kernel. `step`, `sample_ids` name the batch in a non-finite error.
+    """
+    head_weight = model.get_output_embeddings().weight
+    teacher_weight = head_weight if teacher_head is None else teacher_head
+    if args.loss_type == "gjsd" and fused:
+        loss, per_token = fused_generalized_jsd(
+            student_hidden, teacher_hidden, head_weight, teacher_lm_head_weight=teacher_head, mask=mask,
+            beta=args.beta, top_k=args.teacher_top_k, clip=args.jsd_clip, temperature=args.temperature,
+            num_items_in_batch=num_items_in_batch, return_per_token=True, chunk_size=args.loss_chunk_size,
+            clip_form=args.jsd_clip_form, normalization=args.loss_normalization,
+        )
+    else:
+        student_logits = head_logits(model, student_hidden)
+        teacher_logits = head_logits(model, teacher_hidden, weight=teacher_weight).detach()
+        common = dict(temperature=args.temperature, mask=mask, num_items_in_batch=num_items_in_batch,
+                      return_per_token=True, chunk_size=args.loss_chunk_size, normalization=args.loss_normalization)
+        if args.loss_type == "gjsd":
+            loss, per_token = generalized_jsd(student_logits, teacher_logits, beta=args.beta,
+                                              top_k=args.teacher_top_k, clip=args.jsd_clip,
+                                              clip_form=args.jsd_clip_form, **common)
+        else:
+            loss, per_token = sampled_token_reverse_kl(student_logits, teacher_logits, completion_ids, **common)
+    if not torch.isfinite(per_token[mask]).all() or not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"non-finite loss at step {step} for samples {sample_ids}; not training on it (check the learning rate, "
+            "the data and the VT features; see docs/troubleshooting.md)."
+        )
+    if not diagnose:
+        return loss, {}
+    return loss, token_diagnostics(
+        student_hidden.detach(), teacher_hidden, head_weight.detach(), teacher_weight.detach(), mask,
+        temperature=args.temperature, chunk_size=args.loss_chunk_size,
+    )

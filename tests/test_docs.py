@@ -29,3 +29,14 @@ def test_trainer_doc_example_trains_and_prints_its_first_log(tmp_path, monkeypat
     assert printed == {k: first_log[k] for k in ("loss", "kl_teacher_student", "time/teacher")}
     assert math.isfinite(printed["loss"]) and printed["loss"] > 0
     assert math.isfinite(printed["kl_teacher_student"]) and printed["time/teacher"] > 0
+
+
+def test_architecture_package_map_lists_every_module():
+    """docs/architecture.md's package map names every module of `opsd_trl/` and nothing that is gone."""
+    package = DOCS.parent / "opsd_trl"
+    text = (DOCS / "architecture.md").read_text()
+    section = text[text.index("## Package map"):text.index("### Outside the package")]
+    listed = set(re.findall(r"^\| `([\w/]+\.py)` \|", section, flags=re.M))
+    modules = {str(p.relative_to(package)) for p in package.rglob("*.py")}
+    assert sorted(modules - listed) == [], "modules missing from the package map"
+    assert sorted(listed - modules) == [], "the package map lists modules that do not exist"

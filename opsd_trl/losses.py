@@ -7,7 +7,7 @@ masked positions (padding, garbage logits) never reach the arithmetic and peak m
 fp64 inputs are kept in fp64.
 
 The fused hidden-state variant lives in :mod:`opsd_trl.fused_loss` and reuses :func:`teacher_support` and
-:func:`per_token_divergence` from here, so both paths share one definition of the divergence.
+:func:`divergence_and_grad` from here, so both paths share one definition of the divergence.
 """
 
 from __future__ import annotations

@@ -5,10 +5,12 @@ Run in the vLLM venv (scripts/test_vllm.sh builds it):
         .venv-vllm/bin/python benchmarks/bench_generation.py --prompts 32 --max-new-tokens 128
 Prints one line per backend: new tokens, seconds, tokens/s, and the vLLM/HF ratio. The first vLLM call is a warm-up
 (not timed). Default model: the tiny in-code Qwen2 (weights spread so it does not stop at once); `--model PATH`
-takes a saved checkpoint instead. `--device cuda` times both backends on a GPU.
+takes a saved checkpoint instead. `--device cuda` times both backends on a GPU. `--write docs/benchmarks.md` also
+writes the table into that page, between the script's markers.
 """
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -17,6 +19,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "vllm_support"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import load_average, machine, uptime, write_section  # noqa: E402
+
+# The environment the run needs or that changes its figures, written into the command line of the report.
+REPORTED_ENV = ("OMP_NUM_THREADS", "VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING", "HF_HUB_OFFLINE")
 
 
 def main():
@@ -27,7 +34,10 @@ def main():
     ap.add_argument("--hf-batch", type=int, default=32, help="HF generate batch size")
     ap.add_argument("--dtype", default="float32", help="vLLM dtype (HF runs the model as loaded)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--write", metavar="PAGE", help="also write the table into this page (docs/benchmarks.md), "
+                    "between the markers")
     args = ap.parse_args()
+    started = load_average()
 
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -76,6 +86,25 @@ def main():
     print(f"vllm  {v_tokens:6d} tokens  {v_s:7.2f} s  {v_tokens / v_s:9.1f} tok/s")
     print(f"hf    {h_tokens:6d} tokens  {h_s:7.2f} s  {h_tokens / h_s:9.1f} tok/s")
     print(f"vllm/hf throughput ratio: {(v_tokens / v_s) / (h_tokens / h_s):.2f}x")
+    if args.write:
+        import vllm
+
+        env = "".join(f"{k}={os.environ[k]} " for k in REPORTED_ENV if k in os.environ)
+        command = " ".join([f"{env}.venv-vllm/bin/python benchmarks/bench_generation.py", *sys.argv[1:]])
+        model_name = args.model or "tiny in-code Qwen2 (hidden 64)"
+        body = "\n".join([
+            f"Command: `{command}`, measured {time.strftime('%Y-%m-%d')}. {model_name}, {args.prompts} prompts, "
+            f"{args.max_new_tokens} new tokens at most, temperature 1, vLLM {vllm.__version__} (colocate, dtype "
+            f"{args.dtype}), HF batch {args.hf_batch}, device {args.device}, {torch_threads} torch thread(s), "
+            f"{machine()}; load average {started} at the start; `uptime` at the end: {uptime()}.",
+            "",
+            "| backend | new tokens | seconds | tokens/s | throughput vs HF |",
+            "|---|---|---|---|---|",
+            f"| vLLM | {v_tokens} | {v_s:.2f} | {v_tokens / v_s:.1f} | **{(v_tokens / v_s) / (h_tokens / h_s):.2f}x** |",
+            f"| HF generate | {h_tokens} | {h_s:.2f} | {h_tokens / h_s:.1f} | 1.00x |",
+        ])  # fmt: skip
+        print("\n" + body)
+        write_section(args.write, "bench_generation.py", body)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
 3. Build throughput, images/s: tiny Qwen2.5-VL end to end, and the synthetic encoder (format overhead alone).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_vt_cache.py [--samples 10000] [--workdir DIR]
+    OMP_NUM_THREADS=1 python benchmarks/bench_vt_cache.py --write docs/benchmarks.md  # also rewrite its section there
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +26,9 @@ from PIL import Image
 
 from opsd_trl.testing.synthetic_encoder import SyntheticEncoder
 from opsd_trl.vt_cache import VisionEncoder, VTCache, build_vt_cache
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import load_average, machine, uptime, write_section  # noqa: E402
 
 N_VTS = 8
 
@@ -142,6 +147,7 @@ def bench_load(workdir: Path, n: int, reps: int) -> dict:
     lat_ms, cpu_ms = 1e3 * np.array(lat), 1e3 * np.array(cpu)
     return {
         "samples": n, "images": n * N_VTS, "shards": len(cache.manifest["shards"]),
+        "tensor": f"{'x'.join(map(str, entry.embeds[0].shape))} {str(entry.embeds[0].dtype).removeprefix('torch.')}",
         "cache_mb": sum(s["bytes"] for s in cache.manifest["shards"]) / 2**20,
         "synthetic_build_images_per_s": n * N_VTS / build_s, "open_s": open_s,
         "load_p50_ms": float(np.percentile(lat_ms, 50)), "load_p99_ms": float(np.percentile(lat_ms, 99)),
@@ -152,6 +158,46 @@ def bench_load(workdir: Path, n: int, reps: int) -> dict:
     }
 
 
+def report(r: dict, reps: int, started: str, ended: str) -> str:
+    """The generated section of docs/benchmarks.md: the run's settings and load, then one table per measurement."""
+    env = "".join(f"{k}={os.environ[k]} " for k in ("OMP_NUM_THREADS",) if k in os.environ)
+    command = " ".join([f"{env}python benchmarks/bench_vt_cache.py", *sys.argv[1:]])
+    return "\n".join([
+        f"Command: `{command}`, measured {time.strftime('%Y-%m-%d')}. {machine()}, {torch.get_num_threads()} torch "
+        f"thread(s); load average {started} at the start; `uptime` at the end: {ended}.",
+        "",
+        f"Teacher side, tiny Qwen2.5-VL: {N_VTS} VT images of 112x112 ({r['tokens_per_vt']} tokens each), teacher "
+        f"sequence of {r['seq_len']} tokens; each time is the mean of {reps} calls after a warm-up.",
+        "",
+        "| measurement | re-encode (ms) | cached (ms) | ratio |",
+        "|---|---|---|---|",
+        f"| VT features for one sample ({N_VTS} images: image processor + tower + merger vs `cache[id]`) | "
+        f"{r['encode_8_ms']:.2f} | {r['cache_8_ms']:.2f} | **{r['features_speedup']:.0f}x** |",
+        f"| full teacher forward (`model(pixel_values=...)` vs spliced `inputs_embeds` + explicit M-RoPE) | "
+        f"{r['forward_reencode_ms']:.2f} | {r['forward_cached_ms']:.2f} | **{r['forward_speedup']:.2f}x** |",
+        "",
+        f"Logits of the two teacher forwards: max abs diff {r['logits_max_abs_diff']:.3g}.",
+        "",
+        f"Load latency, synthetic cache of {r['samples']:,} samples x {N_VTS} VTs ({r['images']:,} tensors of "
+        f"{r['tensor']}, {r['cache_mb']:.0f} MB in {r['shards']} shard(s)), random reads of one sample ({N_VTS} tensors, "
+        "CRC-checked):",
+        "",
+        "| p50 wall (ms) | p99 wall (ms) | max wall (ms) | p50 thread CPU (ms) | p99 thread CPU (ms) | open (s) | "
+        "private memory growth (MB) |",
+        "|---|---|---|---|---|---|---|",
+        f"| {r['load_p50_ms']:.2f} | **{r['load_p99_ms']:.2f}** | {r['load_max_ms']:.2f} | {r['load_cpu_p50_ms']:.2f} "
+        f"| {r['load_cpu_p99_ms']:.2f} | {r['open_s']:.2f} | {r['anon_rss_growth_mb']:.0f} |",
+        "",
+        "Build throughput:",
+        "",
+        "| encoder | images/s |",
+        "|---|---|",
+        f"| tiny Qwen2.5-VL, end to end (batch 8 samples) | **{r['qwen_build_images_per_s']:.0f}** |",
+        f"| synthetic (decode, hash, CRC, shard writing alone; batch 64 samples) | "
+        f"{r['synthetic_build_images_per_s']:.0f} |",
+    ])  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=10_000, help="samples in the synthetic load cache")
@@ -159,15 +205,21 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=20, help="repetitions of each teacher-side timing")
     parser.add_argument("--build-samples", type=int, default=64, help="samples (x8 VTs) for the Qwen build timing")
     parser.add_argument("--workdir", type=Path, help="default: a temporary directory")
+    parser.add_argument("--write", metavar="PAGE", help="also write the tables into this page (docs/benchmarks.md), "
+                        "between the markers")
     args = parser.parse_args()
     torch.manual_seed(0)
+    started = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
         results = {**bench_teacher(workdir, args.reps), **bench_build_qwen(workdir, args.build_samples),
                    **bench_load(workdir, args.samples, args.reads)}
-    print(f"torch threads: {torch.get_num_threads()}, load average: {os.getloadavg()[0]:.1f}")
     for k, v in results.items():
         print(f"{k:32s} {v:.4g}" if isinstance(v, float) else f"{k:32s} {v}")
+    body = report(results, args.reps, started, uptime())
+    print("\n" + body)
+    if args.write:
+        write_section(args.write, "bench_vt_cache.py", body)
 
 
 if __name__ == "__main__":

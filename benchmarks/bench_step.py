@@ -9,7 +9,8 @@ trainer's defaults otherwise (gradient checkpointing on for both), lr 1e-6.
   vl-each / vl-shared / vl-cached   the tiny Qwen2.5-VL (frozen vision tower, VTs from a VT cache) with one
         448 px problem image per sample: each forward runs the tower on it (reuse_problem_image_features=False),
         teacher and student share one encoding per step, or its features come from the VT cache (problem columns)
-Each case runs in its own process(es) (peak RSS = that process's ru_maxrss), one after the other in this run:
+Each case runs in its own process(es) (peak RSS = the highest of the process's peak after set-up and its phase
+peaks: resetting VmHWM at phase boundaries resets ru_maxrss too), one after the other in this run:
 first in one process, then under ZeRO-3 with 2 processes (accelerate_configs/cpu_zero3.yaml). Step time is the
 median over the measured steps after warm-up step(s).
 
@@ -107,11 +108,14 @@ class PhaseMeter:
     def __init__(self):
         self.closed: list[dict] = []
         self.open: tuple[str, float] | None = None  # (name, RSS when it opened)
+        # Resetting VmHWM resets ru_maxrss too (the same counter): the process's peak is the highest phase peak.
+        self.highest = 0.0
 
     def mark(self, name: str) -> None:
         rss = _proc_status_mb("VmRSS")
         if self.open is not None:
             peak = _proc_status_mb("VmHWM")
+            self.highest = max(self.highest, peak)
             self.closed.append(dict(phase=self.open[0], start_mb=self.open[1], end_mb=rss, peak_mb=peak,
                                     extra_mb=peak - self.open[1]))  # fmt: skip
         self.open = (name, rss)
@@ -290,7 +294,7 @@ def worker(case: str, steps: int, warmup: int, out: str) -> None:
             self.phases = meter.closed  # the last step's
             self.steps.append(time.perf_counter() - self.t0)
             self.cpu.append(time.process_time() - self.c0)  # this process's CPU time: less sensitive to other jobs
-            self.peaks.append(_peak_mb())
+            self.peaks.append(max(p["peak_mb"] for p in meter.closed))
             self.lengths.append(trainer._metrics["train"]["completions/mean_length"][-1])
 
     init_peak = _peak_mb()  # models loaded, trainer built
@@ -314,7 +318,7 @@ def worker(case: str, steps: int, warmup: int, out: str) -> None:
     wall = time.perf_counter() - t0
     result = dict(
         case=case, world=world, rank=rank, threads=torch.get_num_threads(), wall=wall,
-        peak_rss_mb=_peak_mb(), init_peak_mb=init_peak, step_peaks_mb=step_timer.peaks,
+        peak_rss_mb=max(init_peak, meter.highest, _peak_mb()), init_peak_mb=init_peak, step_peaks_mb=step_timer.peaks,
         steps=step_timer.steps, cpu=step_timer.cpu, completion_len=step_timer.lengths, warmup=warmup,
         generation=timers["generation"], teacher=timers["teacher"],
         student_prompt_len=statistics.mean(prompt_lens), baseline_mb=baseline_mb, sizes=sizes,

@@ -26,7 +26,6 @@ What the caller must do (the trainer's side):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .losses import (
     compute_dtype,
@@ -40,6 +39,7 @@ from .losses import (
 
 __all__ = ["fused_generalized_jsd", "unfusable_reason"]
 
+_OUTER_ELEMENTS = 1 << 22  # per slice of the top-K weight gradient's outer products (16 MB in fp32)
 _LOGIT_SCALE_FIELDS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 
 
@@ -119,9 +119,12 @@ def _accumulate_chunks(student_hidden, teacher_hidden, weight, teacher_weight, r
                 grad_hidden[rows] += torch.einsum("ck,ckh->ch", grad_logits.to(weight.dtype), weight_rows).to(
                     grad_hidden.dtype
                 )
+            del weight_rows  # freed before the outer products, which would be as large: (C, K, H)
             if grad_weight is not None:
-                outer = grad_logits[:, :, None] * h_s[:, None, :].to(dtype)
-                grad_weight.index_add_(0, support.reshape(-1), outer.reshape(-1, weight.size(1)))
+                step = max(1, _OUTER_ELEMENTS // (support.size(1) * weight.size(1)))  # rows per slice
+                for i in range(0, support.size(0), step):
+                    outer = grad_logits[i : i + step, :, None] * h_s[i : i + step, None, :].to(dtype)
+                    grad_weight.index_add_(0, support[i : i + step].reshape(-1), outer.reshape(-1, weight.size(1)))
     return torch.cat(values) if values else student_hidden.new_zeros(0, dtype=dtype)
 
 

@@ -51,6 +51,14 @@ def test_finished_points_are_reused_and_outputs_written(tmp_path, monkeypatch):
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_eval_contexts_render_like_the_runs(tmp_path):
+    """The sweep's evaluation contexts carry the recipe's teacher words and chat-template arguments."""
+    fixed = {"init_weights": "none", "teacher_intro": "hint", "chat_template_kwargs": '{"add_vision_id": true}'}
+    runner = sweep.Sweep(RECIPE, {"beta": ["0.5"]}, tmp_path, fixed=fixed)
+    _, contexts, _ = runner._eval_setup()
+    assert contexts.intro == "hint" and contexts.chat_template_kwargs == {"add_vision_id": True}
+
+
 def test_bad_sweep_field_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="not_a_field"):
         sweep.Sweep(RECIPE, {"not_a_field": ["1", "2"]}, tmp_path)

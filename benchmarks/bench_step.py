@@ -39,7 +39,7 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from report import write_section  # noqa: E402
+from report import uptime, write_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("OPSD_TRL_CACHE", Path.home() / ".cache" / "opsd_trl"))
@@ -487,7 +487,6 @@ def main():
                   f"(init {r['init_peak_mb']:.0f}, per step {r['step_peaks_mb']}), completion lengths "
                   f"{r['completion_len']}, prompt {r['student_prompt_len']:.0f} / teacher {r['teacher_prompt_len']} "
                   f"tokens, load {r['load']}, wall {r['wall_s']:.0f} s", flush=True)  # fmt: skip
-    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     import torch
     import transformers
     import trl
@@ -496,7 +495,7 @@ def main():
         f"Command: `python benchmarks/bench_step.py {' '.join(sys.argv[1:])}`; {args.steps} measured step(s) after "
         f"{args.warmup} warm-up, torch {torch.__version__} ({rows[0]['threads']} thread(s) per process), "
         f"transformers {transformers.__version__}, TRL {trl.__version__}, {os.cpu_count()} CPUs; load average per "
-        f"case in the last column, `uptime` at the end: {uptime}.",
+        f"case in the last column, `uptime` at the end: {uptime()}.",
         "", table(rows), "",
         "Memory of the last measured step, rank 0 (resident set; VmHWM reset at each phase boundary):", "",
         memory_table(rows),

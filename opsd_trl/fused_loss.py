@@ -32,6 +32,7 @@ from .losses import (
     counted_rows,
     divergence_and_grad,
     row_weights,
+    scatter_counted,
     teacher_support,
     validate_divergence_args,
     validate_num_items,
@@ -89,7 +90,8 @@ def _accumulate_chunks(student_hidden, teacher_hidden, weight, teacher_weight, r
     dtype = compute_dtype(student_hidden.dtype)
     values = []
     # Two (C, V) tiles reused by every chunk (a fresh tile per chunk would pay its page faults each time).
-    tiles = torch.empty(1 if top_k else 2, min(chunk, student_hidden.size(0)), weight.size(0), dtype=dtype, device=weight.device)
+    rows_per_tile = min(chunk, student_hidden.size(0))
+    tiles = torch.empty(1 if top_k else 2, rows_per_tile, weight.size(0), dtype=dtype, device=weight.device)
     for start in range(0, student_hidden.size(0), chunk):
         rows = slice(start, start + chunk)
         h_s = student_hidden[rows]
@@ -140,8 +142,7 @@ class _FusedDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, teacher_hidden, weight, teacher_weight, row_weight, hyper):
         ctx.set_materialize_grads(False)
-        dtype = compute_dtype(student_hidden.dtype)
-        grad_hidden, grad_weight = _gradient_buffers(ctx, student_hidden, weight, dtype)
+        grad_hidden, grad_weight = _gradient_buffers(ctx, student_hidden, weight)
         values = _accumulate_chunks(
             student_hidden, teacher_hidden, weight, teacher_weight, row_weight, hyper, grad_hidden, grad_weight
         )
@@ -160,7 +161,7 @@ class _FusedDivergence(torch.autograd.Function):
             scale = torch.zeros_like(row_weight) if grad_values is None else grad_values.to(row_weight.dtype)
             if grad_loss is not None:
                 scale = scale + grad_loss.to(row_weight.dtype) * row_weight
-            grad_hidden, grad_weight = _gradient_buffers(ctx, student_hidden, weight, compute_dtype(weight.dtype))
+            grad_hidden, grad_weight = _gradient_buffers(ctx, student_hidden, weight)
             _accumulate_chunks(
                 student_hidden, teacher_hidden, weight, teacher_weight, scale, ctx.hyper, grad_hidden, grad_weight
             )
@@ -181,13 +182,14 @@ class _FusedDivergence(torch.autograd.Function):
         )
 
 
-def _gradient_buffers(ctx, student_hidden, weight, dtype):
-    """Zeroed fp32 (fp64 for fp64 inputs) accumulators for the inputs that need a gradient, else None."""
-    grad_hidden = torch.zeros(student_hidden.shape, dtype=dtype) if ctx.needs_input_grad[0] else None
-    grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if ctx.needs_input_grad[2] else None
-    if grad_hidden is not None:
-        grad_hidden = grad_hidden.to(student_hidden.device)
-    return grad_hidden, grad_weight
+def _gradient_buffers(ctx, student_hidden, weight):
+    """Zeroed compute-dtype accumulators (fp32; fp64 for fp64 inputs) for the student hidden rows and the weight,
+    each None when that input needs no gradient."""
+    dtype = compute_dtype(student_hidden.dtype)
+    return tuple(
+        torch.zeros(t.shape, dtype=dtype, device=t.device) if ctx.needs_input_grad[i] else None
+        for i, t in ((0, student_hidden), (2, weight))
+    )
 
 
 def fused_generalized_jsd(
@@ -266,6 +268,4 @@ def fused_generalized_jsd(
         row_weights(rows, (batch, length), num_items_in_batch, normalization, compute_dtype(student_hidden.dtype)),
         (float(beta), top_k, clip, float(temperature), chunk_size, clip_form),
     )
-    if not return_per_token:
-        return loss
-    return loss, per_token.new_zeros(batch * length).index_put((rows,), per_token).view(batch, length)
+    return (loss, scatter_counted(per_token, rows, (batch, length))) if return_per_token else loss

@@ -157,32 +157,26 @@ def per_token_divergence(
     Returns:
         torch.Tensor: shape ``(N,)``.
     """
-    terms, _ = _divergence_terms(student_log_probs, teacher_log_probs, beta, clip_form == "nonnegative")
+    nonnegative = clip_form == "nonnegative"
+    if beta == 0.0:
+        terms = _entry_kl(teacher_log_probs, student_log_probs, nonnegative)
+    elif beta == 1.0:
+        terms = _entry_kl(student_log_probs, teacher_log_probs, nonnegative)
+    else:
+        # Entries absent from both distributions would make the mixture -inf and its gradient NaN; both of their
+        # terms are zero anyway, so give them a finite placeholder.
+        both_absent = (student_log_probs == -math.inf) & (teacher_log_probs == -math.inf)
+        mixture = torch.logaddexp(
+            student_log_probs.masked_fill(both_absent, 0.0) + math.log1p(-beta),
+            teacher_log_probs.masked_fill(both_absent, 0.0) + math.log(beta),
+        )
+        terms = beta * _entry_kl(teacher_log_probs, mixture, nonnegative) + (1.0 - beta) * _entry_kl(
+            student_log_probs, mixture, nonnegative
+        )
+        terms = terms.masked_fill(both_absent, 0.0)
     if clip is not None:
         terms = terms.clamp(max=clip)
     return terms.sum(dim=-1)
-
-
-def _divergence_terms(
-    student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, beta: float, nonnegative: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-entry terms ``(N, K)`` of :func:`per_token_divergence` before the clip, and the log-mixture (for
-    0 < beta < 1, else None)."""
-    if beta == 0.0:
-        return _entry_kl(teacher_log_probs, student_log_probs, nonnegative), None
-    if beta == 1.0:
-        return _entry_kl(student_log_probs, teacher_log_probs, nonnegative), None
-    # Entries absent from both distributions would make the mixture -inf and its gradient NaN; both of their
-    # terms are zero anyway, so give them a finite placeholder.
-    both_absent = (student_log_probs == -math.inf) & (teacher_log_probs == -math.inf)
-    mixture = torch.logaddexp(
-        student_log_probs.masked_fill(both_absent, 0.0) + math.log1p(-beta),
-        teacher_log_probs.masked_fill(both_absent, 0.0) + math.log(beta),
-    )
-    terms = beta * _entry_kl(teacher_log_probs, mixture, nonnegative) + (1.0 - beta) * _entry_kl(
-        student_log_probs, mixture, nonnegative
-    )
-    return terms.masked_fill(both_absent, 0.0), mixture
 
 
 def divergence_and_grad(
@@ -307,8 +301,12 @@ def reduce_per_token(
     loss = (per_token * row_weights(rows, shape, num_items_in_batch, normalization, per_token.dtype)).sum()
     if not return_per_token:
         return loss
-    full = per_token.new_zeros(shape[0] * shape[1]).index_put((rows,), per_token)
-    return loss, full.view(shape)
+    return loss, scatter_counted(per_token, rows, shape)
+
+
+def scatter_counted(per_token: torch.Tensor, rows: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The counted positions' values ``(N,)`` at their flat indices ``rows`` of a ``(B, T)`` tensor, 0 elsewhere."""
+    return per_token.new_zeros(shape[0] * shape[1]).index_put((rows,), per_token).view(shape)
 
 
 class _LogitsDivergence(torch.autograd.Function):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .models.head import OutputHead
+
 
 def full_vocab_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """KL(T||S) over the full vocabulary at each position, in fp32: logits `(..., V)` -> `(...)` nats."""
@@ -21,8 +23,8 @@ def _entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 def token_diagnostics(
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    teacher_weight: torch.Tensor,
+    student_head: OutputHead,
+    teacher_head: OutputHead,
     mask: torch.Tensor,
     *,
     temperature: float = 1.0,
@@ -30,15 +32,17 @@ def token_diagnostics(
 ) -> dict[str, float]:
     """Mean over counted tokens of the full-vocabulary KL(T||S), student entropy and teacher entropy (nats).
 
-    Shapes: hidden `(B, T, H)`, weights `(V, H)`, mask `(B, T)` bool. Returns {} when no token counts.
+    Shapes: hidden `(B, T, H)`, mask `(B, T)` bool; the heads make the logits in fp32. Returns {} when no token
+    counts.
     """
     hs, ht = student_hidden[mask], teacher_hidden[mask]
     if hs.shape[0] == 0:
         return {}
+    student_head, teacher_head = student_head.to(torch.float32), teacher_head.to(torch.float32)
     totals = torch.zeros(3, dtype=torch.float64)
     for start in range(0, hs.shape[0], chunk_size):
-        s_logits = hs[start : start + chunk_size].float() @ student_weight.float().t()
-        t_logits = ht[start : start + chunk_size].float() @ teacher_weight.float().t()
+        s_logits = student_head.logits(hs[start : start + chunk_size].float())
+        t_logits = teacher_head.logits(ht[start : start + chunk_size].float())
         kl = full_vocab_kl(t_logits, s_logits, temperature)
         totals += torch.stack(
             [kl.sum(), _entropy(s_logits, temperature).sum(), _entropy(t_logits, temperature).sum()]

@@ -27,6 +27,7 @@ from .config import TEACHER_INTRO, TEACHER_TRANSITION
 from .diagnostics import full_vocab_kl
 from .generation import HFGenerator, SamplingSettings
 from .models.adapters import get_adapter
+from .models.head import OutputHead
 from .models.loading import load_pretrained, load_quickstart_weights
 from .tasks import parse, score
 from .tasks.common import load_meta
@@ -104,7 +105,7 @@ def completion_logits(model, contexts: Contexts, rows: list[dict], completions: 
         torch.cat([p["image_grid_thw"] for p in with_images]).to(device),
     ) if with_images else []
     hidden = adapter.teacher_hidden_states(model, ids.to(device), attn.to(device), slot.to(device), slots)
-    logits = hidden[:, width - 1 : -1, :] @ model.get_output_embeddings().weight.t()
+    logits = OutputHead.of(model).logits(hidden[:, width - 1 : -1, :])
     return logits, attn[:, width:].bool().to(device)
 
 

@@ -17,8 +17,8 @@ What the caller must do (the trainer's side):
   must be gathered once for the step around both this call and its backward (e.g. run the loss inside the wrapped
   model's forward, as TRL's ``_ForwardRedirection`` does, or ``DTensor.full_tensor()`` once under FSDP2); every chunk
   reads that one tensor, so there is no per-chunk gather.
-- Check :func:`unfusable_reason` first: heads with a bias, a logit scale or final-logit softcapping cannot use this
-  path; fall back to the logits path of :mod:`opsd_trl.losses` (and log why, once).
+- Check :func:`unfusable_reason` first: heads with a bias or final-logit softcapping cannot use this path (pass a
+  logit scale as ``logit_scale``); fall back to the logits path of :mod:`opsd_trl.losses` (and log why, once).
 - The teacher receives no gradient; pass teacher hidden states computed under ``no_grad``. With a separate teacher
   head (EMA / fixed teacher) pass it as ``teacher_lm_head_weight``.
 """
@@ -37,30 +37,27 @@ from .losses import (
     validate_divergence_args,
     validate_num_items,
 )
+from .models.head import OutputHead
 
 __all__ = ["fused_generalized_jsd", "unfusable_reason"]
 
 _OUTER_ELEMENTS = 1 << 22  # per slice of the top-K weight gradient's outer products (16 MB in fp32)
-_LOGIT_SCALE_FIELDS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 
 
 def unfusable_reason(model: torch.nn.Module) -> str | None:
-    """Why the model's output head cannot go through :func:`fused_generalized_jsd`, or None when it can.
+    """Why the model's output head (:class:`~opsd_trl.models.head.OutputHead`) cannot go through
+    :func:`fused_generalized_jsd`, or None when it can.
 
-    The fused path computes logits as ``hidden @ weight.T``; anything else the head applies is refused.
+    The fused path computes logits as ``logit_scale * (hidden @ weight.T)``; a bias or final-logit softcapping is
+    refused.
     """
-    head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        return f"output head is {type(head).__name__}, not nn.Linear"
+    head = OutputHead.of(model)
+    if not isinstance(head.module, torch.nn.Linear):
+        return f"output head is {type(head.module).__name__}, not nn.Linear"
     if head.bias is not None:
         return "output head has a bias"
-    config = model.config.get_text_config()
-    if getattr(config, "final_logit_softcapping", None) is not None:
-        return f"final_logit_softcapping = {config.final_logit_softcapping}"
-    for field in _LOGIT_SCALE_FIELDS:
-        value = getattr(config, field, None)
-        if value is not None and value != 1:
-            return f"{field} = {value}"
+    if head.softcap is not None:
+        return f"final_logit_softcapping = {head.softcap}"
     return None
 
 
@@ -208,8 +205,10 @@ def fused_generalized_jsd(
     chunk_size: int = 128,
     clip_form: str = "reference",
     normalization: str = "tokens",
+    logit_scale: float = 1.0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """:func:`opsd_trl.losses.generalized_jsd` of ``student_hidden @ W.T`` vs ``teacher_hidden @ W_t.T``, fused.
+    """:func:`opsd_trl.losses.generalized_jsd` of ``s * student_hidden @ W.T`` vs ``s * teacher_hidden @ W_t.T``
+    (``s`` = ``logit_scale``), fused.
 
     Same semantics as the logits-in function (beta convention = TRL's, teacher top-K with both distributions
     renormalised on the teacher's support, per-entry clip (``clip_form``) before the support sum, ``temperature**2``,
@@ -227,6 +226,8 @@ def fused_generalized_jsd(
         beta, top_k, clip, temperature, num_items_in_batch, return_per_token, clip_form, normalization: as in
             ``generalized_jsd``.
         chunk_size (int): counted positions projected at once (``C``); a chunk holds a few ``(C, V)`` fp32 tiles.
+        logit_scale (float): the head's logit scale (:func:`opsd_trl.models.head.logit_scale`), applied to both
+            models' hidden states (the same logits as scaling them, and the gradient flows through it).
 
     Returns:
         torch.Tensor | tuple[torch.Tensor, torch.Tensor]: the scalar loss, and with ``return_per_token`` the
@@ -260,6 +261,8 @@ def fused_generalized_jsd(
     )
     validate_num_items(num_items_in_batch)
     rows = counted_rows(mask, batch, length, student_hidden.device)
+    if logit_scale != 1.0:  # s * (h @ W.T) = (s * h) @ W.T
+        student_hidden, teacher_hidden = student_hidden * logit_scale, teacher_hidden * logit_scale
     loss, per_token = _FusedDivergence.apply(
         student_hidden.reshape(batch * length, -1)[rows],
         teacher_hidden.detach().reshape(batch * length, -1)[rows],

@@ -14,7 +14,7 @@ from torch import nn
 from .diagnostics import token_diagnostics
 from .fused_loss import fused_generalized_jsd
 from .losses import generalized_jsd, sampled_token_reverse_kl
-from .models.adapters import head_logits
+from .models.head import OutputHead
 
 
 def completion_loss(
@@ -36,23 +36,23 @@ def completion_loss(
     `diagnose`, the token diagnostics ({} otherwise).
 
     `args`: the config's loss fields (`loss_type`, `beta`, `teacher_top_k`, `jsd_clip`, `jsd_clip_form`,
-    `temperature`, `loss_chunk_size`, `loss_normalization`). `model`: the unwrapped policy, whose head (and logit
-    scale / softcapping on the logits path) makes the logits. Hidden states `(B, C, H)`; `teacher_head`: the
+    `temperature`, `loss_chunk_size`, `loss_normalization`). `model`: the unwrapped policy, whose `OutputHead`
+    makes the logits (the teacher's with `teacher_head` as its weight). Hidden states `(B, C, H)`; `teacher_head`: the
     teacher's own head weight `(V, H)`, or None when it is the policy's; `mask`, `completion_ids`: `(B, C)`.
     `fused`: the head can go through the fused kernel. `step`, `sample_ids` name the batch in a non-finite error.
     """
-    head_weight = model.get_output_embeddings().weight
-    teacher_weight = head_weight if teacher_head is None else teacher_head
+    head = OutputHead.of(model)
+    teacher = head if teacher_head is None else head.with_weight(teacher_head)
     if args.loss_type == "gjsd" and fused:
         loss, per_token = fused_generalized_jsd(
-            student_hidden, teacher_hidden, head_weight, teacher_lm_head_weight=teacher_head, mask=mask,
+            student_hidden, teacher_hidden, head.weight, teacher_lm_head_weight=teacher_head, mask=mask,
             beta=args.beta, top_k=args.teacher_top_k, clip=args.jsd_clip, temperature=args.temperature,
             num_items_in_batch=num_items_in_batch, return_per_token=True, chunk_size=args.loss_chunk_size,
-            clip_form=args.jsd_clip_form, normalization=args.loss_normalization,
+            clip_form=args.jsd_clip_form, normalization=args.loss_normalization, logit_scale=head.scale,
         )
     else:
-        student_logits = head_logits(model, student_hidden)
-        teacher_logits = head_logits(model, teacher_hidden, weight=teacher_weight).detach()
+        student_logits = head.logits(student_hidden)
+        teacher_logits = teacher.logits(teacher_hidden).detach()
         common = dict(temperature=args.temperature, mask=mask, num_items_in_batch=num_items_in_batch,
                       return_per_token=True, chunk_size=args.loss_chunk_size, normalization=args.loss_normalization)
         if args.loss_type == "gjsd":
@@ -69,6 +69,6 @@ def completion_loss(
     if not diagnose:
         return loss, {}
     return loss, token_diagnostics(
-        student_hidden.detach(), teacher_hidden, head_weight.detach(), teacher_weight.detach(), mask,
-        temperature=args.temperature, chunk_size=args.loss_chunk_size,
+        student_hidden.detach(), teacher_hidden, head, teacher, mask, temperature=args.temperature,
+        chunk_size=args.loss_chunk_size,
     )

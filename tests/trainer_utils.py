@@ -8,6 +8,7 @@ from PIL import Image
 
 from opsd_trl import VisualOPSDConfig, VisualOPSDTrainer
 from opsd_trl.models.adapters import SlotFeatures
+from opsd_trl.models.head import OutputHead
 from opsd_trl.teacher_context import teacher_messages
 from opsd_trl.vt_cache import VTEntry
 
@@ -93,7 +94,7 @@ def completion_logits(trainer, batch, teacher=True) -> torch.Tensor:
             mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
             mm = {k: batch[k] for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids") if k in batch}
             hidden = trainer._get_last_hidden_state(model, input_ids, mask, batch["completion_ids"].size(1), **mm)
-    return hidden @ model.get_output_embeddings().weight.t()
+    return OutputHead.of(model).logits(hidden)
 
 
 def reference_teacher_logits(model, processor, dataset, batch, args, edit_pixels=None):

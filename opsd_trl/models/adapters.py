@@ -188,21 +188,6 @@ def scatter_slots(embeds: torch.Tensor, slot_mask: torch.Tensor, slots: list[Slo
     return embeds.masked_scatter(slot_mask.unsqueeze(-1), values)
 
 
-def head_logits(model: nn.Module, hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits as the model's forward makes them from final hidden states `(B, T, H)` -> `(B, T, V)`: the output
-    head (optionally with another `weight`, e.g. the EMA teacher's), then any logit scale and final softcapping."""
-    head = model.get_output_embeddings()
-    logits = nn.functional.linear(hidden, head.weight if weight is None else weight, getattr(head, "bias", None))
-    config = unwrap_base(model).config.get_text_config()
-    scale = getattr(config, "logit_scale", None)
-    if scale is not None:
-        logits = logits * scale
-    cap = getattr(config, "final_logit_softcapping", None)
-    if cap is not None:
-        logits = cap * torch.tanh(logits / cap)
-    return logits
-
-
 # model_type -> adapter class; text-only causal LMs (no `vision_config`) fall back to `TextLMAdapter`.
 ADAPTERS: dict[str, Callable[[nn.Module], ModelAdapter]] = {
     "qwen2_vl": QwenVLAdapter,

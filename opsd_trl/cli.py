@@ -126,20 +126,32 @@ def _add_verify_vt_cache(sub) -> None:
     p.set_defaults(func=_verify_vt_cache)
 
 
+def _eval_dataset(args):
+    """The rows to evaluate: a dataset (`--dataset`), a VLMEvalKit TSV, or generated `--task` samples."""
+    from opsd_trl.tasks import load_vlmevalkit_tsv, make_dataset
+
+    if args.dataset:
+        from opsd_trl.data import load_any, standardize
+
+        return standardize(load_any(args.dataset, args.split), args.dataset_format, args.split)
+    if args.tsv:
+        return load_vlmevalkit_tsv(args.tsv)
+    if args.task == "maze":
+        return make_dataset("maze", args.split, args.n, size=args.size, seed=args.seed,
+                            dedupe=args.split != "train", prompt=args.prompt, answer_format=args.answer_format)
+    return make_dataset(args.task, args.split, args.n, seed=args.seed, dedupe=args.split != "train")
+
+
 def _eval(args) -> int:
     import json
 
     from opsd_trl.eval import evaluate_checkpoints
-    from opsd_trl.tasks import load_vlmevalkit_tsv, make_dataset
+    from opsd_trl.quickstart.model import load_checkpoint  # model folders, and the quickstart's weights files
 
-    if args.tsv:
-        dataset = load_vlmevalkit_tsv(args.tsv)
-    else:
-        dataset = make_dataset("maze", args.split, args.n, size=args.size, seed=args.seed, dedupe=args.split != "train",
-                               prompt=args.prompt, answer_format=args.answer_format)
-    results = evaluate_checkpoints(args.model, dataset, reference_path=args.reference, baseline_path=args.baseline,
-                                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                   predictions_dir=args.predictions_dir,
+    results = evaluate_checkpoints(args.model, _eval_dataset(args), reference_path=args.reference,
+                                   baseline_path=args.baseline, batch_size=args.batch_size,
+                                   max_new_tokens=args.max_new_tokens, predictions_dir=args.predictions_dir,
+                                   load=load_checkpoint, scorer=args.scorer,
                                    **{k: v for k, v in (("intro", args.teacher_intro),
                                                         ("transition", args.teacher_transition)) if v is not None})
     print(json.dumps(results, indent=1))
@@ -148,20 +160,27 @@ def _eval(args) -> int:
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="accuracy, output tokens, latency, teacher-student KL and KL-gap closure")
-    p.add_argument("--model", required=True, help="checkpoint to evaluate: a quickstart .safetensors or a folder")
+    p.add_argument("--model", required=True, help="checkpoint to evaluate: a model folder or a quickstart "
+                   ".safetensors")
     p.add_argument("--reference", help="fixed reference teacher (the initial policy; it gets the VTs) for the KL")
     p.add_argument("--baseline", help="checkpoint before training: also evaluated, and KL-gap closure reported")
+    p.add_argument("--dataset", help="a dataset in the standard layout (save_to_disk folder, .jsonl/.json/.parquet/"
+                   ".csv file or hub name; docs/architecture.md) instead of generated samples")
+    p.add_argument("--dataset-format", default="standard", choices=["standard", "thinkmorph"])
+    p.add_argument("--scorer", help="score every row with this: maze, jigsaw, exact_match, multiple_choice or "
+                   "module:function (default: each row's task column)")
     p.add_argument("--tsv", help="VLMEvalKit maze TSV (no VTs: no KL) instead of generated mazes")
+    p.add_argument("--task", default="maze", choices=["maze", "jigsaw"], help="generated task (without --dataset)")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    p.add_argument("--n", type=positive_int, default=300, help="generated mazes")
+    p.add_argument("--n", type=positive_int, default=300, help="generated samples")
     p.add_argument("--size", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", default="short", help="maze prompt preset (short: the quickstart's vocabulary)")
     p.add_argument("--answer-format", default="numbered", choices=["plain", "numbered"])
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--max-new-tokens", type=positive_int, default=16)
-    p.add_argument("--predictions-dir", help="write model/baseline.predictions.jsonl here (id, maze, completion, "
-                   "parsed moves, correct: re-score them with any simulator)")
+    p.add_argument("--predictions-dir", help="write model/baseline.predictions.jsonl here (id, task, meta, "
+                   "completion, parsed answer, correct: re-score them with any scorer)")
     p.add_argument("--teacher-intro", help="text before the VTs in the reference teacher's context: the run's "
                    "teacher_intro (default: the trainer's; the quickstart's is ' hint')")
     p.add_argument("--teacher-transition", help="text after the VTs: the run's teacher_transition (default: the "

@@ -1,7 +1,8 @@
 """Evaluation: exact-scorer accuracy, output length, generation latency, teacher-vs-student KL, KL-gap closure.
 
 Definitions (docs/metrics.md):
-- accuracy: share of samples whose greedy completion the task's exact scorer (`opsd_trl.tasks.score`) accepts;
+- accuracy: share of samples whose greedy completion the scorer accepts: the row's task's exact scorer, or one chosen
+  by name for every row (`opsd_trl.tasks.scorers`: exact match, a multiple-choice letter, a user's module:function);
 - mean output tokens: generated tokens per sample, EOS excluded;
 - latency: generation wall time per sample (batched greedy decoding, batch size reported);
 - KL(T||S): per-token KL from a *fixed reference teacher* (the initial policy with VTs in its context) to the
@@ -28,9 +29,9 @@ from .diagnostics import full_vocab_kl
 from .generation import HFGenerator, SamplingSettings
 from .models.adapters import get_adapter
 from .models.head import OutputHead
-from .models.loading import load_pretrained, load_quickstart_weights
-from .tasks import parse, score
+from .models.loading import load_pretrained
 from .tasks.common import load_meta
+from .tasks.scorers import Scorer, get_scorer
 from .teacher_context import TeacherContext, placeholders_per_image
 
 
@@ -123,13 +124,29 @@ def vision_token_ids(processor) -> list[int]:
     return sorted({vocab[n] for n in names if n in vocab})
 
 
+def row_scorers(rows: list[dict], scorer: str | None) -> list[Scorer]:
+    """Each row's scorer: `scorer` (a name, `opsd_trl.tasks.scorers.get_scorer`) for all, else the row's `task`."""
+    by_name = {}
+    out = []
+    for row in rows:
+        name = scorer or row.get("task")
+        if not name:
+            raise ValueError(f"sample {row.get('id')!r} has no task to score it by: choose a scorer (evaluate(scorer="
+                             "...), opsd-trl eval --scorer exact_match | multiple_choice | module:function).")
+        if name not in by_name:
+            by_name[name] = get_scorer(name)
+        out.append(by_name[name])
+    return out
+
+
 @torch.no_grad()
 def evaluate(model, processor, dataset, *, reference=None, teacher_context: bool = False, batch_size: int = 64,
              max_new_tokens: int = 16, contexts: Contexts | None = None, progress: bool = True,
-             desc: str = "eval") -> dict:
+             desc: str = "eval", scorer: str | None = None) -> dict:
     """Greedy-decode every sample and score it; with `reference`, also the KL(T||S) diagnostic.
 
     `teacher_context=True` evaluates `model` as the teacher (VTs in its context): teacher-with-VT accuracy.
+    `scorer` names the scorer of every row (`opsd_trl.tasks.scorers`); None: each row's `task` column.
     Returns {"n", "accuracy", "mean_output_tokens", "latency_s_per_sample", "batch_size"[, "kl_teacher_student"],
     "predictions"}: one record per sample (id, task, meta, completion, parsed answer, correct[, its mean
     KL(T||S) and its token count]), so anyone can re-score the outputs with their own simulator.
@@ -144,6 +161,7 @@ def evaluate(model, processor, dataset, *, reference=None, teacher_context: bool
     eos = generator.eos_token_ids
     n_tokens, gen_time, kls, predictions = 0, 0.0, [], []
     rows_all = list(dataset)
+    scorers = row_scorers(rows_all, scorer)  # before any generation: a row without one fails fast
     for start in tqdm(range(0, len(rows_all), batch_size), desc=desc, disable=not progress, leave=False):
         rows = rows_all[start : start + batch_size]
         images = [contexts.images(r, teacher_context) for r in rows]
@@ -153,11 +171,10 @@ def evaluate(model, processor, dataset, *, reference=None, teacher_context: bool
         t0 = time.perf_counter()
         completions = generator.generate(prompts, images).completion_ids
         gen_time += time.perf_counter() - t0
-        for r, comp in zip(rows, completions, strict=True):
+        for r, comp, s in zip(rows, completions, scorers[start : start + batch_size], strict=True):
             text = contexts.tokenizer.decode(comp, skip_special_tokens=True)
-            task = r.get("task") or "maze"
-            predictions.append({"id": r.get("id"), "task": task, "meta": load_meta(r["meta"]), "completion": text,
-                                "parsed": parse(task, text), "correct": bool(score(task, r["meta"], text))})
+            predictions.append({"id": r.get("id"), "task": s.name, "meta": load_meta(r["meta"]) if r.get("meta") else None,
+                                "completion": text, "parsed": s.parse(text), "correct": bool(s.score(r, text))})
             n_tokens += sum(t not in eos for t in comp)
         if reference is not None:
             completions = [c or [min(eos)] for c in completions]  # an empty completion still scores its EOS
@@ -193,49 +210,43 @@ def write_predictions(metrics: dict, path) -> dict:
 
 
 def load_checkpoint(path: str):
-    """`(model, processor)` from a quickstart weights file (`.safetensors`) or a saved model folder of a
-    vision-language family (`opsd_trl.models.loading`). Errors name the path and what to give instead."""
+    """`(model, processing_class)` from a saved model folder of any supported family (`opsd_trl.models.loading`).
+    Errors name the path and what to give instead."""
     path = str(path)
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"checkpoint {path} not found; give a model folder (the output_dir of opsd-trl train, or a "
             "save_pretrained folder) or a quickstart .safetensors weights file."
         )
-    if path.endswith(".safetensors") and os.path.isfile(path):
-        try:
-            return load_quickstart_weights(path)
-        except RuntimeError as e:
-            raise ValueError(
-                f"{path} is not a quickstart weights file (its tensors do not fit the quickstart model: "
-                f"{str(e).splitlines()[0]}); give the model folder instead."
-            ) from e
     if not os.path.isdir(path):
-        raise ValueError(f"checkpoint {path} is neither a model folder nor a .safetensors weights file.")
+        raise ValueError(f"checkpoint {path} is not a model folder; give the folder (opsd-trl eval also reads a "
+                         "quickstart .safetensors weights file: opsd_trl.quickstart.model.load_checkpoint).")
     model, processor = load_pretrained(path, dtype="float32")
-    if getattr(processor, "image_processor", None) is None or not get_adapter(model).uses_images:
-        raise ValueError(
-            f"checkpoint {path} is a {model.config.model_type} model without an image processor; opsd-trl eval "
-            "scores vision-language policies (Qwen2/2.5/3-VL, BAGEL, the quickstart model) on image tasks."
-        )
     return model.eval(), processor
 
 
 def _check_same_vocabulary(loaded: dict) -> None:
     """Every checkpoint of one evaluation shares the tokenizer: the KL compares their distributions token by token."""
     (first, (_, p0)), *rest = loaded.items()
+    t0 = getattr(p0, "tokenizer", p0)
     for path, (_, processor) in rest:
-        if processor.tokenizer.get_vocab() != p0.tokenizer.get_vocab():
+        tokenizer = getattr(processor, "tokenizer", processor)
+        if tokenizer.get_vocab() != t0.get_vocab():
             raise ValueError(
-                f"checkpoints {first} and {path} have different vocabularies ({len(p0.tokenizer)} vs "
-                f"{len(processor.tokenizer)} tokens): the model, --baseline and --reference must be the same model "
+                f"checkpoints {first} and {path} have different vocabularies ({len(t0)} vs "
+                f"{len(tokenizer)} tokens): the model, --baseline and --reference must be the same model "
                 "family and tokenizer (checkpoints of one training run)."
             )
 
 
 def evaluate_checkpoints(model_path: str, dataset, *, reference_path: str | None = None,
                          baseline_path: str | None = None, predictions_dir: str | None = None,
-                         intro: str = TEACHER_INTRO, transition: str = TEACHER_TRANSITION, **kwargs) -> dict:
+                         intro: str = TEACHER_INTRO, transition: str = TEACHER_TRANSITION, load=load_checkpoint,
+                         **kwargs) -> dict:
     """Metrics of `model_path` (and of `baseline_path`, then KL-gap closure between them) on `dataset`.
+
+    `load(path) -> (model, processing_class)` reads a checkpoint (default: a model folder, `load_checkpoint`; the
+    quickstart passes its weights-file loader). Other keywords go to `evaluate` (e.g. `scorer`).
 
     `intro` / `transition` surround the VTs in the teacher context: the words the run trained with (the quickstart's
     are `opsd_trl.testing.quickstart_model.TEACHER_INTRO` / `TEACHER_TRANSITION`).
@@ -247,9 +258,9 @@ def evaluate_checkpoints(model_path: str, dataset, *, reference_path: str | None
     reference_path = reference_path or baseline_path
     if len(dataset) == 0:
         raise ValueError("the evaluation dataset is empty: nothing to evaluate (check --n, --split or the TSV).")
-    has_vts = any(dataset["vt_images"]) if "vt_images" in dataset.column_names else False
+    has_vts = any(any(dataset[c]) for c in ("vt_images", "vt_text") if c in dataset.column_names)
     paths = [p for p in (model_path, baseline_path, reference_path if has_vts else None) if p]
-    loaded = {p: load_checkpoint(p) for p in dict.fromkeys(paths)}
+    loaded = {p: load(p) for p in dict.fromkeys(paths)}
     _check_same_vocabulary(loaded)
     reference = loaded[reference_path][0] if reference_path and has_vts else None
     results = {}
@@ -257,7 +268,7 @@ def evaluate_checkpoints(model_path: str, dataset, *, reference_path: str | None
         if path:
             model, processor = loaded[path]
             if model is reference:  # the same checkpoint: evaluated on its own copy, the reference stays fixed
-                model, processor = load_checkpoint(path)
+                model, processor = load(path)
             contexts = Contexts(processor, intro=intro, transition=transition)
             metrics = evaluate(model, processor, dataset, reference=reference, contexts=contexts, desc=name,
                                **kwargs)

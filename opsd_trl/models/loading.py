@@ -16,7 +16,7 @@ tokenizer files, `processor_config.json` / `preprocessor_config.json`), or a hub
 A release folder is read with `opsd_trl.models.bagel.convert` (its weight set chosen with `bagel_weights`).
 
 In-code models: `tiny:quickstart`, `tiny:text_lm`, `tiny:qwen2_5_vl`, `tiny:qwen3_vl` are built from
-`opsd_trl.testing` (fixtures the CPU recipes and tests name), as are quickstart `.safetensors` weights files and the
+`opsd_trl.testing` (fixtures the CPU recipes and tests name), as is the
 shipped warm-start (`init_weights: warmstart`). This module is the runtime's only door to those fixtures.
 
 `load_checkpoint_weights` loads a checkpoint's `model.safetensors` into an already built model (trainer resume).
@@ -230,14 +230,6 @@ def init_weights_path(spec: str | None) -> str | None:
     from ..testing.quickstart_model import shipped_warmstart
 
     return str(shipped_warmstart())
-
-
-def load_quickstart_weights(path: str):
-    """`(model, processor)` of the quickstart's policy with the weights of a `.safetensors` file (weights only: the
-    architecture and tokenizer are built in code). A state dict of another model raises RuntimeError."""
-    from ..testing.quickstart_model import load_weights
-
-    return load_weights(path)
 
 
 def apply_image_processor_kwargs(processing_class, kwargs: dict | None) -> None:

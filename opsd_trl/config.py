@@ -20,7 +20,8 @@ TEACHER_TRANSITION = "Now, using your own independent reasoning, answer the prob
 
 # The choice fields' types: `HfArgumentParser` shows them as `choices` in `--help` and refuses other values on the
 # command line; `__post_init__` checks values given in Python or in a recipe against the same types.
-LossType = Literal["gjsd", "sampled_reverse_kl"]
+GJSD, SAMPLED_REVERSE_KL = "gjsd", "sampled_reverse_kl"  # the `loss_type` values, named here only
+LossType = Literal[GJSD, SAMPLED_REVERSE_KL]
 TeacherMode = Literal["self", "ema", "fixed"]
 VTSource = Literal["cache", "online"]
 NoiseVTSpace = Literal["pixels", "embeddings"]
@@ -177,7 +178,7 @@ class VisualOPSDConfig(DistillationConfig):
         metadata={"help": "Generalized JSD interpolation: 0 = KL(teacher||student), 1 = KL(student||teacher)."},
     )
     loss_type: LossType = field(
-        default="gjsd",
+        default=GJSD,
         metadata={"help": "gjsd (clipped top-K generalized JSD) | sampled_reverse_kl (policy gradient on the sampled "
                   "token; ignores beta, teacher_top_k, jsd_clip, jsd_clip_form, fused_loss)."},
     )
@@ -297,7 +298,7 @@ class VisualOPSDConfig(DistillationConfig):
     def _ignoring_settings(self) -> list[tuple[str, tuple[str, ...]]]:
         """(a setting of this config, the options it makes ineffective)."""
         found = []
-        if self.loss_type == "sampled_reverse_kl":  # the sampled token's log-ratio, from full-vocabulary logits
+        if self.loss_type == SAMPLED_REVERSE_KL:  # the sampled token's log-ratio, from full-vocabulary logits
             found.append(("loss_type='sampled_reverse_kl'",
                           ("beta", "teacher_top_k", "jsd_clip", "jsd_clip_form", "fused_loss")))
         if self.jsd_clip is None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import os
 
+from .config import GJSD, SAMPLED_REVERSE_KL
+
 METHOD = (
     "Visual-OPSD (visual on-policy self-distillation, arXiv 2606.18974): the policy samples its own completions from "
     "the student context (problem image + question) and is trained towards the same weights conditioned on "
@@ -18,7 +20,7 @@ METHOD = (
 KEY_SETTINGS = ("beta", "teacher_top_k", "jsd_clip", "teacher_mode", "ema_decay", "temperature", "learning_rate",
                 "max_steps", "max_completion_length", "max_vt_images", "noise_vt")
 # The card lists these final training metrics (the log has many more: timings, length statistics).
-CARD_METRICS = ("train_loss", "loss", "gjsd", "sampled_reverse_kl", "kl_teacher_student", "entropy/student",
+CARD_METRICS = ("train_loss", "loss", GJSD, SAMPLED_REVERSE_KL, "kl_teacher_student", "entropy/student",
                 "entropy/teacher", "completions/mean_length", "completions/eos_rate", "train_runtime", "step")
 EVAL_HEADER = "## Evaluation"
 

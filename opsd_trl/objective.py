@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .config import GJSD
 from .diagnostics import token_diagnostics
 from .fused_loss import fused_generalized_jsd
 from .losses import generalized_jsd, sampled_token_reverse_kl
@@ -43,7 +44,7 @@ def completion_loss(
     """
     head = OutputHead.of(model)
     teacher = head if teacher_head is None else head.with_weight(teacher_head)
-    if args.loss_type == "gjsd" and fused:
+    if args.loss_type == GJSD and fused:
         loss, per_token = fused_generalized_jsd(
             student_hidden, teacher_hidden, head.weight, teacher_lm_head_weight=teacher_head, mask=mask,
             beta=args.beta, top_k=args.teacher_top_k, clip=args.jsd_clip, temperature=args.temperature,
@@ -55,7 +56,7 @@ def completion_loss(
         teacher_logits = teacher.logits(teacher_hidden).detach()
         common = dict(temperature=args.temperature, mask=mask, num_items_in_batch=num_items_in_batch,
                       return_per_token=True, chunk_size=args.loss_chunk_size, normalization=args.loss_normalization)
-        if args.loss_type == "gjsd":
+        if args.loss_type == GJSD:
             loss, per_token = generalized_jsd(student_logits, teacher_logits, beta=args.beta,
                                               top_k=args.teacher_top_k, clip=args.jsd_clip,
                                               clip_form=args.jsd_clip_form, **common)

@@ -27,7 +27,7 @@ from trl import DistillationTrainer
 
 from . import trl_hooks
 from .checkpoints import load_shadow, mark_complete, mark_incomplete, resolve_resume, shadow_path
-from .config import VisualOPSDConfig
+from .config import GJSD, VisualOPSDConfig
 from .data import check_prompt_lengths, decode_sample_images, defer_image_decoding
 from .fused_loss import unfusable_reason
 from .generation import build_generator, close_truncated, closing_token_id, placeholder_token_ids, require_vllm
@@ -291,7 +291,7 @@ class VisualOPSDTrainer(DistillationTrainer):
 
     def _fusable(self, model) -> bool:
         """Whether the generalized JSD goes through the fused kernel; when it cannot, says why (once)."""
-        if self.args.loss_type != "gjsd":  # the only loss with a fused kernel
+        if self.args.loss_type != GJSD:  # the only loss with a fused kernel
             return False
         if self._fuse_ok is None:
             reason = unfusable_reason(model) if self.args.fused_loss else "fused_loss=False"

@@ -47,6 +47,12 @@ class Contexts:
     max_vt_images: int = 8
     chat_template_kwargs: dict | None = None
 
+    @classmethod
+    def from_config(cls, processor, args) -> Contexts:
+        """The contexts a run's `VisualOPSDConfig` trained with (words, VT limit, chat-template kwargs)."""
+        return cls(processor, intro=args.teacher_intro, transition=args.teacher_transition,
+                   max_vt_images=args.max_vt_images, chat_template_kwargs=args.chat_template_kwargs)
+
     def __post_init__(self):
         self.builder = TeacherContext(
             self.processor, intro=self.intro, transition=self.transition, uses_images=self.uses_images,

@@ -153,6 +153,15 @@ class TeacherContext:
         self.vt_cache, self.vt_cache_name, self.on_missing_vt = vt_cache, vt_cache_name, on_missing_vt
         self.noise_vt, self.noise_vt_space = noise_vt, noise_vt_space
 
+    @classmethod
+    def from_config(cls, args, processing_class, *, uses_images: bool, vt_cache: Mapping | None = None):
+        """The contexts a `VisualOPSDConfig` describes: its words, chat-template kwargs, VT limit, VT cache name,
+        missing-VT rule and noise-VT control."""
+        return cls(processing_class, intro=args.teacher_intro, transition=args.teacher_transition,
+                   uses_images=uses_images, chat_template_kwargs=args.chat_template_kwargs,
+                   max_vt_images=args.max_vt_images, vt_cache=vt_cache, vt_cache_name=args.vt_cache_dir,
+                   on_missing_vt=args.on_missing_vt, noise_vt=args.noise_vt, noise_vt_space=args.noise_vt_space)
+
     # ------------------------------------------------------------------------------------------- per sample (data)
     def check_samples(self, inputs) -> None:
         """Each sample has an id, a valid prompt and (with `on_missing_vt="error"`) visual thoughts."""

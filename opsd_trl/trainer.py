@@ -105,12 +105,8 @@ class VisualOPSDTrainer(DistillationTrainer):
         if isinstance(self.vt_cache, VTCache):
             check_compatible(self.vt_cache, unwrap_base(self.model), self.processing_class,
                              allow_trainable_vision=args.allow_trainable_vision_with_cache)
-        self.teacher_context = TeacherContext(
-            self.processing_class, intro=args.teacher_intro, transition=args.teacher_transition,
-            uses_images=self.adapter.uses_images, chat_template_kwargs=self.chat_template_kwargs,
-            max_vt_images=args.max_vt_images, vt_cache=self.vt_cache, vt_cache_name=args.vt_cache_dir,
-            on_missing_vt=args.on_missing_vt, noise_vt=args.noise_vt, noise_vt_space=args.noise_vt_space,
-        )
+        self.teacher_context = TeacherContext.from_config(args, self.processing_class,
+                                                          uses_images=self.adapter.uses_images, vt_cache=self.vt_cache)
         self._shadow: ShadowWeights | None = None
         self._resume_dir: str | None = None
         self._generator = None

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from loss_oracles import per_token_divergence
 
-from opsd_trl.losses import divergence_and_grad, generalized_jsd, per_token_divergence, sampled_token_reverse_kl
+from opsd_trl.losses import divergence_and_grad, generalized_jsd, sampled_token_reverse_kl
 
 
 def reference_jsd(student, teacher, *, beta, top_k=None, clip=None, temperature=1.0, mask=None):

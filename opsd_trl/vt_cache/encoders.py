@@ -104,11 +104,6 @@ def model_family(model) -> str:
     return config.model_type if config.model_type in VISION_FAMILIES else "text"
 
 
-def text_hidden_size(model) -> int:
-    config = model.config
-    return getattr(config, "text_config", config).hidden_size
-
-
 class VisionEncoder:
     """Image processor -> the policy adapter's `encode_images` (vision tower + projector): Qwen2/2.5/3-VL, BAGEL."""
 

@@ -56,10 +56,6 @@ class LazyBagelMask:
     def __init__(self, blocks, key_mask, past_length: int = 0, bidirectional: bool = True):
         self.blocks, self.key_mask, self.past, self.bidirectional = blocks, key_mask, past_length, bidirectional
 
-    @property
-    def num_queries(self) -> int:
-        return self.blocks.shape[1]
-
     def rows(self, start: int, end: int) -> torch.Tensor:
         b, lq = self.blocks.shape
         lk = self.past + lq

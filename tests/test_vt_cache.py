@@ -94,15 +94,34 @@ ENCODERS = {
 }
 
 
+class KilledAfter:
+    """An encoder that kills its process (os._exit: no cleanup, like a kill) when asked for the batch after
+    ``batches`` batches of VT images; otherwise the wrapped encoder."""
+
+    def __init__(self, encoder, batches: int):
+        self.encoder, self.batches = encoder, batches
+
+    def __getattr__(self, name):
+        return getattr(self.encoder, name)
+
+    def encode(self, images):
+        if images:  # the VT call of a batch (without problem columns, the other call is empty)
+            if self.batches == 0:
+                os._exit(3)
+            self.batches -= 1
+        return self.encoder.encode(images)
+
+
 def run_build(out, encoder: str, exit_after: int, **kw) -> int:
-    """Build in a fresh interpreter that exits abruptly (os._exit, like a kill) after ``exit_after`` samples."""
+    """Build in a fresh interpreter killed once ``exit_after`` samples are processed (at the next batch)."""
+    batches = -(-exit_after // 3)  # build()'s batch_size
     script = "\n".join([
         f"import sys; sys.path.insert(0, {os.path.join(REPO, 'tests')!r})",
-        "from test_vt_cache import make_samples, build",
+        "from test_vt_cache import KilledAfter, make_samples, build",
         ENCODERS[encoder],
-        f"build(make_samples(), make_encoder(), {str(out)!r}, **{kw!r})",
+        f"build(make_samples(), KilledAfter(make_encoder(), {batches}), {str(out)!r}, **{kw!r})",
     ])
-    env = {**os.environ, "OPSD_TRL_VT_CACHE_EXIT_AFTER": str(exit_after), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert (out / "progress.json").exists() and not (out / "manifest.json").exists()

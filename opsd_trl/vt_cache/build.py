@@ -44,9 +44,6 @@ from .format import (
     write_json_atomic,
 )
 
-# Test hook: exit abruptly (no cleanup, like a kill) once this many input samples are processed.
-EXIT_AFTER_ENV = "OPSD_TRL_VT_CACHE_EXIT_AFTER"
-
 
 def decode_image(value, sample_id: str, column: str) -> Image.Image:
     """PIL image, ``{"bytes"|"path"}`` dict (datasets' undecoded Image), bytes or a path -> loaded RGB image."""
@@ -274,7 +271,6 @@ def build_vt_cache(
 
     state = _resume_state(out, config, resume)
     writer = _ShardWriter(out, dtype, len(state["shards"]), state["next_row"])
-    exit_after = int(os.environ.get(EXIT_AFTER_ENV, "0"))
     bar = tqdm(total=len(ids), initial=state["consumed"], unit="sample", desc="VT cache", disable=not progress)
     n_images = sum(s["num_images"] for s in state["shards"])
     for start in range(state["consumed"], len(ids), batch_size):
@@ -306,8 +302,6 @@ def build_vt_cache(
             _commit(out, writer, state, consumed=stop)
         bar.update(stop - start)
         bar.set_postfix(images=n_images)
-        if exit_after and stop >= exit_after:
-            os._exit(3)
     bar.close()
     _commit(out, writer, state, consumed=len(ids))
     _finalize(out, state, fingerprint, source)

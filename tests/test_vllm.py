@@ -23,9 +23,9 @@ from opsd_trl.generation import (  # noqa: E402
     HFGenerator,
     SamplingSettings,
     VLLMGenerator,
-    _collapse_image_runs,
     turn_opening,
 )
+from opsd_trl.generation.vllm_engine import _collapse_image_runs  # noqa: E402
 from opsd_trl.testing.tiny_models import build_tiny_qwen2_5_vl, build_tiny_text_lm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent / "vllm_support"))

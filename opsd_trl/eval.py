@@ -255,7 +255,7 @@ def evaluate_checkpoints(model_path: str, dataset, *, reference_path: str | None
     quickstart passes its weights-file loader). Other keywords go to `evaluate` (e.g. `scorer`).
 
     `intro` / `transition` surround the VTs in the teacher context: the words the run trained with (the quickstart's
-    are `opsd_trl.testing.quickstart_model.TEACHER_INTRO` / `TEACHER_TRANSITION`).
+    are `opsd_trl.quickstart.model.TEACHER_INTRO` / `TEACHER_TRANSITION`).
 
     The KL needs visual thoughts and a fixed reference teacher: `reference_path`, else the baseline. Rows without
     VTs (e.g. a VLMEvalKit TSV) get accuracy, tokens and latency only. Per-sample predictions go to

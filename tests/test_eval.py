@@ -7,10 +7,15 @@ import pytest
 import torch
 
 from opsd_trl.eval import Contexts, completion_logits, evaluate, evaluate_checkpoints, kl_gap_closure
-from opsd_trl.quickstart.model import load_checkpoint
+from opsd_trl.quickstart.model import (
+    TEACHER_INTRO,
+    TEACHER_TRANSITION,
+    build_quickstart_model,
+    load_checkpoint,
+    save_weights,
+)
 from opsd_trl.tasks import make_dataset, score
 from opsd_trl.tasks.maze import parse_moves
-from opsd_trl.testing.quickstart_model import TEACHER_INTRO, TEACHER_TRANSITION, build_quickstart_model, save_weights
 
 METRICS = {"n", "accuracy", "mean_output_tokens", "latency_s_per_sample", "batch_size", "kl_teacher_student",
            "predictions"}

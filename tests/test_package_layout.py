@@ -20,11 +20,7 @@ QUICKSTART_IMPORTERS = {
     "opsd_trl.cli": "the CLI front end dispatches `opsd-trl quickstart`; nothing in the package imports the CLI",
 }
 # Modules (or packages, with everything under them) outside `opsd_trl.testing` that may import it, with the reason.
-TESTING_IMPORTERS = {
-    "opsd_trl.models.loading": "builds the `tiny:` models the CLI and the CPU recipes name, reads quickstart weights "
-                               "files and the shipped warm-start: the runtime's one door to the fixtures",
-    "opsd_trl.quickstart": "the CPU demo trains the in-code quickstart policy (`opsd_trl.testing.quickstart_model`)",
-}
+TESTING_IMPORTERS: dict[str, str] = {}
 
 
 def module_names(package_dir: Path) -> dict[str, Path]:

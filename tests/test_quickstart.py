@@ -81,8 +81,8 @@ def test_teacher_advice_on_the_students_answers():
     while the student follows the VTs' path; a one-position misalignment of logits and decisions would break this."""
     from opsd_trl.eval import Contexts, evaluate
     from opsd_trl.quickstart.advice import teacher_advice
+    from opsd_trl.quickstart.model import TEACHER_INTRO, TEACHER_TRANSITION, load_weights
     from opsd_trl.quickstart.pipeline import _shipped, datasets
-    from opsd_trl.testing.quickstart_model import TEACHER_INTRO, TEACHER_TRANSITION, load_weights
 
     s = Settings(n_validation=48)
     rows = list(datasets(s)["validation"])

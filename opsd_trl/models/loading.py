@@ -15,9 +15,9 @@ tokenizer files, `processor_config.json` / `preprocessor_config.json`), or a hub
 
 A release folder is read with `opsd_trl.models.bagel.convert` (its weight set chosen with `bagel_weights`).
 
-In-code models: `tiny:quickstart`, `tiny:text_lm`, `tiny:qwen2_5_vl`, `tiny:qwen3_vl` are built from
-`opsd_trl.testing` (fixtures the CPU recipes and tests name), as is the
-shipped warm-start (`init_weights: warmstart`). This module is the runtime's only door to those fixtures.
+In-code models: `tiny:quickstart`, `tiny:text_lm`, `tiny:qwen2_5_vl`, `tiny:qwen3_vl` are built by
+`opsd_trl.models.tiny` (the CPU recipes, the quickstart and the tests name them); `init_weights: warmstart` is the
+quickstart's shipped warm-start file.
 
 `load_checkpoint_weights` loads a checkpoint's `model.safetensors` into an already built model (trainer resume).
 transformers 5 saves some families under their original checkpoint names (Qwen2.5-VL: `model.layers.*`,
@@ -195,14 +195,25 @@ TINY_PREFIX = "tiny:"
 SHIPPED_WARMSTART = "warmstart"  # `init_weights` word for the quickstart's shipped warm-start weights
 
 
+# The quickstart's warm-start weights, package data beside the quickstart that trains them (docs/quickstart.md).
+SHIPPED_WARMSTART_FILE = "quickstart_warmstart.safetensors"
+
+
+def shipped_warmstart(suffix: str = ""):
+    """The shipped warm-start weights file (`suffix=".json"`: its settings key), as an importlib resource."""
+    from importlib import resources
+
+    return resources.files("opsd_trl") / "quickstart" / (SHIPPED_WARMSTART_FILE + suffix)
+
+
 def _tiny_builders() -> dict:
-    from ..testing import quickstart_model, tiny_models
+    from . import tiny
 
     return {
-        "quickstart": quickstart_model.build_quickstart_model,
-        "text_lm": tiny_models.build_tiny_text_lm,
-        "qwen2_5_vl": tiny_models.build_tiny_qwen2_5_vl,
-        "qwen3_vl": tiny_models.build_tiny_qwen3_vl,
+        "quickstart": tiny.build_quickstart_model,
+        "text_lm": tiny.build_tiny_text_lm,
+        "qwen2_5_vl": tiny.build_tiny_qwen2_5_vl,
+        "qwen3_vl": tiny.build_tiny_qwen3_vl,
     }
 
 
@@ -225,11 +236,7 @@ def build_tiny(name: str):
 
 def init_weights_path(spec: str | None) -> str | None:
     """An `init_weights` value as a file path: `warmstart` is the quickstart's shipped warm-start."""
-    if spec != SHIPPED_WARMSTART:
-        return spec
-    from ..testing.quickstart_model import shipped_warmstart
-
-    return str(shipped_warmstart())
+    return str(shipped_warmstart()) if spec == SHIPPED_WARMSTART else spec
 
 
 def apply_image_processor_kwargs(processing_class, kwargs: dict | None) -> None:

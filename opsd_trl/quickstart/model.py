@@ -1,12 +1,45 @@
-"""The quickstart's checkpoints: weights-only `.safetensors` files of its policy (the architecture and tokenizer are
-built in code), read for `opsd-trl eval` beside the model folders every other checkpoint is."""
+"""The quickstart's policy: the `tiny:quickstart` model (`opsd_trl.models.tiny.build_quickstart_model`), the words
+of its contexts, and its checkpoints: weights-only `.safetensors` files (the architecture and tokenizer are built in
+code), the shipped warm-start among them, read for `opsd-trl eval` beside the model folders every other checkpoint
+is."""
 
 from __future__ import annotations
 
 import os
 
+from safetensors.torch import load_file, save_file
+
 from ..eval import load_checkpoint as load_model_folder
-from ..testing.quickstart_model import load_weights
+from ..models.loading import SHIPPED_WARMSTART_FILE, shipped_warmstart
+from ..models.tiny import QUICKSTART_VOCAB_SIZE, QUICKSTART_WORDS, build_quickstart_model, build_word_tokenizer
+
+__all__ = [
+    "QUICKSTART_VOCAB_SIZE",
+    "QUICKSTART_WORDS",
+    "SHIPPED_WARMSTART_FILE",
+    "TEACHER_INTRO",
+    "TEACHER_TRANSITION",
+    "build_quickstart_model",
+    "build_word_tokenizer",
+    "load_checkpoint",
+    "load_weights",
+    "save_weights",
+    "shipped_warmstart",
+]
+
+# The chat template joins text parts without a separator: the leading space keeps "answer" and "hint" two words.
+TEACHER_INTRO, TEACHER_TRANSITION = " hint", "answer"
+
+
+def save_weights(model, path) -> None:
+    """Weights only: the architecture and tokenizer are rebuilt in code, so a checkpoint is one small file."""
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def load_weights(path, seed: int = 0):
+    model, processor = build_quickstart_model(seed)
+    model.load_state_dict(load_file(str(path)))
+    return model.eval(), processor
 
 
 def load_checkpoint(path: str):

@@ -13,8 +13,8 @@ from transformers.trainer_callback import PrinterCallback
 
 from .. import VisualOPSDConfig, VisualOPSDTrainer
 from ..eval import Contexts, evaluate, vision_token_ids
-from ..testing.quickstart_model import TEACHER_INTRO, TEACHER_TRANSITION
 from ..vt_cache import VisionEncoder, VTCache, build_vt_cache
+from .model import TEACHER_INTRO, TEACHER_TRANSITION
 
 
 def freeze_vision(model) -> None:

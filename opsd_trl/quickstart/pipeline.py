@@ -22,7 +22,8 @@ import torch
 
 from ..eval import Contexts, evaluate, kl_gap_closure, write_predictions
 from ..tasks import make_dataset
-from ..testing.quickstart_model import (
+from .advice import teacher_advice
+from .model import (
     TEACHER_INTRO,
     TEACHER_TRANSITION,
     build_quickstart_model,
@@ -30,7 +31,6 @@ from ..testing.quickstart_model import (
     save_weights,
     shipped_warmstart,
 )
-from .advice import teacher_advice
 from .opsd import ValidationCurve, freeze_vision, train_opsd, vt_cache
 from .report import LABELS, write_docs, write_report
 from .sft import warm_start

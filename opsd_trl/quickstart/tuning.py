@@ -13,7 +13,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from ..testing.quickstart_model import load_weights
+from .model import load_weights
 from .pipeline import Settings, datasets, method_stage, vt_cache, warmstart_stage
 from .report import LABELS
 

@@ -1,7 +1,6 @@
-"""In-code fixtures (no downloads): the tiny models, the tiny BAGEL, the CPU quickstart's policy and a synthetic VT
-encoder, for tests, benchmarks, the CPU quickstart and the CLI's `tiny:` model names.
+"""In-code fixtures (no downloads) for tests and benchmarks: the tiny models (`tiny_models`, the `tiny:` builders of
+`opsd_trl.models.tiny` under the name the tests import), the tiny BAGEL and a synthetic VT encoder.
 
-The runtime package does not depend on them; `opsd_trl.models.loading` builds a `tiny:` model (and reads a quickstart
-weights file) from here when asked to. Import the modules themselves: `opsd_trl.testing.tiny_models`,
-`opsd_trl.testing.tiny_bagel`, `opsd_trl.testing.quickstart_model`, `opsd_trl.testing.synthetic_encoder`.
+The runtime package never imports them. Import the modules themselves: `opsd_trl.testing.tiny_models`,
+`opsd_trl.testing.tiny_bagel`, `opsd_trl.testing.synthetic_encoder`.
 """

@@ -64,6 +64,19 @@ def test_shipped_warmstart_matches_the_defaults():
     assert _shipped(Settings()) is not None  # else every `opsd-trl quickstart` silently retrains the warm-start
 
 
+def test_shipped_warmstart_is_refused_after_a_task_or_vocabulary_change():
+    from opsd_trl.quickstart.model import build_word_tokenizer
+    from opsd_trl.quickstart.pipeline import MAZE, _shipped
+
+    vocab = build_word_tokenizer().get_vocab()
+    changes = [dict(task={**MAZE, "size": 4}), dict(task={**MAZE, "answer_format": "plain"}),
+               dict(task={**MAZE, "prompt": "full"}), dict(vocabulary={**vocab, "left": len(vocab)}),
+               dict(vocabulary={**vocab, "L": vocab["R"], "R": vocab["L"]})]  # the same words, other ids
+    assert _shipped(Settings(), task=MAZE, vocabulary=vocab) is not None
+    for change in changes:
+        assert _shipped(Settings(), **change) is None, change
+
+
 def test_cpu_recipe_follows_the_quickstart_defaults():
     from pathlib import Path
 

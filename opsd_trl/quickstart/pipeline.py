@@ -27,6 +27,7 @@ from .model import (
     TEACHER_INTRO,
     TEACHER_TRANSITION,
     build_quickstart_model,
+    build_word_tokenizer,
     load_weights,
     save_weights,
     shipped_warmstart,
@@ -38,6 +39,8 @@ from .sft import warm_start
 # The trained students, each from the same warm-start with the same steps x batch: the method, the paper's control
 # (Gaussian VT pixels) and the supervised baseline (reference answers in the student context).
 METHODS = ("visual_opsd", "noise_control", "supervised")
+# The maze task of every split (its settings key the shipped warm-start too).
+MAZE = {"size": 3, "prompt": "short", "answer_format": "numbered"}
 
 
 @dataclass
@@ -69,9 +72,14 @@ class Settings:
     seed: int = 0  # data and warm-start
     seeds: int = 1  # distillation seeds 0 .. seeds-1 (each trains every method from the shared warm-start)
 
-    def warmstart_key(self) -> str:
+    def warmstart_key(self, task: dict | None = None, vocabulary: dict | None = None) -> str:
+        """What the warm-start weights depend on: its training settings, the maze task's settings (`MAZE`) and the
+        policy's vocabulary (token -> id); `task` / `vocabulary` default to the current ones."""
         fields = ("n_train", "sft_steps", "sft_batch", "sft_lr", "sft_teacher_share", "seed")
-        return hashlib.sha256(json.dumps({f: getattr(self, f) for f in fields}).encode()).hexdigest()[:16]
+        key = {f: getattr(self, f) for f in fields}
+        key["task"] = MAZE if task is None else task
+        key["vocabulary"] = build_word_tokenizer().get_vocab() if vocabulary is None else vocabulary
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 SMOKE = Settings(n_train=64, n_validation=16, n_test=16, sft_steps=3, sft_batch=8, opsd_steps=2, opsd_batch=4,
@@ -79,8 +87,8 @@ SMOKE = Settings(n_train=64, n_validation=16, n_test=16, sft_steps=3, sft_batch=
 
 
 def datasets(s: Settings) -> dict:
-    """The maze splits (3x3, short word-level prompt, numbered answers); disjoint by maze layout."""
-    kw = dict(size=3, prompt="short", answer_format="numbered", seed=s.seed)
+    """The maze splits (`MAZE`: 3x3, short word-level prompt, numbered answers); disjoint by maze layout."""
+    kw = dict(**MAZE, seed=s.seed)
     return {
         "train": make_dataset("maze", "train", s.n_train, **kw),
         "validation": make_dataset("maze", "validation", s.n_validation, dedupe=True, **kw),
@@ -88,9 +96,10 @@ def datasets(s: Settings) -> dict:
     }
 
 
-def _shipped(s: Settings) -> Path | None:
+def _shipped(s: Settings, **key_inputs) -> Path | None:
+    """The shipped warm-start when its key is this run's (`key_inputs`: `warmstart_key`'s task / vocabulary)."""
     path, meta = shipped_warmstart(), shipped_warmstart(".json")
-    if path.is_file() and meta.is_file() and json.loads(meta.read_text())["key"] == s.warmstart_key():
+    if path.is_file() and meta.is_file() and json.loads(meta.read_text())["key"] == s.warmstart_key(**key_inputs):
         return Path(str(path))
     return None
 

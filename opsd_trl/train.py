@@ -165,7 +165,31 @@ def load_train_dataset(script_args: ScriptArguments, training_args: VisualOPSDCo
 
 
 def load_eval_dataset(script_args: ScriptArguments, seed: int = 0):
+    """The recipe's held-out rows (`dataset_test_split`), after `check_held_out`."""
+    check_held_out(script_args)
     return _load_split(script_args, script_args.dataset_test_split, script_args.eval_n, seed)
+
+
+def check_held_out(script_args: ScriptArguments) -> None:
+    """An evaluation of a recipe never scores its training samples: its test split is not its train split, each
+    dataset has both splits (`opsd_trl.data.load_any` refuses one it lacks) and they share no sample id."""
+    from .data import ensure_ids, load_any, refuse_shared_ids
+
+    train_split, test_split = script_args.dataset_train_split, script_args.dataset_test_split
+    if train_split == test_split:
+        raise ValueError(f"dataset_test_split and dataset_train_split are both {test_split!r}: the evaluation would "
+                         "score the training samples; set dataset_test_split to a held-out split (e.g. test).")
+    if script_args.task is not None:  # generated splits are disjoint by construction (`opsd_trl.tasks.split_of`)
+        return
+    from datasets import concatenate_datasets
+
+    def ids(split):
+        parts = [ensure_ids(load_any(name, split), split).select_columns(["id"]) for name in script_args.dataset_name]
+        return concatenate_datasets(parts)
+
+    names = ", ".join(script_args.dataset_name)
+    refuse_shared_ids(ids(train_split), ids(test_split), f"{names} split {train_split!r}",
+                      f"{names} split {test_split!r}")
 
 
 def _load_split(script_args: ScriptArguments, split: str, n: int, seed: int):

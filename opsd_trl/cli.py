@@ -163,9 +163,10 @@ def _add_eval(sub) -> None:
     p.add_argument("--predictions-dir", help="write model/baseline.predictions.jsonl here (id, maze, completion, "
                    "parsed moves, correct: re-score them with any simulator)")
     p.add_argument("--teacher-intro", help="text before the VTs in the reference teacher's context: the run's "
-                   "teacher_intro (default: the trainer's; the quickstart's is ' hint')")
-    p.add_argument("--teacher-transition", help="text after the VTs: the run's teacher_transition (default: the "
-                   "trainer's; the quickstart's is 'answer')")
+                   "teacher_intro (default: the words saved with the checkpoint by opsd-trl train; for a quickstart "
+                   "weights file ' hint'; else the trainer's)")
+    p.add_argument("--teacher-transition", help="text after the VTs: the run's teacher_transition (default: as "
+                   "--teacher-intro; the quickstart's is 'answer')")
     p.set_defaults(func=_eval)
 
 

@@ -30,7 +30,7 @@ from .models.adapters import get_adapter
 from .models.loading import load_pretrained, load_quickstart_weights
 from .tasks import parse, score
 from .tasks.common import load_meta
-from .teacher_context import TeacherContext, placeholders_per_image
+from .teacher_context import TeacherContext, load_context_words, placeholders_per_image
 
 
 @dataclass
@@ -231,13 +231,30 @@ def _check_same_vocabulary(loaded: dict) -> None:
             )
 
 
+def context_settings(paths: list[str | None]) -> dict:
+    """The teacher-context settings of an evaluation, as `Contexts` keywords: those saved with the first checkpoint
+    that has them (a model folder written by `VisualOPSDTrainer`: `opsd_trl.teacher_context.CONTEXT_FILE`), the
+    quickstart model's words for its weights files (it has no folder), else the trainer's defaults."""
+    for path in paths:
+        saved = load_context_words(path) if path and os.path.isdir(path) else None
+        if saved:
+            return {"intro": saved["teacher_intro"], "transition": saved["teacher_transition"],
+                    "max_vt_images": saved["max_vt_images"], "chat_template_kwargs": saved["chat_template_kwargs"]}
+    if any(path and str(path).endswith(".safetensors") for path in paths):
+        from .testing.quickstart_model import TEACHER_INTRO as QUICKSTART_INTRO
+        from .testing.quickstart_model import TEACHER_TRANSITION as QUICKSTART_TRANSITION
+
+        return {"intro": QUICKSTART_INTRO, "transition": QUICKSTART_TRANSITION}
+    return {"intro": TEACHER_INTRO, "transition": TEACHER_TRANSITION}
+
+
 def evaluate_checkpoints(model_path: str, dataset, *, reference_path: str | None = None,
                          baseline_path: str | None = None, predictions_dir: str | None = None,
-                         intro: str = TEACHER_INTRO, transition: str = TEACHER_TRANSITION, **kwargs) -> dict:
+                         intro: str | None = None, transition: str | None = None, **kwargs) -> dict:
     """Metrics of `model_path` (and of `baseline_path`, then KL-gap closure between them) on `dataset`.
 
-    `intro` / `transition` surround the VTs in the teacher context: the words the run trained with (the quickstart's
-    are `opsd_trl.testing.quickstart_model.TEACHER_INTRO` / `TEACHER_TRANSITION`).
+    `intro` / `transition` surround the VTs in the teacher context: the words the run trained with. None: the words
+    saved with the checkpoints (`context_settings`); words the tokenizer cannot write are refused.
 
     The KL needs visual thoughts and a fixed reference teacher: `reference_path`, else the baseline. Rows without
     VTs (e.g. a VLMEvalKit TSV) get accuracy, tokens and latency only. Per-sample predictions go to
@@ -251,13 +268,15 @@ def evaluate_checkpoints(model_path: str, dataset, *, reference_path: str | None
     loaded = {p: load_checkpoint(p) for p in dict.fromkeys(paths)}
     _check_same_vocabulary(loaded)
     reference = loaded[reference_path][0] if reference_path and has_vts else None
+    settings = context_settings([model_path, baseline_path, reference_path])
+    settings.update({k: v for k, v in (("intro", intro), ("transition", transition)) if v is not None})
     results = {}
     for name, path in (("baseline", baseline_path), ("model", model_path)):
         if path:
             model, processor = loaded[path]
             if model is reference:  # the same checkpoint: evaluated on its own copy, the reference stays fixed
                 model, processor = load_checkpoint(path)
-            contexts = Contexts(processor, intro=intro, transition=transition)
+            contexts = Contexts(processor, **settings)
             metrics = evaluate(model, processor, dataset, reference=reference, contexts=contexts, desc=name,
                                **kwargs)
             if predictions_dir is not None:

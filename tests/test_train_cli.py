@@ -101,6 +101,16 @@ def test_cpu_recipe_in_process_with_tensorboard(tmp_path):
     card = (out / "README.md").read_text()
     assert "## Visual-OPSD" in card and "cpu_quickstart.yaml" in card and "kl_teacher_student" in card
     assert "train_loss" in json.loads((out / "train_results.json").read_text())
+    saved = json.loads((out / "teacher_context.json").read_text())  # read back by `opsd-trl eval`
+    assert saved["teacher_intro"] == " hint" and saved["teacher_transition"] == "answer"
+
+
+def test_context_words_the_tokenizer_cannot_write_are_refused(tmp_path):
+    """The teacher context of the quickstart model's 64-word vocabulary turned unknown words into <unk> silently."""
+    with pytest.raises(ValueError, match="teacher_transition 'Now answer.' cannot be written with this tokenizer's "
+                                         "vocabulary: it reads back as '<unk> <unk>'"):
+        cli_main(["train", "--config", str(CPU_RECIPE), *SHORT, "--teacher_transition", "Now answer.",
+                  "--output_dir", str(tmp_path / "out")])
 
 
 @pytest.mark.slow

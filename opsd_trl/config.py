@@ -142,7 +142,8 @@ class VisualOPSDConfig(DistillationConfig):
         close_truncated_completions (`bool`, *optional*, defaults to `True`):
             A completion cut at `max_completion_length` keeps its first `max_completion_length - 1` sampled tokens
             and ends with `image_skip_token`, scored like a sampled EOS (the reference). `False`: the cut completion
-            is scored as sampled, with no EOS position.
+            is scored as sampled, with no EOS position. Only `loss_type="sampled_reverse_kl"` reads that token: under
+            `"gjsd"` both settings train identically.
         fused_loss (`bool`, *optional*, defaults to `True`):
             Compute the loss from hidden states and the lm_head tile by tile (no full logits); heads with a bias,
             scale or softcap fall back to logits.
@@ -342,6 +343,8 @@ class VisualOPSDConfig(DistillationConfig):
         if self.loss_type == "sampled_reverse_kl":  # the sampled token's log-ratio, from full-vocabulary logits
             found.append(("loss_type='sampled_reverse_kl'",
                           ("beta", "teacher_top_k", "jsd_clip", "jsd_clip_form", "fused_loss")))
+        if self.loss_type == "gjsd":  # the divergence at the closing position does not depend on the token there
+            found.append(("loss_type='gjsd'", ("close_truncated_completions",)))
         if self.jsd_clip is None:
             found.append(("jsd_clip=None", ("jsd_clip_form",)))
         if self.teacher_mode != "ema":

@@ -90,6 +90,15 @@ def thinkmorph_to_standard(
 def standardize(dataset, fmt: str = "standard", split: str = "train", **kwargs):
     """A ``datasets.Dataset`` in ``fmt`` ("standard" or "thinkmorph") -> the standard layout, validated."""
     if fmt == "thinkmorph":
+        needed = [kwargs.get("question_column", "question"), kwargs.get("answer_column", "answer")]
+        missing = [c for c in needed if c not in dataset.column_names]
+        if missing:
+            raise ValueError(
+                f"dataset_format 'thinkmorph' needs the columns {needed} (with problem_image* and "
+                f"reasoning_image_<k> images); this dataset lacks {missing} and has {dataset.column_names}. "
+                "Formats: 'thinkmorph' (question, answer, problem_image*, reasoning_image_<k>, an optional id) or "
+                "'standard' (id, prompt, images, vt_images, answer; docs/architecture.md)."
+            )
         dataset = ensure_ids(dataset, split)
         dataset = dataset.map(lambda ex: thinkmorph_to_standard(ex, **kwargs), remove_columns=dataset.column_names)
     elif fmt != "standard":

@@ -93,11 +93,38 @@ def make_parser() -> TrlParser:
 
 def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, VisualOPSDConfig, ModelConfig]:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv[:-1]:
+        check_recipe(argv[argv.index("--config") + 1])
     script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
     training_args.resume_from_checkpoint = resume_spec(training_args.resume_from_checkpoint)
     if script_args.recipe is None and "--config" in argv:
         script_args.recipe = argv[argv.index("--config") + 1]
     return script_args, training_args, model_args
+
+
+def check_recipe(path: str) -> None:
+    """Refuse a recipe path that is not a file, and a key written twice at any level (YAML keeps the last one
+    silently), naming the key and its lines; TrlParser then reads the recipe (and refuses unknown keys)."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"recipe {path} not found (--config); give a YAML recipe file, e.g. "
+                                "recipes/cpu_quickstart.yaml.")
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            lines = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, str | int | float | bool) and key in lines:
+                    raise ValueError(f"recipe {path}: key {key!r} is written twice (lines {lines[key]} and {line}); "
+                                     "YAML would keep only the last value. Keep one.")
+                lines[key] = line
+            return super().construct_mapping(node, deep)
+
+    with open(path) as f:
+        yaml.load(f, Loader=UniqueKeys)  # noqa: S506 (a SafeLoader subclass)
 
 
 RESUME_LAST = ("true", "last")

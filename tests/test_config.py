@@ -165,6 +165,7 @@ IGNORED = {
     "marker without skips": (dict(max_image_skips=0, image_skip_marker="<think>"), ["image_skip_marker='<think>'"]),
     "skips without marker": (dict(image_skip_marker=None, max_image_skips=2), ["max_image_skips=2"]),
     "vllm options without vllm": (dict(vllm_llm_kwargs={"dtype": "float32"}), ["vllm_llm_kwargs="]),
+    "closing under the default loss": (dict(close_truncated_completions=False), ["close_truncated_completions=False"]),
 }
 
 
@@ -186,6 +187,7 @@ def test_ignored_options_draw_one_warning_naming_them(case, tmp_path):
     dict(teacher_mode="fixed"), dict(jsd_clip=None), dict(max_image_skips=0), dict(max_image_skips=0,
                                                                                    image_skip_marker=None),
     dict(noise_vt=True, noise_vt_space="embeddings"), dict(teacher_mode="ema", ema_decay=0.9),
+    dict(loss_type="sampled_reverse_kl", close_truncated_completions=False),
 ], ids=str)
 def test_effective_or_default_options_draw_no_warning(settings, tmp_path):
     with warnings.catch_warnings():

@@ -299,3 +299,27 @@ def test_thinkmorph_recipe_cli_release_folder_zero3(bagel_release_dir, tmp_path)
                         text=True, timeout=600)
     assert rc.returncode == 0, rc.stdout[-3000:] + rc.stderr[-3000:]
     assert "accuracy" in rc.stdout
+
+
+def test_recipe_file_errors_name_the_file_and_the_key(tmp_path):
+    """A key written twice silently took the last value; a missing recipe gave a bare FileNotFoundError."""
+    with pytest.raises(FileNotFoundError, match=f"recipe {tmp_path / 'absent.yaml'} not found \\(--config\\)"):
+        cli_main(["train", "--config", str(tmp_path / "absent.yaml")])
+    recipe = tmp_path / "twice.yaml"
+    lines = CPU_RECIPE.read_text().splitlines()
+    recipe.write_text("\n".join([*lines, "beta: 0.3"]) + "\n")
+    first = next(i for i, line in enumerate(lines, 1) if line.startswith("beta:"))
+    with pytest.raises(ValueError, match=f"recipe {recipe}: key 'beta' is written twice \\(lines {first} and "
+                                         f"{len(lines) + 1}\\); YAML would keep only the last value"):
+        cli_main(["train", "--config", str(recipe), "--output_dir", str(tmp_path / "out")])
+
+
+def test_thinkmorph_format_on_another_layout_names_the_columns(tmp_path):
+    """`--dataset_format thinkmorph` on a standard-layout folder ended in `KeyError: 'question'`."""
+    from opsd_trl.tasks import make_dataset
+
+    make_dataset("maze", "train", 2).save_to_disk(str(tmp_path / "maze"))
+    with pytest.raises(ValueError, match=r"dataset_format 'thinkmorph' needs the columns \['question', 'answer'\] "
+                                         r".* lacks \['question'\] and has \['id', 'prompt', .*Formats: 'thinkmorph'"):
+        cli_main(["train", "--config", str(CPU_RECIPE), *SHORT, "--task", "none", "--dataset_name",
+                  str(tmp_path / "maze"), "--dataset_format", "thinkmorph", "--output_dir", str(tmp_path / "out")])

@@ -210,6 +210,7 @@ def load_checkpoint(path: str):
             ) from e
     if not os.path.isdir(path):
         raise ValueError(f"checkpoint {path} is neither a model folder nor a .safetensors weights file.")
+    _check_has_weights(path)
     model, processor = load_pretrained(path, dtype="float32")
     if getattr(processor, "image_processor", None) is None or not get_adapter(model).uses_images:
         raise ValueError(
@@ -217,6 +218,25 @@ def load_checkpoint(path: str):
             "scores vision-language policies (Qwen2/2.5/3-VL, BAGEL, the quickstart model) on image tasks."
         )
     return model.eval(), processor
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _check_has_weights(path: str) -> None:
+    """A transformers folder with a config but no weights (a LoRA run's adapter-only folder, a DeepSpeed checkpoint
+    saved without gathered weights) would otherwise end in a loader error about missing files."""
+    from .models.bagel.convert import is_bagel_checkpoint
+
+    if not os.path.isfile(os.path.join(path, "config.json")) or is_bagel_checkpoint(path):
+        return  # load_pretrained names what a folder without config.json lacks; BAGEL folders have their own files
+    if not any(os.path.isfile(os.path.join(path, name)) for name in WEIGHT_FILES):
+        raise ValueError(
+            f"checkpoint {path} has a config.json but no model weights ({' / '.join(WEIGHT_FILES[::2])}; it holds "
+            f"{sorted(os.listdir(path))[:8]}): a LoRA run saves only its adapter (merge it into the base model and "
+            "save_pretrained the result), a DeepSpeed checkpoint without gathered weights needs its zero_to_fp32.py. "
+            "Give a folder written by save_pretrained (the output_dir of opsd-trl train)."
+        )
 
 
 def _check_same_vocabulary(loaded: dict) -> None:

@@ -37,7 +37,9 @@ class ScriptArguments:
     )
     dataset_format: str = field(default="standard", metadata={"help": "standard | thinkmorph."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on (sweeps, eval)."})
+    dataset_test_split: str = field(
+        default="test", metadata={"help": "Held-out split to evaluate on (sweeps; eval_strategy during training)."}
+    )
     eval_n: int = field(default=200, metadata={"help": "Generated test samples for evaluation (with `task`)."})
     eval_max_new_tokens: int = field(default=64, metadata={"help": "Greedy tokens per sample at evaluation."})
     eval_batch_size: int = field(default=32, metadata={"help": "Samples per generation batch at evaluation."})
@@ -252,9 +254,11 @@ def main(argv: list[str] | None = None) -> int:
 
     dataset = load_train_dataset(script_args, training_args)
     model, processing_class = load_model(script_args, model_args, training_args.trust_remote_code)
+    # Evaluation during training (eval_strategy) scores the held-out split, with the sweep's checks.
+    eval_dataset = load_eval_dataset(script_args, training_args.seed) if training_args.eval_strategy != "no" else None
     trainer = VisualOPSDTrainer(
-        model=model, args=training_args, train_dataset=dataset, processing_class=processing_class,
-        peft_config=peft_config(script_args, model_args, model),
+        model=model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset,
+        processing_class=processing_class, peft_config=peft_config(script_args, model_args, model),
     )
     trainer.model_card_info = {"recipe": script_args.recipe, "dataset": script_args.task or script_args.dataset_name}
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

@@ -201,3 +201,18 @@ def test_eval_uses_the_checkpoints_context_words(setup, tmp_path, capsys):
     save_context_words(str(folder), config)
     assert _kl(capsys, "--model", str(folder), "--reference", str(folder)) == _kl(
         capsys, "--model", weights, "--reference", weights, *right)
+
+
+def test_eval_cli_folder_with_a_config_and_no_weights(family_model_dirs, tmp_path):
+    """A folder with a config.json and no weights (an adapter-only or un-gathered DeepSpeed checkpoint) ended in
+    transformers' `no file named model.safetensors` error."""
+    import shutil
+
+    from opsd_trl.cli import main
+
+    folder = tmp_path / "no_weights"
+    folder.mkdir()
+    shutil.copy(f"{family_model_dirs['qwen2_5_vl']}/config.json", folder / "config.json")
+    with pytest.raises(ValueError, match=f"checkpoint {folder} has a config.json but no model weights .* it holds "
+                                         r"\['config.json'\]"):
+        main(["eval", "--model", str(folder), "--n", "2"])

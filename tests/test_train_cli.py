@@ -323,3 +323,21 @@ def test_thinkmorph_format_on_another_layout_names_the_columns(tmp_path):
                                          r".* lacks \['question'\] and has \['id', 'prompt', .*Formats: 'thinkmorph'"):
         cli_main(["train", "--config", str(CPU_RECIPE), *SHORT, "--task", "none", "--dataset_name",
                   str(tmp_path / "maze"), "--dataset_format", "thinkmorph", "--output_dir", str(tmp_path / "out")])
+
+
+def test_evaluation_during_training_scores_the_held_out_split(tmp_path):
+    """`--eval_strategy steps` ended in transformers' `you didn't pass an eval_dataset` (opsd-trl train passed none);
+    now it evaluates on `dataset_test_split`, refused by name where the data lacks it."""
+    from opsd_trl.tasks import make_dataset
+
+    make_dataset("maze", "train", 4, size=3, prompt="short", answer_format="numbered").save_to_disk(
+        str(tmp_path / "single"))
+    evaluating = ["--eval_strategy", "steps", "--eval_steps", "2", "--eval_n", "4", "--per_device_eval_batch_size", "4"]
+    with pytest.raises(ValueError, match=f"dataset {tmp_path / 'single'} holds a single dataset \\(split 'train'\\), "
+                                         "not the split 'test'"):
+        cli_main(["train", "--config", str(CPU_RECIPE), *SHORT, *evaluating, "--task", "none", "--dataset_name",
+                  str(tmp_path / "single"), "--output_dir", str(tmp_path / "bad")])
+    out = tmp_path / "run"
+    assert cli_main(["train", "--config", str(CPU_RECIPE), *SHORT, *evaluating, "--report_to", "none",
+                     "--output_dir", str(out)]) == 0
+    assert "eval_kl_teacher_student" in json.loads((out / "train_results.json").read_text())

@@ -108,7 +108,14 @@ class Sweep:
         cmd = [*self.launcher, "-m", "opsd_trl.train", *self._train_args(point), "--output_dir", str(run_dir),
                "--recipe", self.config]
         print(f"[sweep] training {point_name(point)}: {shlex.join(cmd)}", flush=True)
-        subprocess.run(cmd, check=True)
+        try:
+            subprocess.run(cmd, check=True)
+        except (subprocess.CalledProcessError, OSError) as e:
+            reason = f"exit status {e.returncode}" if isinstance(e, subprocess.CalledProcessError) else str(e)
+            raise RuntimeError(
+                f"sweep point {point_name(point)}: training failed ({reason}; its output is above, the command is "
+                f"{shlex.join(cmd)}). Fix it and rerun the sweep: finished points in {self.out} are reused."
+            ) from e
 
     def _model(self, path: str | None = None):
         from dataclasses import replace

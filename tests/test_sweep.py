@@ -155,3 +155,10 @@ def test_a_folder_of_another_sweep_is_refused(tmp_path, monkeypatch):
                                          r"\(recipe .*cpu_quickstart.yaml; differing: --set max_steps"):
         _sweep("--beta", "0.5", "--out", str(out))
     assert sorted(p.name for p in out.iterdir()) == ["sweep.json"]
+
+
+def test_a_failed_training_point_is_named(tmp_path):
+    """A point whose training fails ended in a bare `subprocess.CalledProcessError`."""
+    with pytest.raises(RuntimeError, match=r"sweep point beta=0.5: training failed \(exit status 1; .*finished "
+                                           "points in .* are reused"):
+        _sweep("--beta", "0.5", "--launcher", "false", "--out", str(tmp_path / "out"))

@@ -27,7 +27,7 @@ from .config import TEACHER_INTRO, TEACHER_TRANSITION
 from .diagnostics import full_vocab_kl
 from .generation import HFGenerator, SamplingSettings
 from .models.adapters import get_adapter
-from .models.loading import load_pretrained, load_quickstart_weights
+from .models.loading import load_pretrained, load_quickstart_weights, quickstart_teacher_words
 from .tasks import parse, score
 from .tasks.common import load_meta
 from .teacher_context import TeacherContext, load_context_words, placeholders_per_image
@@ -261,10 +261,8 @@ def context_settings(paths: list[str | None]) -> dict:
             return {"intro": saved["teacher_intro"], "transition": saved["teacher_transition"],
                     "max_vt_images": saved["max_vt_images"], "chat_template_kwargs": saved["chat_template_kwargs"]}
     if any(path and str(path).endswith(".safetensors") for path in paths):
-        from .testing.quickstart_model import TEACHER_INTRO as QUICKSTART_INTRO
-        from .testing.quickstart_model import TEACHER_TRANSITION as QUICKSTART_TRANSITION
-
-        return {"intro": QUICKSTART_INTRO, "transition": QUICKSTART_TRANSITION}
+        intro, transition = quickstart_teacher_words()
+        return {"intro": intro, "transition": transition}
     return {"intro": TEACHER_INTRO, "transition": TEACHER_TRANSITION}
 
 

@@ -240,6 +240,14 @@ def load_quickstart_weights(path: str):
     return load_weights(path)
 
 
+def quickstart_teacher_words() -> tuple[str, str]:
+    """The teacher-context intro and transition of the quickstart's policy (its weights files carry no config; its
+    64-word vocabulary cannot write the trainer's defaults)."""
+    from ..testing.quickstart_model import TEACHER_INTRO, TEACHER_TRANSITION
+
+    return TEACHER_INTRO, TEACHER_TRANSITION
+
+
 def apply_image_processor_kwargs(processing_class, kwargs: dict | None) -> None:
     """Set attributes of the processor's image processor (e.g. a recipe's BAGEL sizes `max_image_size`,
     `min_image_size`, `max_pixels`); every key must be an attribute it already has."""

@@ -146,14 +146,18 @@ def _eval(args) -> int:
     import json
 
     from opsd_trl.eval import evaluate_checkpoints
-    from opsd_trl.quickstart.model import load_checkpoint  # model folders, and the quickstart's weights files
+    from opsd_trl.quickstart import model as quickstart  # model folders, and the quickstart's weights files
 
+    words = {"intro": args.teacher_intro, "transition": args.teacher_transition}
+    if any(str(p).endswith(".safetensors") for p in (args.model, args.baseline, args.reference) if p):
+        # a quickstart weights file has no folder to save its words in: the quickstart's own, unless given
+        words = {"intro": args.teacher_intro or quickstart.TEACHER_INTRO,
+                 "transition": args.teacher_transition or quickstart.TEACHER_TRANSITION}
     results = evaluate_checkpoints(args.model, _eval_dataset(args), reference_path=args.reference,
                                    baseline_path=args.baseline, batch_size=args.batch_size,
                                    max_new_tokens=args.max_new_tokens, predictions_dir=args.predictions_dir,
-                                   load=load_checkpoint, scorer=args.scorer,
-                                   **{k: v for k, v in (("intro", args.teacher_intro),
-                                                        ("transition", args.teacher_transition)) if v is not None})
+                                   load=quickstart.load_checkpoint, scorer=args.scorer,
+                                   **{k: v for k, v in words.items() if v is not None})
     print(json.dumps(results, indent=1))
     return 0
 
@@ -182,9 +186,10 @@ def _add_eval(sub) -> None:
     p.add_argument("--predictions-dir", help="write model/baseline.predictions.jsonl here (id, task, meta, "
                    "completion, parsed answer, correct: re-score them with any scorer)")
     p.add_argument("--teacher-intro", help="text before the VTs in the reference teacher's context: the run's "
-                   "teacher_intro (default: the trainer's; the quickstart's is ' hint')")
-    p.add_argument("--teacher-transition", help="text after the VTs: the run's teacher_transition (default: the "
-                   "trainer's; the quickstart's is 'answer')")
+                   "teacher_intro (default: the words saved with the checkpoint by opsd-trl train; for a quickstart "
+                   "weights file ' hint'; else the trainer's)")
+    p.add_argument("--teacher-transition", help="text after the VTs: the run's teacher_transition (default: as "
+                   "--teacher-intro; the quickstart's is 'answer')")
     p.set_defaults(func=_eval)
 
 

@@ -1,6 +1,7 @@
 """`VisualOPSDConfig`: TRL's `DistillationConfig` plus the Visual-OPSD fields, with the paper's defaults."""
 
 import dataclasses
+import math
 import types
 import typing
 import warnings
@@ -44,17 +45,24 @@ def _int(value) -> bool:
 
 
 def _number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A finite int or float (nan and inf are refused: they pass every comparison check or none)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _in(low: float, high: float, low_open: bool = False, high_open: bool = False):
+    """A check: a finite number in the interval (open at the ends asked for)."""
+    return lambda v: _number(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
 
 
 # field: (check of the value, what it must be). Choice fields are checked from their `Literal` type instead.
 _FIELD_CHECKS = {
     "teacher_top_k": (lambda v: v is None or (_int(v) and v >= 1), "an integer >= 1 or None"),
-    "jsd_clip": (lambda v: v is None or (_number(v) and v > 0), "> 0 or None"),
+    "jsd_clip": (lambda v: v is None or (_number(v) and v > 0), "a finite number > 0 or None"),
     "close_truncated_completions": (lambda v: isinstance(v, bool), "a bool"),
     "fused_loss": (lambda v: isinstance(v, bool), "a bool"),
     "loss_chunk_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    "ema_decay": (lambda v: _number(v) and 0.0 <= v <= 1.0, "in [0, 1]"),
+    "beta": (_in(0.0, 1.0), "in [0.0, 1.0] (a finite number)"),  # TRL's own check lets nan through
+    "ema_decay": (_in(0.0, 1.0), "in [0, 1]"),
     "max_vt_images": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
     "teacher_intro": (lambda v: isinstance(v, str), "a string"),
     "teacher_transition": (lambda v: isinstance(v, str), "a string"),
@@ -67,6 +75,35 @@ _FIELD_CHECKS = {
     "max_image_skips": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
     "vllm_llm_kwargs": (lambda v: v is None or isinstance(v, dict), "a dict (JSON object) or None"),
     "max_prompt_length": (lambda v: v is None or (_int(v) and v >= 1), "an integer >= 1 or None"),
+}
+
+_INF = math.inf
+# The number fields inherited from TRL's `DistillationConfig` / transformers' `TrainingArguments`: neither refuses
+# nan or inf, which then pass their comparisons (nan) and fail deep inside a step, or switch a feature off silently
+# (`max_grad_norm` nan: no clipping).
+_INHERITED_CHECKS = {
+    "learning_rate": (_in(0.0, _INF, high_open=True), "a finite number >= 0"),
+    "weight_decay": (_in(0.0, _INF, high_open=True), "a finite number >= 0"),
+    "adam_beta1": (_in(0.0, 1.0, high_open=True), "in [0, 1)"),
+    "adam_beta2": (_in(0.0, 1.0, high_open=True), "in [0, 1)"),
+    "adam_epsilon": (_in(0.0, _INF, high_open=True), "a finite number >= 0"),
+    "max_grad_norm": (lambda v: v is None or _in(0.0, _INF, high_open=True)(v),
+                      "a finite number >= 0 (0 or None: no clipping)"),
+    "num_train_epochs": (_in(0.0, _INF, high_open=True), "a finite number >= 0"),
+    "warmup_steps": (_in(0.0, _INF, high_open=True), "a finite number >= 0 (below 1: a share of the steps)"),
+    "label_smoothing_factor": (_in(0.0, 1.0, high_open=True), "in [0, 1)"),
+    "neftune_noise_alpha": (lambda v: v is None or _in(0.0, _INF, high_open=True)(v), "a finite number >= 0 or None"),
+    "logging_steps": (_in(0.0, _INF, high_open=True), "a finite number >= 0"),
+    "save_steps": (_in(0.0, _INF, high_open=True), "a finite number >= 0"),
+    "eval_steps": (lambda v: v is None or _in(0.0, _INF, high_open=True)(v), "a finite number >= 0 or None"),
+    "eval_delay": (_in(0.0, _INF, high_open=True), "a finite number >= 0"),
+    "temperature": (_in(0.0, _INF, low_open=True, high_open=True), "a finite number > 0"),
+    "top_p": (_in(0.0, 1.0, low_open=True), "in (0, 1]"),
+    "top_k": (lambda v: v is None or (_int(v) and v >= 0), "an integer >= 0 or None"),
+    "min_p": (lambda v: v is None or _in(0.0, 1.0)(v), "in [0, 1] or None"),
+    "repetition_penalty": (_in(0.0, _INF, low_open=True, high_open=True), "a finite number > 0"),
+    "vllm_server_timeout": (_in(0.0, _INF, low_open=True, high_open=True), "a finite number > 0"),
+    "vllm_gpu_memory_utilization": (_in(0.0, 1.0, low_open=True), "in (0, 1]"),
 }
 
 
@@ -106,7 +143,8 @@ class VisualOPSDConfig(DistillationConfig):
         close_truncated_completions (`bool`, *optional*, defaults to `True`):
             A completion cut at `max_completion_length` keeps its first `max_completion_length - 1` sampled tokens
             and ends with `image_skip_token`, scored like a sampled EOS (the reference). `False`: the cut completion
-            is scored as sampled, with no EOS position.
+            is scored as sampled, with no EOS position. Only `loss_type="sampled_reverse_kl"` reads that token: under
+            `"gjsd"` both settings train identically.
         fused_loss (`bool`, *optional*, defaults to `True`):
             Compute the loss from hidden states and the lm_head tile by tile (no full logits); heads with a bias,
             scale or softcap fall back to logits.
@@ -278,6 +316,9 @@ class VisualOPSDConfig(DistillationConfig):
     )
 
     def __post_init__(self):
+        # The inherited numbers first: transformers' own handling of some (`int(logging_steps)`, the sign of
+        # `warmup_steps`) fails on nan / inf / negative values with messages that name no field or the wrong cause.
+        self._check(_INHERITED_CHECKS)
         super().__post_init__()  # TRL's checks (beta in [0, 1], ...); parses vllm_llm_kwargs given as JSON text
         if self.vt_source is None:
             self.vt_source = "cache" if self.vt_cache_dir else "online"
@@ -286,14 +327,16 @@ class VisualOPSDConfig(DistillationConfig):
             choices = _choices(annotation)
             if choices is not None and value not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
-            check, expected = _FIELD_CHECKS.get(name, (None, None))
-            if check is not None and not check(value):
-                raise ValueError(f"{name} must be {expected}, got {value!r}.")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        self._check(_FIELD_CHECKS)
         if self.vt_source == "cache" and not self.vt_cache_dir:
             raise ValueError("vt_source='cache' needs vt_cache_dir (build one with `opsd-trl build-vt-cache`).")
         self._warn_ignored_options()
+
+    def _check(self, checks: dict) -> None:
+        for name, (check, expected) in checks.items():
+            value = getattr(self, name)
+            if not check(value):
+                raise ValueError(f"{name} must be {expected}, got {value!r}.")
 
     def _ignoring_settings(self) -> list[tuple[str, tuple[str, ...]]]:
         """(a setting of this config, the options it makes ineffective)."""
@@ -301,6 +344,8 @@ class VisualOPSDConfig(DistillationConfig):
         if self.loss_type == SAMPLED_REVERSE_KL:  # the sampled token's log-ratio, from full-vocabulary logits
             found.append(("loss_type='sampled_reverse_kl'",
                           ("beta", "teacher_top_k", "jsd_clip", "jsd_clip_form", "fused_loss")))
+        if self.loss_type == "gjsd":  # the divergence at the closing position does not depend on the token there
+            found.append(("loss_type='gjsd'", ("close_truncated_completions",)))
         if self.jsd_clip is None:
             found.append(("jsd_clip=None", ("jsd_clip_form",)))
         if self.teacher_mode != "ema":

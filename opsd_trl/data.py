@@ -90,6 +90,15 @@ def thinkmorph_to_standard(
 def standardize(dataset, fmt: str = "standard", split: str = "train", **kwargs):
     """A ``datasets.Dataset`` in ``fmt`` ("standard" or "thinkmorph") -> the standard layout, validated."""
     if fmt == "thinkmorph":
+        needed = [kwargs.get("question_column", "question"), kwargs.get("answer_column", "answer")]
+        missing = [c for c in needed if c not in dataset.column_names]
+        if missing:
+            raise ValueError(
+                f"dataset_format 'thinkmorph' needs the columns {needed} (with problem_image* and "
+                f"reasoning_image_<k> images); this dataset lacks {missing} and has {dataset.column_names}. "
+                "Formats: 'thinkmorph' (question, answer, problem_image*, reasoning_image_<k>, an optional id) or "
+                "'standard' (id, prompt, images, vt_images, answer; docs/architecture.md)."
+            )
         dataset = ensure_ids(dataset, split)
         dataset = dataset.map(lambda ex: thinkmorph_to_standard(ex, **kwargs), remove_columns=dataset.column_names)
     elif fmt != "standard":
@@ -153,23 +162,60 @@ def validate_standard(example: dict) -> None:
 
 
 def load_any(path_or_name: str, split: str = "train"):
-    """A folder from ``Dataset.save_to_disk``, a local data folder/file, or a hub name -> ``datasets.Dataset``."""
+    """A folder from ``Dataset.save_to_disk``, a local data folder/file, or a hub name -> ``datasets.Dataset``.
+
+    Every source answers only for the splits it has: a ``DatasetDict`` folder for its split names, a single
+    ``Dataset`` folder for the split it was saved as (``Dataset.split``; ``"train"`` when it records none), a data
+    file for ``"train"``. Asking for another split is an error naming the source and the split, never a silent
+    answer with other rows (an evaluation on the training rows)."""
     import os
 
     import datasets
 
-    if os.path.isdir(path_or_name) and os.path.exists(os.path.join(path_or_name, "dataset_info.json")):
+    saved = ("dataset_info.json", "dataset_dict.json")  # a Dataset's / a DatasetDict's save_to_disk folder
+    if os.path.isdir(path_or_name) and any(os.path.exists(os.path.join(path_or_name, f)) for f in saved):
         loaded = datasets.load_from_disk(path_or_name)
-        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        if isinstance(loaded, datasets.DatasetDict):
+            return loaded[split] if split in loaded else _missing_split(path_or_name, split, list(loaded))
+        own = str(loaded.split) if loaded.split is not None else "train"
+        return loaded if split == own else _missing_split(path_or_name, split, [own], single=True)
     if os.path.isfile(path_or_name):
         ext = path_or_name.rsplit(".", 1)[-1]
         builders = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}
         if ext not in builders:
             raise ValueError(f"dataset file {path_or_name}: unknown extension .{ext}; give a .jsonl, .json, .parquet or "
                              ".csv file, or a folder written by Dataset.save_to_disk.")
-        builder = builders[ext]
-        return datasets.load_dataset(builder, data_files=path_or_name, split=split)
+        if split != "train":  # a single data file is datasets' split "train"
+            _missing_split(path_or_name, split, ["train"], single=True)
+        return datasets.load_dataset(builders[ext], data_files=path_or_name, split=split)
     return datasets.load_dataset(path_or_name, split=split)
+
+
+def _missing_split(source: str, split: str, has: list[str], single: bool = False):
+    what = (f"holds a single dataset (split {has[0]!r})" if single else f"has the splits {has}")
+    raise ValueError(
+        f"dataset {source} {what}, not the split {split!r}; an evaluation never falls back to other rows. Save the "
+        "splits together (DatasetDict({'train': train, 'test': test}).save_to_disk(folder)), or a held-out set on "
+        "its own with its split name (Dataset.from_list(rows, split='test')), or set dataset_train_split / "
+        "dataset_test_split (split, --split) to a split it has."
+    )
+
+
+def shared_ids(train, held_out) -> list[str]:
+    """The sample ids found in both datasets (an `id` column each), in `held_out`'s order."""
+    seen = set(train["id"])
+    return [i for i in held_out["id"] if i in seen]
+
+
+def refuse_shared_ids(train, held_out, train_name: str, held_out_name: str) -> None:
+    """An evaluation set must not hold training samples: refuse shared ids, naming some of them."""
+    shared = shared_ids(train, held_out)
+    if shared:
+        raise ValueError(
+            f"{len(shared)} of the {len(held_out)} evaluation samples ({held_out_name}) are training samples "
+            f"({train_name}): ids {shared[:5]}{' ...' if len(shared) > 5 else ''}; evaluate on held-out rows (another "
+            "split or dataset)."
+        )
 
 
 IMAGE_COLUMNS = ("images", "vt_images")

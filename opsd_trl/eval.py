@@ -32,7 +32,7 @@ from .models.head import OutputHead
 from .models.loading import load_pretrained
 from .tasks.common import load_meta
 from .tasks.scorers import Scorer, get_scorer
-from .teacher_context import TeacherContext, placeholders_per_image
+from .teacher_context import TeacherContext, load_context_words, placeholders_per_image
 
 
 @dataclass
@@ -227,8 +227,28 @@ def load_checkpoint(path: str):
     if not os.path.isdir(path):
         raise ValueError(f"checkpoint {path} is not a model folder; give the folder (opsd-trl eval also reads a "
                          "quickstart .safetensors weights file: opsd_trl.quickstart.model.load_checkpoint).")
+    _check_has_weights(path)
     model, processor = load_pretrained(path, dtype="float32")
     return model.eval(), processor
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _check_has_weights(path: str) -> None:
+    """A transformers folder with a config but no weights (a LoRA run's adapter-only folder, a DeepSpeed checkpoint
+    saved without gathered weights) would otherwise end in a loader error about missing files."""
+    from .models.bagel.convert import is_bagel_checkpoint
+
+    if not os.path.isfile(os.path.join(path, "config.json")) or is_bagel_checkpoint(path):
+        return  # load_pretrained names what a folder without config.json lacks; BAGEL folders have their own files
+    if not any(os.path.isfile(os.path.join(path, name)) for name in WEIGHT_FILES):
+        raise ValueError(
+            f"checkpoint {path} has a config.json but no model weights ({' / '.join(WEIGHT_FILES[::2])}; it holds "
+            f"{sorted(os.listdir(path))[:8]}): a LoRA run saves only its adapter (merge it into the base model and "
+            "save_pretrained the result), a DeepSpeed checkpoint without gathered weights needs its zero_to_fp32.py. "
+            "Give a folder written by save_pretrained (the output_dir of opsd-trl train)."
+        )
 
 
 def _check_same_vocabulary(loaded: dict) -> None:
@@ -245,9 +265,21 @@ def _check_same_vocabulary(loaded: dict) -> None:
             )
 
 
+def context_settings(paths: list[str | None]) -> dict:
+    """The teacher-context settings of an evaluation, as `Contexts` keywords: those saved with the first checkpoint
+    that has them (a model folder written by `VisualOPSDTrainer`: `opsd_trl.teacher_context.CONTEXT_FILE`), else the
+    trainer's defaults (a quickstart weights file has no folder: `opsd-trl eval` passes the quickstart's words)."""
+    for path in paths:
+        saved = load_context_words(path) if path and os.path.isdir(path) else None
+        if saved:
+            return {"intro": saved["teacher_intro"], "transition": saved["teacher_transition"],
+                    "max_vt_images": saved["max_vt_images"], "chat_template_kwargs": saved["chat_template_kwargs"]}
+    return {"intro": TEACHER_INTRO, "transition": TEACHER_TRANSITION}
+
+
 def evaluate_checkpoints(model_path: str, dataset, *, reference_path: str | None = None,
                          baseline_path: str | None = None, predictions_dir: str | None = None,
-                         intro: str = TEACHER_INTRO, transition: str = TEACHER_TRANSITION, load=load_checkpoint,
+                         intro: str | None = None, transition: str | None = None, load=load_checkpoint,
                          **kwargs) -> dict:
     """Metrics of `model_path` (and of `baseline_path`, then KL-gap closure between them) on `dataset`.
 
@@ -255,7 +287,8 @@ def evaluate_checkpoints(model_path: str, dataset, *, reference_path: str | None
     quickstart passes its weights-file loader). Other keywords go to `evaluate` (e.g. `scorer`).
 
     `intro` / `transition` surround the VTs in the teacher context: the words the run trained with (the quickstart's
-    are `opsd_trl.quickstart.model.TEACHER_INTRO` / `TEACHER_TRANSITION`).
+    are `opsd_trl.quickstart.model.TEACHER_INTRO` / `TEACHER_TRANSITION`). None: the words saved with the
+    checkpoints (`context_settings`); words the tokenizer cannot write are refused.
 
     The KL needs visual thoughts and a fixed reference teacher: `reference_path`, else the baseline. Rows without
     VTs (e.g. a VLMEvalKit TSV) get accuracy, tokens and latency only. Per-sample predictions go to
@@ -269,13 +302,15 @@ def evaluate_checkpoints(model_path: str, dataset, *, reference_path: str | None
     loaded = {p: load(p) for p in dict.fromkeys(paths)}
     _check_same_vocabulary(loaded)
     reference = loaded[reference_path][0] if reference_path and has_vts else None
+    settings = context_settings([model_path, baseline_path, reference_path])
+    settings.update({k: v for k, v in (("intro", intro), ("transition", transition)) if v is not None})
     results = {}
     for name, path in (("baseline", baseline_path), ("model", model_path)):
         if path:
             model, processor = loaded[path]
             if model is reference:  # the same checkpoint: evaluated on its own copy, the reference stays fixed
                 model, processor = load(path)
-            contexts = Contexts(processor, intro=intro, transition=transition)
+            contexts = Contexts(processor, **settings)
             metrics = evaluate(model, processor, dataset, reference=reference, contexts=contexts, desc=name,
                                **kwargs)
             if predictions_dir is not None:

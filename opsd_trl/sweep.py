@@ -42,23 +42,55 @@ def _as_cli(fields: dict[str, str]) -> list[str]:
 class Sweep:
     def __init__(self, config: str, axes: dict[str, list[str]], out: str | Path, fixed: dict[str, str] | None = None,
                  launcher: str | None = None, progress: bool = True):
-        from .train import parse_args
+        from .train import load_eval_dataset, parse_args
 
         self.config, self.axes, self.out = config, axes, Path(out)
         self.fixed = fixed or {}
         self.launcher = shlex.split(launcher) if launcher else [sys.executable]
         self.progress = progress
+        if "output_dir" in {*axes, *self.fixed}:
+            raise ValueError("output_dir is set by the sweep (<out>/runs/<point>); choose the folder with --out.")
+        both = sorted(set(axes) & set(self.fixed))
+        if both:
+            raise ValueError(f"{both[0]} is both swept ({', '.join(axes[both[0]])}) and fixed by --set "
+                             f"({self.fixed[both[0]]}); give it once.")
         self.points = grid(axes)
-        for point in self.points:  # a bad value or an unknown field fails now, not after hours of training
-            parse_args(self._train_args(point))
+        # A bad value or an unknown field fails now, not after hours of training; so does a point given twice.
+        _refuse_repeats(axes, {point_name(p): parse_args(self._train_args(p)) for p in self.points})
         self.script_args, self.training_args, self.model_args = parse_args(self._train_args({}))
+        self._eval_data = load_eval_dataset(self.script_args)  # refuses an evaluation on training rows, now
 
     def _train_args(self, point: dict[str, str]) -> list[str]:
         return ["--config", self.config, *_as_cli(self.fixed), *_as_cli(point)]
 
     # ------------------------------------------------------------------------------------------- running
-    def run(self) -> list[dict]:
+    def settings(self) -> dict:
+        """What every point of this sweep folder shares: the recipe's values and the --set overrides (the swept
+        fields may grow between calls; these may not, or a reused point or baseline would be another setting's)."""
+        import yaml
+
+        return {"config": str(self.config), "recipe": yaml.safe_load(Path(self.config).read_text()),
+                "fixed": self.fixed}
+
+    def _claim_folder(self) -> None:
+        """Record this sweep's settings in `<out>/sweep.json`, or refuse a folder made with other settings."""
+        path, mine = self.out / SETTINGS_FILE, json.loads(json.dumps(self.settings(), default=str))
+        if path.exists():
+            theirs = json.loads(path.read_text())
+            changed = sorted(_changed(theirs.get("recipe") or {}, mine["recipe"]) |
+                             {f"--set {k}" for k in _changed(theirs.get("fixed") or {}, mine["fixed"])})
+            if changed:
+                raise ValueError(
+                    f"sweep folder {self.out} holds the runs of a sweep with other settings (recipe "
+                    f"{theirs.get('config')}; differing: {', '.join(changed)}); its finished points would be reused "
+                    "as this sweep's. Give another --out, or delete the folder to start over."
+                )
+            return
         self.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(mine, indent=1))
+
+    def run(self) -> list[dict]:
+        self._claim_folder()
         rows = []
         for point in self.points:
             run_dir = self.out / "runs" / point_name(point)
@@ -76,7 +108,14 @@ class Sweep:
         cmd = [*self.launcher, "-m", "opsd_trl.train", *self._train_args(point), "--output_dir", str(run_dir),
                "--recipe", self.config]
         print(f"[sweep] training {point_name(point)}: {shlex.join(cmd)}", flush=True)
-        subprocess.run(cmd, check=True)
+        try:
+            subprocess.run(cmd, check=True)
+        except (subprocess.CalledProcessError, OSError) as e:
+            reason = f"exit status {e.returncode}" if isinstance(e, subprocess.CalledProcessError) else str(e)
+            raise RuntimeError(
+                f"sweep point {point_name(point)}: training failed ({reason}; its output is above, the command is "
+                f"{shlex.join(cmd)}). Fix it and rerun the sweep: finished points in {self.out} are reused."
+            ) from e
 
     def _model(self, path: str | None = None):
         from dataclasses import replace
@@ -91,14 +130,12 @@ class Sweep:
                           replace(self.model_args, model_name_or_path=path), trust)
 
     def _eval_setup(self):
-        if not hasattr(self, "_eval_data"):
+        if not hasattr(self, "_contexts"):
             from .eval import Contexts
-            from .train import load_eval_dataset
 
             args = self.training_args
             self._reference, processor = self._model()
             self._contexts = Contexts.from_config(processor, args)
-            self._eval_data = load_eval_dataset(self.script_args)
         return self._reference, self._contexts, self._eval_data
 
     def _run_eval(self, model, processor, desc: str, predictions_path: Path) -> dict:
@@ -134,6 +171,33 @@ class Sweep:
         metrics["train_loss"] = train.get("train_loss")
         add_eval_results(str(run_dir), metrics)
         return metrics
+
+
+SETTINGS_FILE = "sweep.json"
+
+
+def _changed(old: dict, new: dict) -> set[str]:
+    return {k for k in set(old) | set(new) if old.get(k) != new.get(k)}
+
+
+def _refuse_repeats(axes: dict[str, list[str]], parsed: dict[str, tuple]) -> None:
+    """Two points with the same values (`--beta 0.5 0.5`, `--sweep beta=0.5,0.50`) would train once and count
+    twice; refuse them, naming the field and the values."""
+    for name, values in axes.items():
+        if len(set(values)) < len(values):
+            raise ValueError(f"the sweep lists {name} {' '.join(values)}: a value twice. Each point trains once; give "
+                             "each value once (repeat runs with --seeds).")
+    seen: dict[tuple, str] = {}
+    for point, args in parsed.items():
+        key = tuple(repr(_parsed_value(args, name)) for name in axes)
+        if key in seen:
+            raise ValueError(f"the sweep points {seen[key]} and {point} are the same setting once parsed; give each "
+                             "value once (repeat runs with --seeds).")
+        seen[key] = point
+
+
+def _parsed_value(parsed: tuple, name: str):
+    return next(getattr(args, name) for args in parsed if hasattr(args, name))
 
 
 # ----------------------------------------------------------------------------------------------- outputs
@@ -229,6 +293,9 @@ def _parse_sweep(specs: list[str]) -> dict[str, list[str]]:
         field, sep, values = spec.partition("=")
         if not sep or not values:
             raise ValueError(f"--sweep takes field=v1,v2,..., got {spec!r}")
+        if field in axes:
+            raise ValueError(f"--sweep gives {field} twice ({field}={','.join(axes[field])} and {spec}); give its "
+                             "values once.")
         axes[field] = values.split(",")
     return axes
 
@@ -239,6 +306,8 @@ def _parse_set(specs: list[str]) -> dict[str, str]:
         field, sep, value = spec.partition("=")
         if not sep:
             raise ValueError(f"--set takes field=value, got {spec!r}")
+        if field in fixed:
+            raise ValueError(f"--set gives {field} twice ({fixed[field]} and {value}); give it once.")
         fixed[field] = value
     return fixed
 
@@ -247,7 +316,11 @@ def run_sweep(args) -> int:
     axes = {}
     if args.beta:
         axes["beta"] = [str(b) for b in args.beta]
-    axes.update(_parse_sweep(args.sweep or []))
+    for name, values in _parse_sweep(args.sweep or []).items():
+        if name in axes or (name == "seed" and args.seeds):
+            raise ValueError(f"{name} is swept twice (--{'beta' if name == 'beta' else 'seeds'} and --sweep "
+                             f"{name}=...); give its values once.")
+        axes[name] = values
     if args.seeds:
         axes["seed"] = [str(s) for s in args.seeds]
     if not axes:

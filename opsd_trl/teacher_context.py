@@ -28,6 +28,48 @@ from .models.adapters import SlotFeatures
 
 # Stands for one soft-prefix VT while rendering a text-only chat template; never reaches the tokenizer.
 _VT_SENTINEL = "\x00opsd-vt\x00"
+# Written beside a saved model by the trainer: the words its teacher context had, read back by `opsd-trl eval`.
+CONTEXT_FILE = "teacher_context.json"
+CONTEXT_FIELDS = ("teacher_intro", "teacher_transition", "max_vt_images", "chat_template_kwargs")
+
+
+def check_representable(tokenizer, text: str, field: str) -> None:
+    """Refuse context words the tokenizer cannot write: unknown tokens, or a round trip that changes the text
+    (whitespace aside). The teacher would otherwise silently see other words than the ones asked for (the
+    quickstart's 64-word vocabulary reads the paper's intro as `<unk>` after `<unk>`)."""
+    if not text:
+        return
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    decoded = tokenizer.decode(ids)
+    unknown = tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids
+    if unknown or "".join(decoded.split()) != "".join(text.split()):
+        raise ValueError(
+            f"{field} {text[:60]!r} cannot be written with this tokenizer's vocabulary: it reads back as "
+            f"{decoded[:60]!r}, so the teacher would see other words. Set {field} (opsd-trl eval: "
+            f"--{field.replace('_', '-')}) to words the vocabulary has: the run's own (the quickstart model's are "
+            "' hint' and 'answer')."
+        )
+
+
+def save_context_words(folder: str, args) -> None:
+    """Record the teacher-context settings of `args` (a `VisualOPSDConfig`) in a saved model folder."""
+    import json
+    import os
+
+    with open(os.path.join(folder, CONTEXT_FILE), "w") as f:
+        json.dump({k: getattr(args, k) for k in CONTEXT_FIELDS}, f, indent=1)
+
+
+def load_context_words(folder: str) -> dict | None:
+    """The teacher-context settings a saved model was trained with (`save_context_words`), or None."""
+    import json
+    import os
+
+    path = os.path.join(folder, CONTEXT_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 @dataclass
@@ -147,6 +189,8 @@ class TeacherContext:
         self.processing_class = processing_class
         self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
         self.intro, self.transition = intro, transition
+        check_representable(self.tokenizer, intro, "teacher_intro")
+        check_representable(self.tokenizer, transition, "teacher_transition")
         self.uses_images = uses_images
         self.chat_template_kwargs = chat_template_kwargs or {}
         self.max_vt_images = max_vt_images

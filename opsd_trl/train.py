@@ -37,7 +37,9 @@ class ScriptArguments:
     )
     dataset_format: str = field(default="standard", metadata={"help": "standard | thinkmorph."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on (sweeps, eval)."})
+    dataset_test_split: str = field(
+        default="test", metadata={"help": "Held-out split to evaluate on (sweeps; eval_strategy during training)."}
+    )
     eval_n: int = field(default=200, metadata={"help": "Generated test samples for evaluation (with `task`)."})
     eval_max_new_tokens: int = field(default=64, metadata={"help": "Greedy tokens per sample at evaluation."})
     eval_batch_size: int = field(default=32, metadata={"help": "Samples per generation batch at evaluation."})
@@ -93,11 +95,38 @@ def make_parser() -> TrlParser:
 
 def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, VisualOPSDConfig, ModelConfig]:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv[:-1]:
+        check_recipe(argv[argv.index("--config") + 1])
     script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
     training_args.resume_from_checkpoint = resume_spec(training_args.resume_from_checkpoint)
     if script_args.recipe is None and "--config" in argv:
         script_args.recipe = argv[argv.index("--config") + 1]
     return script_args, training_args, model_args
+
+
+def check_recipe(path: str) -> None:
+    """Refuse a recipe path that is not a file, and a key written twice at any level (YAML keeps the last one
+    silently), naming the key and its lines; TrlParser then reads the recipe (and refuses unknown keys)."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"recipe {path} not found (--config); give a YAML recipe file, e.g. "
+                                "recipes/cpu_quickstart.yaml.")
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            lines = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, str | int | float | bool) and key in lines:
+                    raise ValueError(f"recipe {path}: key {key!r} is written twice (lines {lines[key]} and {line}); "
+                                     "YAML would keep only the last value. Keep one.")
+                lines[key] = line
+            return super().construct_mapping(node, deep)
+
+    with open(path) as f:
+        yaml.load(f, Loader=UniqueKeys)  # noqa: S506 (a SafeLoader subclass)
 
 
 RESUME_LAST = ("true", "last")
@@ -165,7 +194,31 @@ def load_train_dataset(script_args: ScriptArguments, training_args: VisualOPSDCo
 
 
 def load_eval_dataset(script_args: ScriptArguments, seed: int = 0):
+    """The recipe's held-out rows (`dataset_test_split`), after `check_held_out`."""
+    check_held_out(script_args)
     return _load_split(script_args, script_args.dataset_test_split, script_args.eval_n, seed)
+
+
+def check_held_out(script_args: ScriptArguments) -> None:
+    """An evaluation of a recipe never scores its training samples: its test split is not its train split, each
+    dataset has both splits (`opsd_trl.data.load_any` refuses one it lacks) and they share no sample id."""
+    from .data import ensure_ids, load_any, refuse_shared_ids
+
+    train_split, test_split = script_args.dataset_train_split, script_args.dataset_test_split
+    if train_split == test_split:
+        raise ValueError(f"dataset_test_split and dataset_train_split are both {test_split!r}: the evaluation would "
+                         "score the training samples; set dataset_test_split to a held-out split (e.g. test).")
+    if script_args.task is not None:  # generated splits are disjoint by construction (`opsd_trl.tasks.split_of`)
+        return
+    from datasets import concatenate_datasets
+
+    def ids(split):
+        parts = [ensure_ids(load_any(name, split), split).select_columns(["id"]) for name in script_args.dataset_name]
+        return concatenate_datasets(parts)
+
+    names = ", ".join(script_args.dataset_name)
+    refuse_shared_ids(ids(train_split), ids(test_split), f"{names} split {train_split!r}",
+                      f"{names} split {test_split!r}")
 
 
 def _load_split(script_args: ScriptArguments, split: str, n: int, seed: int):
@@ -201,9 +254,11 @@ def main(argv: list[str] | None = None) -> int:
 
     dataset = load_train_dataset(script_args, training_args)
     model, processing_class = load_model(script_args, model_args, training_args.trust_remote_code)
+    # Evaluation during training (eval_strategy) scores the held-out split, with the sweep's checks.
+    eval_dataset = load_eval_dataset(script_args, training_args.seed) if training_args.eval_strategy != "no" else None
     trainer = VisualOPSDTrainer(
-        model=model, args=training_args, train_dataset=dataset, processing_class=processing_class,
-        peft_config=peft_config(script_args, model_args, model),
+        model=model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset,
+        processing_class=processing_class, peft_config=peft_config(script_args, model_args, model),
     )
     trainer.model_card_info = {"recipe": script_args.recipe, "dataset": script_args.task or script_args.dataset_name}
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

@@ -34,7 +34,7 @@ from .generation import build_generator, close_truncated, closing_token_id, plac
 from .models.adapters import get_adapter, unwrap_base
 from .models.loading import has_full_weights, load_checkpoint_weights
 from .objective import completion_loss
-from .teacher_context import TeacherContext
+from .teacher_context import TeacherContext, save_context_words
 from .teacher_weights import ShadowWeights
 from .vision_features import cached_problem_slots, problem_image_slots, reusable, student_hidden_states
 from .vt_cache import VTCache, check_compatible
@@ -302,6 +302,12 @@ class VisualOPSDTrainer(DistillationTrainer):
             from .model_card import add_to_card
 
             add_to_card(self)  # the method, the recipe, the final metrics
+
+    def _save(self, output_dir=None, state_dict=None):
+        """The parent's save (model, processing class, training args), plus the teacher-context words, which
+        `opsd-trl eval` reads back by default (`opsd_trl.teacher_context.CONTEXT_FILE`)."""
+        super()._save(output_dir, state_dict=state_dict)
+        save_context_words(output_dir if output_dir is not None else self.args.output_dir, self.args)
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, model, trial):

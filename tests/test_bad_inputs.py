@@ -6,6 +6,7 @@ a documented policy with a logged count. Nothing is skipped silently and nothing
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 import pytest
@@ -109,6 +110,25 @@ def test_completion_without_eos_is_trained_and_counted(tmp_path):
     torch.manual_seed(0)
     kept = generation_batch(unclosed, dataset)
     assert kept["completion_mask"].sum() == 6 and not (kept["completion_ids"][:, -1] == tok.eos_token_id).any()
+
+
+@pytest.mark.parametrize("loss_type", ["gjsd", "sampled_reverse_kl"])
+def test_the_closing_token_changes_only_the_sampled_loss(loss_type, tmp_path):
+    """Why `close_truncated_completions` draws the ignored-options warning under `loss_type='gjsd'`: the divergence
+    at a position compares the two distributions there and does not read the token in it, and the closing token is
+    the last one, read by no later position. The sampled-token loss reads it."""
+    model, tok = build_tiny_text_lm()
+    dataset = text_dataset(n=2)
+    with pytest.warns(UserWarning) if loss_type == "gjsd" else contextlib.nullcontext():
+        trainer = make_trainer(model, tok, dataset, tmp_path, max_completion_length=3, loss_type=loss_type,
+                               teacher_mode="self", close_truncated_completions=False)
+    batch = generation_batch(trainer, dataset)
+    closed = {**batch, "completion_ids": batch["completion_ids"].clone()}
+    closed["completion_ids"][:, -1] = tok.convert_tokens_to_ids("<|im_end|>")
+    assert not torch.equal(closed["completion_ids"], batch["completion_ids"])
+    with torch.no_grad():
+        same = trainer.compute_loss(trainer.model, batch) == trainer.compute_loss(trainer.model, closed)
+    assert bool(same) == (loss_type == "gjsd")
 
 
 def test_non_finite_logits_raise_with_step_and_sample_ids(tmp_path):

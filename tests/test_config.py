@@ -4,10 +4,14 @@ ineffective draw one warning naming them, and the teacher-copy rule."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 import warnings
 
 import pytest
+
+from recipe_utils import REPO
 
 from opsd_trl import VisualOPSDConfig
 from opsd_trl.cli import main as cli_main
@@ -57,6 +61,53 @@ def test_bad_value_raises_naming_the_field_and_what_it_must_be(name, tmp_path):
     value, expected = BAD_VALUES[name]
     with pytest.raises(ValueError, match=rf"^{name} must be .*{re.escape(expected)}.*got {re.escape(repr(value))}"):
         _config(tmp_path, **{name: value})
+
+
+def _float_fields() -> list[str]:
+    """Every field of the config (its own and the inherited TRL / transformers ones) typed as a float."""
+    return [f.name for f in dataclasses.fields(VisualOPSDConfig) if "float" in str(f.type)]
+
+
+def test_the_float_fields_are_found():
+    names = _float_fields()
+    assert {"beta", "jsd_clip", "ema_decay", "learning_rate", "max_grad_norm", "temperature", "top_p",
+            "weight_decay", "warmup_steps", "adam_beta1", "adam_beta2", "adam_epsilon"} <= set(names), names
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=str)
+@pytest.mark.parametrize("name", _float_fields())
+def test_every_float_field_refuses_non_finite_values(name, value, tmp_path):
+    # nan passes every `<` / `>` check (TRL's beta range, transformers' warmup) and turns `max_grad_norm` clipping
+    # off; inf temperature or learning rate ends inside torch's sampler.
+    with pytest.raises(ValueError, match=rf"^{name} must be .*, got {value!r}"):
+        _config(tmp_path, **{name: value})
+
+
+# Inherited fields out of their range (finite values): the field is named with its range.
+INHERITED_BAD_VALUES = {
+    "learning_rate": (-1e-4, ">= 0"), "max_grad_norm": (-1.0, ">= 0"), "top_p": (0.0, "(0, 1]"),
+    "adam_beta2": (1.0, "[0, 1)"), "weight_decay": (-0.1, ">= 0"), "warmup_steps": (-1, ">= 0"),
+    "min_p": (1.5, "[0, 1]"), "repetition_penalty": (0.0, "> 0"), "vllm_gpu_memory_utilization": (1.5, "(0, 1]"),
+    "temperature": (0.0, "> 0"), "top_k": (-1, ">= 0"),
+}
+
+
+@pytest.mark.parametrize("name", list(INHERITED_BAD_VALUES))
+def test_inherited_fields_out_of_range_are_refused(name, tmp_path):
+    value, expected = INHERITED_BAD_VALUES[name]
+    with pytest.raises(ValueError, match=rf"^{name} must be .*{re.escape(expected)}.*got {re.escape(repr(value))}"):
+        _config(tmp_path, **{name: value})
+
+
+def test_cli_refuses_non_finite_values_before_loading_anything(tmp_path):
+    """`--temperature inf` used to reach torch's sampler (`probability tensor contains either inf, nan ...`) and
+    `--beta nan` the loss; `--max_grad_norm nan` switched clipping off."""
+    for flag, value in (("--temperature", "inf"), ("--learning_rate", "inf"), ("--beta", "nan"),
+                        ("--max_grad_norm", "nan")):
+        with pytest.raises(ValueError, match=f"^{flag[2:]} must be .*got {value}"):
+            cli_main(["train", "--config", str(REPO / "recipes/cpu_quickstart.yaml"), flag, value, "--output_dir",
+                      str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
 
 
 def test_integer_fields_refuse_floats_and_accept_their_bounds(tmp_path):
@@ -114,6 +165,7 @@ IGNORED = {
     "marker without skips": (dict(max_image_skips=0, image_skip_marker="<think>"), ["image_skip_marker='<think>'"]),
     "skips without marker": (dict(image_skip_marker=None, max_image_skips=2), ["max_image_skips=2"]),
     "vllm options without vllm": (dict(vllm_llm_kwargs={"dtype": "float32"}), ["vllm_llm_kwargs="]),
+    "closing under the default loss": (dict(close_truncated_completions=False), ["close_truncated_completions=False"]),
 }
 
 
@@ -135,6 +187,7 @@ def test_ignored_options_draw_one_warning_naming_them(case, tmp_path):
     dict(teacher_mode="fixed"), dict(jsd_clip=None), dict(max_image_skips=0), dict(max_image_skips=0,
                                                                                    image_skip_marker=None),
     dict(noise_vt=True, noise_vt_space="embeddings"), dict(teacher_mode="ema", ema_decay=0.9),
+    dict(loss_type="sampled_reverse_kl", close_truncated_completions=False),
 ], ids=str)
 def test_effective_or_default_options_draw_no_warning(settings, tmp_path):
     with warnings.catch_warnings():

@@ -165,3 +165,59 @@ def test_cli_eval_writes_rescorable_predictions(setup, tmp_path, capsys):
         records = [json.loads(x) for x in (tmp_path / "pred" / f"{name}.predictions.jsonl").read_text().splitlines()]
         assert len(records) == 6 and all(set(r["meta"]) >= {"grid", "path"} for r in records)
         assert sum(score("maze", r["meta"], r["completion"]) for r in records) / 6 == printed[name]["accuracy"]
+
+
+def _kl(capsys, *args) -> float:
+    import json
+
+    from opsd_trl.cli import main
+
+    assert main(["eval", *args, "--n", "3", "--batch-size", "3"]) == 0
+    out = capsys.readouterr().out
+    return json.loads(out[out.index("{\n"):])["model"]["kl_teacher_student"]  # after any library's log line
+
+
+def test_eval_uses_the_checkpoints_context_words(setup, tmp_path, capsys):
+    """`opsd-trl eval` on quickstart weights without --teacher-intro/--teacher-transition used the trainer's default
+    intro, which the 64-word vocabulary reads as <unk> after <unk>, and exited 0 with a wrong KL. Now a quickstart
+    weights file gets the quickstart's words, a folder saved by the trainer its own, and words the tokenizer cannot
+    write are an error naming the field and the fix."""
+    from opsd_trl import VisualOPSDConfig
+    from opsd_trl.config import TEACHER_INTRO as PAPER_INTRO
+
+    model, processor, _, _ = setup
+    weights = str(tmp_path / "m.safetensors")
+    save_weights(model, weights)
+    right = ["--teacher-intro", TEACHER_INTRO, "--teacher-transition", TEACHER_TRANSITION]
+    assert _kl(capsys, "--model", weights, "--reference", weights) == _kl(capsys, "--model", weights, "--reference",
+                                                                            weights, *right)
+    with pytest.raises(ValueError, match=r"teacher_intro 'The following images .*' cannot be written with this "
+                                         r"tokenizer's vocabulary: it reads back as '<unk> <unk>.*--teacher-intro"):
+        _kl(capsys, "--model", weights, "--reference", weights, "--teacher-intro", PAPER_INTRO)
+    folder = tmp_path / "folder"  # a saved model folder, as the trainer writes it
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    with pytest.raises(ValueError, match="teacher_intro 'The following images"):  # no words saved: the defaults
+        _kl(capsys, "--model", str(folder), "--reference", str(folder))
+    from opsd_trl.teacher_context import save_context_words
+
+    config = VisualOPSDConfig(output_dir=str(tmp_path), report_to=[], bf16=False, teacher_intro=TEACHER_INTRO,
+                              teacher_transition=TEACHER_TRANSITION)
+    save_context_words(str(folder), config)
+    assert _kl(capsys, "--model", str(folder), "--reference", str(folder)) == _kl(
+        capsys, "--model", weights, "--reference", weights, *right)
+
+
+def test_eval_cli_folder_with_a_config_and_no_weights(family_model_dirs, tmp_path):
+    """A folder with a config.json and no weights (an adapter-only or un-gathered DeepSpeed checkpoint) ended in
+    transformers' `no file named model.safetensors` error."""
+    import shutil
+
+    from opsd_trl.cli import main
+
+    folder = tmp_path / "no_weights"
+    folder.mkdir()
+    shutil.copy(f"{family_model_dirs['qwen2_5_vl']}/config.json", folder / "config.json")
+    with pytest.raises(ValueError, match=f"checkpoint {folder} has a config.json but no model weights .* it holds "
+                                         r"\['config.json'\]"):
+        main(["eval", "--model", str(folder), "--n", "2"])

@@ -82,3 +82,83 @@ def test_beta_sweep_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sweep.subprocess, "run", forbidden)
     assert cli_main(["sweep", "--config", RECIPE, "--beta", "0", "1", *TINY, "--out", str(out)]) == 0
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.json")} == stamps
+
+
+def _sweep(*args):
+    return cli_main(["sweep", "--config", RECIPE, *TINY, *args])
+
+
+def _no_training(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the sweep started training")
+
+    monkeypatch.setattr(sweep.subprocess, "run", forbidden)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--beta", "0.5", "0.5"], "the sweep lists beta 0.5 0.5: a value twice"),
+    (["--sweep", "beta=0.5,0.50"], "the sweep points beta=0.5 and beta=0.50 are the same setting"),
+    (["--beta", "0.5", "--sweep", "beta=0.7"], "beta is swept twice"),
+    (["--beta", "0.5", "--set", "beta=0.7"], "beta is both swept"),
+    (["--beta", "nan"], r"beta must be in \[0.0, 1.0\] \(a finite number\), got nan"),
+    (["--beta", "0.5", "--set", "output_dir=x"], "output_dir is set by the sweep"),
+])
+def test_repeated_or_bad_points_are_refused_before_training(args, message, tmp_path, monkeypatch):
+    """`--beta 0.5 0.5` trained once and reported `runs 2` with `± 0`; `--beta nan` failed as a
+    CalledProcessError of the training subprocess."""
+    _no_training(monkeypatch)
+    with pytest.raises(ValueError, match=message):
+        _sweep(*args, "--out", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def _maze_folder(path, splits: dict):
+    from datasets import DatasetDict
+
+    from opsd_trl.tasks import make_dataset
+
+    kw = dict(size=3, prompt="short", answer_format="numbered")
+    data = {name: make_dataset("maze", source, 6, **kw) for name, source in splits.items()}
+    (data["train"] if list(data) == ["train"] else DatasetDict(data)).save_to_disk(str(path))
+    return str(path)
+
+
+def test_evaluation_never_scores_training_rows(tmp_path, monkeypatch):
+    """A `save_to_disk` folder of one Dataset used to answer any split: the sweep scored its `maze3-train-*` rows.
+    Now a missing split, a test split equal to the train split and shared ids are refused, naming them."""
+    _no_training(monkeypatch)
+    single = _maze_folder(tmp_path / "single", {"train": "train"})
+    data = ["--set", "task=none", "--set", f"dataset_name={single}", "--beta", "0.5", "--out", str(tmp_path / "o")]
+    with pytest.raises(ValueError, match=rf"dataset {single} holds a single dataset \(split 'train'\), not the split "
+                                         "'test'; an evaluation never falls back"):
+        _sweep(*data)
+    shared = _maze_folder(tmp_path / "shared", {"train": "train", "test": "train"})  # the same rows twice
+    with pytest.raises(ValueError, match=r"6 of the 6 evaluation samples .* are training samples .* ids "
+                                         r"\['maze3-train-s0-00000'"):
+        _sweep(*data[:2], "--set", f"dataset_name={shared}", *data[4:])
+    with pytest.raises(ValueError, match="dataset_test_split and dataset_train_split are both 'train'"):
+        _sweep(*data, "--set", "dataset_test_split=train")
+    assert not (tmp_path / "o").exists()
+    held_out = _maze_folder(tmp_path / "held_out", {"train": "train", "test": "test"})
+    runner = sweep.Sweep(RECIPE, {"beta": ["0.5"]}, tmp_path / "o",
+                         fixed={"init_weights": "none", "task": "none", "dataset_name": held_out, "eval_n": "8"})
+    assert all(i.startswith("maze3-test-") for i in runner._eval_data["id"])
+
+
+def test_a_folder_of_another_sweep_is_refused(tmp_path, monkeypatch):
+    """Finished points are reused by folder name: a folder of a sweep with other settings would pass its runs
+    and baseline off as this sweep's."""
+    _no_training(monkeypatch)
+    out = tmp_path / "out"
+    sweep.Sweep(RECIPE, {"beta": ["0.5"]}, out, fixed={"init_weights": "none", "eval_n": "8"})._claim_folder()
+    with pytest.raises(ValueError, match=rf"sweep folder {out} holds the runs of a sweep with other settings "
+                                         r"\(recipe .*cpu_quickstart.yaml; differing: --set max_steps"):
+        _sweep("--beta", "0.5", "--out", str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["sweep.json"]
+
+
+def test_a_failed_training_point_is_named(tmp_path):
+    """A point whose training fails ended in a bare `subprocess.CalledProcessError`."""
+    with pytest.raises(RuntimeError, match=r"sweep point beta=0.5: training failed \(exit status 1; .*finished "
+                                           "points in .* are reused"):
+        _sweep("--beta", "0.5", "--launcher", "false", "--out", str(tmp_path / "out"))

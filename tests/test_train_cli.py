@@ -101,6 +101,16 @@ def test_cpu_recipe_in_process_with_tensorboard(tmp_path):
     card = (out / "README.md").read_text()
     assert "## Visual-OPSD" in card and "cpu_quickstart.yaml" in card and "kl_teacher_student" in card
     assert "train_loss" in json.loads((out / "train_results.json").read_text())
+    saved = json.loads((out / "teacher_context.json").read_text())  # read back by `opsd-trl eval`
+    assert saved["teacher_intro"] == " hint" and saved["teacher_transition"] == "answer"
+
+
+def test_context_words_the_tokenizer_cannot_write_are_refused(tmp_path):
+    """The teacher context of the quickstart model's 64-word vocabulary turned unknown words into <unk> silently."""
+    with pytest.raises(ValueError, match="teacher_transition 'Now answer.' cannot be written with this tokenizer's "
+                                         "vocabulary: it reads back as '<unk> <unk>'"):
+        cli_main(["train", "--config", str(CPU_RECIPE), *SHORT, "--teacher_transition", "Now answer.",
+                  "--output_dir", str(tmp_path / "out")])
 
 
 @pytest.mark.slow
@@ -289,3 +299,45 @@ def test_thinkmorph_recipe_cli_release_folder_zero3(bagel_release_dir, tmp_path)
                         text=True, timeout=600)
     assert rc.returncode == 0, rc.stdout[-3000:] + rc.stderr[-3000:]
     assert "accuracy" in rc.stdout
+
+
+def test_recipe_file_errors_name_the_file_and_the_key(tmp_path):
+    """A key written twice silently took the last value; a missing recipe gave a bare FileNotFoundError."""
+    with pytest.raises(FileNotFoundError, match=f"recipe {tmp_path / 'absent.yaml'} not found \\(--config\\)"):
+        cli_main(["train", "--config", str(tmp_path / "absent.yaml")])
+    recipe = tmp_path / "twice.yaml"
+    lines = CPU_RECIPE.read_text().splitlines()
+    recipe.write_text("\n".join([*lines, "beta: 0.3"]) + "\n")
+    first = next(i for i, line in enumerate(lines, 1) if line.startswith("beta:"))
+    with pytest.raises(ValueError, match=f"recipe {recipe}: key 'beta' is written twice \\(lines {first} and "
+                                         f"{len(lines) + 1}\\); YAML would keep only the last value"):
+        cli_main(["train", "--config", str(recipe), "--output_dir", str(tmp_path / "out")])
+
+
+def test_thinkmorph_format_on_another_layout_names_the_columns(tmp_path):
+    """`--dataset_format thinkmorph` on a standard-layout folder ended in `KeyError: 'question'`."""
+    from opsd_trl.tasks import make_dataset
+
+    make_dataset("maze", "train", 2).save_to_disk(str(tmp_path / "maze"))
+    with pytest.raises(ValueError, match=r"dataset_format 'thinkmorph' needs the columns \['question', 'answer'\] "
+                                         r".* lacks \['question'\] and has \['id', 'prompt', .*Formats: 'thinkmorph'"):
+        cli_main(["train", "--config", str(CPU_RECIPE), *SHORT, "--task", "none", "--dataset_name",
+                  str(tmp_path / "maze"), "--dataset_format", "thinkmorph", "--output_dir", str(tmp_path / "out")])
+
+
+def test_evaluation_during_training_scores_the_held_out_split(tmp_path):
+    """`--eval_strategy steps` ended in transformers' `you didn't pass an eval_dataset` (opsd-trl train passed none);
+    now it evaluates on `dataset_test_split`, refused by name where the data lacks it."""
+    from opsd_trl.tasks import make_dataset
+
+    make_dataset("maze", "train", 4, size=3, prompt="short", answer_format="numbered").save_to_disk(
+        str(tmp_path / "single"))
+    evaluating = ["--eval_strategy", "steps", "--eval_steps", "2", "--eval_n", "4", "--per_device_eval_batch_size", "4"]
+    with pytest.raises(ValueError, match=f"dataset {tmp_path / 'single'} holds a single dataset \\(split 'train'\\), "
+                                         "not the split 'test'"):
+        cli_main(["train", "--config", str(CPU_RECIPE), *SHORT, *evaluating, "--task", "none", "--dataset_name",
+                  str(tmp_path / "single"), "--output_dir", str(tmp_path / "bad")])
+    out = tmp_path / "run"
+    assert cli_main(["train", "--config", str(CPU_RECIPE), *SHORT, *evaluating, "--report_to", "none",
+                     "--output_dir", str(out)]) == 0
+    assert "eval_kl_teacher_student" in json.loads((out / "train_results.json").read_text())

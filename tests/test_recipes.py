@@ -70,7 +70,7 @@ def test_paper_recipe_hyperparameters():
 def test_paper_recipes_set_the_reference_behaviour_explicitly(name):
     """Every field where the project can differ from the reference (docs/fidelity.md) is written in the recipe, at
     the reference's value, so that a change of a library default cannot change the paper recipes."""
-    from opsd_trl.config import TEACHER_INTRO, TEACHER_TRANSITION
+    from opsd_trl.config import TEACHER_INTRO, TEACHER_TRANSITION, VLM_THINK_SYSTEM_PROMPT
 
     written = yaml.safe_load((REPO / "recipes" / f"{name}.yaml").read_text())
     reference = dict(
@@ -79,6 +79,7 @@ def test_paper_recipes_set_the_reference_behaviour_explicitly(name):
         teacher_mode="ema", ema_decay=0.995, beta=0.5, teacher_top_k=256, jsd_clip=0.05, max_vt_images=8,
         temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, max_completion_length=1024,
         teacher_intro=TEACHER_INTRO, teacher_transition=TEACHER_TRANSITION,
+        system_prompt=VLM_THINK_SYSTEM_PROMPT, teacher_text_layout="blocks", ema_init_weights="auto",
     )  # fmt: skip
     assert {k: written.get(k) for k in reference} == reference
     _, t, _ = parse_recipe(REPO / "recipes" / f"{name}.yaml")

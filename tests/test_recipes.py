@@ -62,7 +62,7 @@ def test_paper_recipe_hyperparameters():
                     top_k=0, max_image_skips=1)
     assert {k: getattr(t, k) for k in expected} == expected
     assert t.lr_scheduler_kwargs == {"min_lr_rate": 0.01} and t.learning_rate * 0.01 == pytest.approx(1e-7)
-    assert len(s.dataset_name) == 4 and s.dataset_format == "thinkmorph"
+    assert s.dataset_preset == "thinkmorph" and s.dataset_name is None  # the reference's rows (opsd_trl.data)
     assert not m.use_peft
 
 
@@ -80,6 +80,7 @@ def test_paper_recipes_set_the_reference_behaviour_explicitly(name):
         temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, max_completion_length=1024,
         teacher_intro=TEACHER_INTRO, teacher_transition=TEACHER_TRANSITION,
         system_prompt=VLM_THINK_SYSTEM_PROMPT, teacher_text_layout="blocks", ema_init_weights="auto",
+        on_missing_vt="no_vt_teacher",
     )  # fmt: skip
     assert {k: written.get(k) for k in reference} == reference
     _, t, _ = parse_recipe(REPO / "recipes" / f"{name}.yaml")
@@ -102,7 +103,7 @@ def test_thinkmorph_recipe():
                     gradient_accumulation_steps=2, per_device_train_batch_size=1, bf16=True, max_steps=1000)
     assert {k: getattr(t, k) for k in expected} == expected
     assert t.lr_scheduler_kwargs == {"min_lr_rate": 0.01} and t.learning_rate * 0.01 == pytest.approx(1e-7)
-    assert len(s.dataset_name) == 4 and s.dataset_format == "thinkmorph"
+    assert s.dataset_preset == "thinkmorph" and s.dataset_name is None  # the reference's rows (opsd_trl.data)
     from opsd_trl.models.bagel.processing_bagel import REFERENCE_IMAGE_TRANSFORM
 
     assert s.image_processor_kwargs == REFERENCE_IMAGE_TRANSFORM

@@ -269,7 +269,8 @@ def test_thinkmorph_recipe_cli_release_folder_zero3(bagel_release_dir, tmp_path)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
            "--main_process_port", str(_free_port()), "-m", "opsd_trl.train", "--config", str(THINKMORPH),
            "--model_name_or_path", bagel_release_dir, "--image_processor_kwargs", TINY_BAGEL_IMAGES,
-           "--dataset_name", data, "--vt_cache_dir", str(cache), "--dtype", "float32", "--bf16", "false",
+           "--dataset_preset", "none", "--dataset_name", data, "--dataset_format", "thinkmorph",
+           "--vt_cache_dir", str(cache), "--dtype", "float32", "--bf16", "false",
            "--max_steps", "2", "--max_completion_length", "8", "--teacher_top_k", "16", "--warmup_steps", "0",
            "--gradient_checkpointing", "false", "--logging_steps", "1", "--save_strategy", "no",
            "--ddp_backend", "gloo", "--report_to", "none", "--output_dir", str(out)]

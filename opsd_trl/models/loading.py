@@ -170,7 +170,11 @@ def load_pretrained(path: str, *, dtype=None, attn_implementation: str | None = 
         model_kwargs["attn_implementation"] = attn_implementation
     read_folder_config(path)  # a missing local folder is an error, never a hub look-up
     config = AutoConfig.from_pretrained(path, **hub_kwargs)
-    return FAMILIES[family_of(config)](path, model_kwargs, hub_kwargs, processing)
+    # Whole on this rank, as a release folder: transformers' ZeRO-3 loading (zero.Init while `from_pretrained`
+    # fills the weights) left a Qwen2.5-VL folder's embedding empty at the first generation ("Padding_idx must be
+    # within num_embeddings"); DeepSpeed partitions the loaded model when the trainer prepares it.
+    with _whole_on_this_rank():
+        return FAMILIES[family_of(config)](path, model_kwargs, hub_kwargs, processing)
 
 
 def load_config(path: str, *, revision: str | None = None, trust_remote_code: bool = False,

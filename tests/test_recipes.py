@@ -83,8 +83,19 @@ def test_paper_recipes_set_the_reference_behaviour_explicitly(name):
         on_missing_vt="no_vt_teacher",
     )  # fmt: skip
     assert {k: written.get(k) for k in reference} == reference
-    _, t, _ = parse_recipe(REPO / "recipes" / f"{name}.yaml")
+    s, t, _ = parse_recipe(REPO / "recipes" / f"{name}.yaml")
     assert {k: getattr(t, k) for k in reference} == reference
+    # The reference trains the vision tower and connector; the VTs are then encoded by the teacher's weights.
+    assert written["freeze_vision_tower"] is False and s.freeze_vision_tower is False and t.vt_source == "online"
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl_7b_thinkmorph", "thinkmorph_7b"])
+def test_frozen_vit_variants_differ_only_in_the_tower_and_the_cache(name):
+    paper = yaml.safe_load((REPO / "recipes" / f"{name}.yaml").read_text())
+    fast = yaml.safe_load((REPO / "recipes" / f"{name}_frozen_vit.yaml").read_text())
+    changed = {k for k in paper.keys() | fast.keys() if paper.get(k) != fast.get(k)}
+    assert changed == {"freeze_vision_tower", "vt_source", "vt_cache_dir", "output_dir"}
+    assert fast["freeze_vision_tower"] is True and fast["vt_cache_dir"]
 
 
 def test_lora_recipe():

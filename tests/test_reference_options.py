@@ -4,6 +4,7 @@ layout), and the EMA teacher's start from a release folder's `ema.safetensors`."
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -135,3 +136,34 @@ def test_ema_init_auto_without_an_ema_file_starts_from_the_policy(tmp_path):
     live = dict(model.named_parameters())
     for name, tensor in trainer.teacher_shadow.state_dict().items():
         torch.testing.assert_close(tensor, live[name].detach(), rtol=0, atol=0)
+
+
+def test_trainable_tower_encodes_vts_online_with_the_ema_weights(tmp_path):
+    """The reference trains the vision tower and connector (`freeze_vit` False), so its EMA teacher encodes the VTs
+    (and the problem image) with the EMA'd tower: with a trainable tower and online VTs, the teacher's logits are
+    those of the EMA weights' own full forward, tower included (here EMA weights = a perturbed copy, every weight)."""
+    from safetensors.torch import save_file
+
+    from tests.trainer_utils import completion_logits, generation_batch, reference_teacher_logits
+
+    model, processor = build_tiny_qwen2_5_vl(seed=0)
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp_path / "ema.safetensors"))
+    data = vl_dataset(n=2, n_vt=2)
+    trainer = make_trainer(model, processor, data, tmp_path, teacher_mode="ema", vt_source="online",
+                           ema_init_weights=str(tmp_path / "ema.safetensors"), max_completion_length=3)
+    assert all(p.requires_grad for p in model.model.visual.parameters())  # tower and merger (connector) train
+    batch = generation_batch(trainer, data)
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    with torch.no_grad():
+        out = trainer._teacher_pass(unwrapped, batch)
+    logits = out["teacher_hidden"] @ out["teacher_head"].t()
+    expected = reference_teacher_logits(ema, processor, data, batch, trainer.args)
+    live = completion_logits(trainer, batch, teacher=True)  # the same context under the live weights
+    for b, ref in enumerate(expected):
+        n = len(ref)
+        torch.testing.assert_close(logits[b, -n:], ref, rtol=1e-4, atol=1e-4)
+        assert (live[b, -n:] - ref).abs().max() > 1e-2  # the live tower would give other logits

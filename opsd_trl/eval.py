@@ -37,18 +37,22 @@ from .teacher_context import TeacherContext, placeholders_per_image
 class Contexts:
     """How to render a sample's student or teacher context for one processing class: the trainer's builder
     (`opsd_trl.teacher_context.TeacherContext`), so eval sees the sequences training sees. `intro` / `transition`
-    default to `VisualOPSDConfig`'s; pass the run's own. A text LM (a tokenizer) reads `vt_text` as its VTs."""
+    default to `VisualOPSDConfig`'s; pass the run's own (and its `teacher_text_layout`, `system_prompt`). A text LM
+    (a tokenizer) reads `vt_text` as its VTs."""
 
     processor: object
     intro: str = TEACHER_INTRO
     transition: str = TEACHER_TRANSITION
     max_vt_images: int = 8
     chat_template_kwargs: dict | None = None
+    layout: str = "one_turn"  # `VisualOPSDConfig.teacher_text_layout`
+    system_prompt: str | None = None  # `VisualOPSDConfig.system_prompt`, in both contexts
 
     def __post_init__(self):
         self.builder = TeacherContext(
             self.processor, intro=self.intro, transition=self.transition, uses_images=self.uses_images,
-            chat_template_kwargs=self.chat_template_kwargs, max_vt_images=self.max_vt_images,
+            chat_template_kwargs=self.chat_template_kwargs, max_vt_images=self.max_vt_images, layout=self.layout,
+            system_prompt=self.system_prompt,
         )
 
     @property
@@ -71,6 +75,7 @@ class Contexts:
                                                                                               list[bool]]:
         """Token ids (image placeholders expanded) and the mask of image-feature slots."""
         tokens = placeholders_per_image(self.processor, grid_thw) if grid_thw is not None else []
+        row = self.builder.with_system_prompt([row])[0]
         if teacher:
             n_vt = len(self.images(row, True)) - len(self.images(row, False))
             prompt = self.builder.teacher_prompt(row, n_vt, tokens, use_vt_text=True)

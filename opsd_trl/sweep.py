@@ -98,7 +98,8 @@ class Sweep:
             args = self.training_args
             self._reference, processor = self._model()
             self._contexts = Contexts(processor, intro=args.teacher_intro, transition=args.teacher_transition,
-                                      max_vt_images=args.max_vt_images, chat_template_kwargs=args.chat_template_kwargs)
+                                      max_vt_images=args.max_vt_images, chat_template_kwargs=args.chat_template_kwargs,
+                                      layout=args.teacher_text_layout, system_prompt=args.system_prompt)
             self._eval_data = load_eval_dataset(self.script_args)
         return self._reference, self._contexts, self._eval_data
 

@@ -167,3 +167,23 @@ def test_trainable_tower_encodes_vts_online_with_the_ema_weights(tmp_path):
         n = len(ref)
         torch.testing.assert_close(logits[b, -n:], ref, rtol=1e-4, atol=1e-4)
         assert (live[b, -n:] - ref).abs().max() > 1e-2  # the live tower would give other logits
+
+
+def test_eval_renders_the_reference_layout_as_the_trainer(tmp_path):
+    """Eval's contexts (`opsd_trl.eval.Contexts`, used by sweeps) with the run's layout and system prompt: the same
+    student and teacher prompts as the trainer's."""
+    from opsd_trl.eval import Contexts
+
+    model, processor = build_tiny_qwen2_5_vl(seed=0)
+    data = vl_dataset(n=2, n_vt=2)
+    trainer = make_trainer(model, processor, data, tmp_path, teacher_intro=INTRO, teacher_transition=TRANSITION,
+                           teacher_text_layout="blocks", system_prompt=SYS, max_completion_length=2)
+    batch = generation_batch(trainer, data)
+    contexts = Contexts(processor, intro=INTRO, transition=TRANSITION, layout="blocks", system_prompt=SYS)
+    for b, sample_id in enumerate(batch["sample_ids"]):
+        row = data[list(data["id"]).index(sample_id)]
+        for teacher in (True, False):
+            ids, _ = contexts.prompt_ids(row, teacher, contexts.pixels(contexts.images(row, teacher))["image_grid_thw"])
+            expected = (batch["teacher_prompt_ids"][b] if teacher
+                        else batch["prompt_ids"][b][batch["prompt_mask"][b].bool()].tolist())
+            assert ids == expected

@@ -89,9 +89,16 @@ def build_models(out: Path, size: str, layers: int) -> dict:
     from PIL import Image
 
     from opsd_trl.testing.tiny_bagel import build_tiny_bagel, save_bagel_release, tiny_bagel_config
-    from opsd_trl.testing.tiny_models import (CHAT_TEMPLATE, TinyQwen2_5_VLProcessor, build_tiny_qwen2_5_vl,
-                                              build_tiny_tokenizer, build_tiny_vl, save_tiny, tiny_image_processor,
-                                              tiny_text_config)
+    from opsd_trl.testing.tiny_models import (
+        CHAT_TEMPLATE,
+        TinyQwen2_5_VLProcessor,
+        build_tiny_qwen2_5_vl,
+        build_tiny_tokenizer,
+        build_tiny_vl,
+        save_tiny,
+        tiny_image_processor,
+        tiny_text_config,
+    )
 
     torch.manual_seed(0)
     qwen_dir, bagel_dir = out / "qwen2_5_vl_7b_random", out / "bagel_7b_random"

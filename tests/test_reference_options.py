@@ -13,9 +13,9 @@ from datasets import Dataset
 
 from opsd_trl.config import TEACHER_INTRO, TEACHER_TRANSITION, VLM_THINK_SYSTEM_PROMPT
 from opsd_trl.models.loading import load_pretrained
+from opsd_trl.teacher_context import TeacherContext
 from opsd_trl.testing.tiny_bagel import build_tiny_bagel, save_bagel_release
 from opsd_trl.testing.tiny_models import build_tiny_qwen2_5_vl
-from opsd_trl.teacher_context import TeacherContext
 from tests.trainer_utils import generation_batch, make_trainer, vl_dataset
 
 INTRO, TRANSITION, SYS = "INTRO.", "TRANSITION.", "SYS."

@@ -165,6 +165,11 @@ def part_train(args, recipe: str, model_dir: str, data: str, use_vllm: bool) -> 
         argv += ["--bf16", "false", "--dtype", "float32", "--gradient_checkpointing", "false"]
     if use_vllm and device() == "cpu":
         argv += ["--vllm_llm_kwargs", '{"dtype": "float32"}']
+    import torch
+
+    if torch.cuda.is_available():  # this run's peak, not the previous run's in this process
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     rc = train.main(argv)
     seconds = time.perf_counter() - t0

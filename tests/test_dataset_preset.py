@@ -92,3 +92,20 @@ def test_recipe_preset_reads_local_copies_and_trains(tmp_path):
     starts = [sum(1 for j, t in enumerate(ids) if t == image_token and ids[j - 1] != image_token)
               for ids in batch["teacher_prompt_ids"]]
     assert starts == [1, 3]  # problem image + the VTs that decode
+
+
+def test_build_vt_cache_with_the_preset_keys_the_trainings_ids(tmp_path):
+    from opsd_trl.cli import main as cli_main
+    from opsd_trl.vt_cache import VTCache
+
+    folders = []
+    for k in range(4):
+        folders.append(str(tmp_path / f"set{k}"))
+        thinkmorph_set().save_to_disk(folders[-1])
+    out = tmp_path / "cache"
+    assert cli_main(["build-vt-cache", "--model", "tiny:qwen2_5_vl", "--preset", "thinkmorph", "--preset-sources",
+                     *folders, "--output", str(out), "--dtype", "float32", "--device", "cpu", "--no-progress"]) == 0
+    dataset = load_preset("thinkmorph", sources=folders)
+    cache = VTCache(str(out))
+    assert all(sid in cache for sid in dataset["id"])
+    assert [cache.num_images(sid) for sid in dataset["id"]] == [len(v) for v in dataset["vt_images"]]

@@ -42,19 +42,25 @@ def _build_vt_cache(args) -> int:
 
     import torch
 
-    from opsd_trl.data import ensure_ids, load_any, numbered_columns, thinkmorph_vt_columns
+    from opsd_trl.data import ensure_ids, load_any, load_preset, numbered_columns, thinkmorph_vt_columns
     from opsd_trl.vt_cache import build_vt_cache, load_encoder
     from opsd_trl.vt_cache.format import DTYPES
 
-    dataset = load_any(args.dataset, args.split)
+    if (args.dataset is None) == (args.preset is None):
+        print("opsd-trl build-vt-cache: give one of --dataset and --preset.", file=sys.stderr)
+        return 2
     columns = args.vt_columns
-    if args.format == "thinkmorph":
+    if args.preset is not None:  # the preset's standard layout, its ids: the training run's with dataset_preset
+        dataset = load_preset(args.preset, args.split, args.preset_sources)
+    else:
+        dataset = load_any(args.dataset, args.split)
+    if args.format == "thinkmorph" and args.preset is None:
         dataset = ensure_ids(dataset, args.split)
         columns = columns or thinkmorph_vt_columns(dataset.column_names)
     problem_columns = args.problem_columns
     if problem_columns is None:  # default: the problem-image columns the dataset has
         names = dataset.column_names
-        problem_columns = (numbered_columns(names, "problem_image") if args.format == "thinkmorph"
+        problem_columns = (numbered_columns(names, "problem_image") if args.format == "thinkmorph" and not args.preset
                            else [c for c in ("images",) if c in names])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     image_kwargs = json.loads(args.image_processor_kwargs) if args.image_processor_kwargs else None
@@ -73,20 +79,26 @@ def _build_vt_cache(args) -> int:
         skip_bad=args.skip_bad,
         resume=not args.no_resume,
         progress=not args.no_progress,
-        source=f"{args.dataset}:{args.split}",
+        source=f"{args.dataset or 'preset ' + args.preset}:{args.split}",
     )
     print(f"VT cache ready: {out}")
     return 0
 
 
 def _add_build_vt_cache(sub) -> None:
+    from opsd_trl.data import DATASET_PRESETS  # no heavy imports
+
     p = sub.add_parser("build-vt-cache", help="encode visual-thought images once into a VT cache")
     p.add_argument("--model", required=True, help="the policy's folder (Qwen-VL, BAGEL; a BAGEL release folder too)")
     p.add_argument("--bagel-weights", choices=["ema", "model"], default=None,
                    help="BAGEL release folder with ema.safetensors and model.safetensors: which to load")
     p.add_argument("--image-processor-kwargs", default=None,
                    help="JSON settings of the image processor, as the recipe's image_processor_kwargs")
-    p.add_argument("--dataset", required=True, help="save_to_disk folder, data file, or hub name")
+    p.add_argument("--dataset", help="save_to_disk folder, data file, or hub name")
+    p.add_argument("--preset", choices=sorted(DATASET_PRESETS), default=None,
+                   help="a named data selection instead of --dataset (the recipe's dataset_preset; same sample ids)")
+    p.add_argument("--preset-sources", nargs="+", default=None,
+                   help="local copies of the preset's sets, in its order (the recipe's dataset_name)")
     p.add_argument("--split", default="train")
     p.add_argument("--format", choices=["standard", "thinkmorph"], default="standard")
     p.add_argument("--vt-columns", nargs="+", help="default: vt_images (standard), reasoning_image_* (thinkmorph)")

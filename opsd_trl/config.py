@@ -18,6 +18,14 @@ TEACHER_INTRO = (
     "to the correct answer. Use them silently as grounding context; do not describe or echo them."
 )
 TEACHER_TRANSITION = "Now, using your own independent reasoning, answer the problem above. Think step by step."
+# The reference's system prompt (`VLM_THINK_SYSTEM_PROMPT`, data/opsd_pack_builder.py), in student and teacher
+# contexts; the paper recipes set it as `system_prompt`.
+VLM_THINK_SYSTEM_PROMPT = (
+    "Let's think step by step to answer the question. For text-based thinking, enclose the process within <think> "
+    "</think>, e.g. <think> thinking process here </think>. For visual thinking, enclose the content within "
+    "<image_start> </image_end>, e.g. <image_start> thinking image here </image_end>. Finally conclude with the "
+    "final answer wrapped in <answer></answer> tags, i.e. <answer> answer here </answer>."
+)
 
 # The choice fields' types: `HfArgumentParser` shows them as `choices` in `--help` and refuses other values on the
 # command line; `__post_init__` checks values given in Python or in a recipe against the same types.
@@ -27,6 +35,7 @@ TeacherMode = Literal["self", "ema", "fixed"]
 VTSource = Literal["cache", "online"]
 NoiseVTSpace = Literal["pixels", "embeddings"]
 OnMissingVT = Literal["error", "no_vt_teacher"]
+TeacherTextLayout = Literal["one_turn", "blocks"]
 
 
 def _choices(annotation) -> tuple | None:
@@ -66,6 +75,8 @@ _FIELD_CHECKS = {
     "max_vt_images": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
     "teacher_intro": (lambda v: isinstance(v, str), "a string"),
     "teacher_transition": (lambda v: isinstance(v, str), "a string"),
+    "system_prompt": (lambda v: v is None or isinstance(v, str), "a string or None"),
+    "ema_init_weights": (lambda v: v is None or (isinstance(v, str) and v != ""), "a path, 'auto' or None"),
     "vt_cache_dir": (lambda v: v is None or isinstance(v, str), "a folder or None"),
     "allow_trainable_vision_with_cache": (lambda v: isinstance(v, bool), "a bool"),
     "reuse_problem_image_features": (lambda v: isinstance(v, bool), "a bool"),
@@ -158,6 +169,10 @@ class VisualOPSDConfig(DistillationConfig):
             step) or `"fixed"` (the initial weights: the base model under LoRA, else a frozen copy).
         ema_decay (`float`, *optional*, defaults to `0.995`):
             EMA teacher: shadow = d * shadow + (1 - d) * policy. Only with `teacher_mode="ema"`.
+        ema_init_weights (`str` or `None`, *optional*):
+            The EMA teacher's starting weights. `None`: the policy's. A `.safetensors` file (the model's parameter
+            names) or a BAGEL / ThinkMorph release folder (its `ema.safetensors`); `"auto"`: the policy's release
+            folder's `ema.safetensors` when it has one (the reference), else the policy's weights.
 
         > Parameters that control the teacher context (visual thoughts)
 
@@ -167,6 +182,14 @@ class VisualOPSDConfig(DistillationConfig):
             Text before the visual thoughts, at the end of the last user turn.
         teacher_transition (`str`, *optional*, defaults to the paper's text):
             Text after the visual thoughts.
+        teacher_text_layout (`str`, *optional*, defaults to `"one_turn"`):
+            `"one_turn"`: intro, VTs and transition appended to the last user turn; `"blocks"` (the reference): the
+            intro, the VTs and the transition each in a user message of its own, so a chat template renders each text
+            in its own `<|im_start|>...<|im_end|>` block. BAGEL's template renders both the same way.
+        system_prompt (`str` or `None`, *optional*):
+            A system message put first in the student and the teacher contexts of every sample (the reference:
+            `VLM_THINK_SYSTEM_PROMPT`). `None`: the dataset's prompt as given (Qwen2.5-VL's chat template then inserts
+            "You are a helpful assistant.").
         vt_source (`str` or `None`, *optional*):
             `"cache"` (read `vt_cache_dir`) or `"online"` (encode the VT images every step). Default: `"cache"` when
             `vt_cache_dir` is set, else `"online"`.
@@ -255,6 +278,12 @@ class VisualOPSDConfig(DistillationConfig):
         default="ema", metadata={"help": "self (live weights) | ema (shadow weights) | fixed (initial weights)."}
     )
     ema_decay: float = field(default=0.995, metadata={"help": "EMA teacher: shadow = d * shadow + (1 - d) * policy."})
+    ema_init_weights: str | None = field(
+        default=None,
+        metadata={"help": "EMA teacher's starting weights: None (the policy's) | a .safetensors file | a BAGEL release "
+                  "folder (its ema.safetensors) | auto (the policy folder's ema.safetensors when present: the "
+                  "reference)."},
+    )
 
     # Parameters that control the teacher context (visual thoughts)
     max_vt_images: int = field(
@@ -262,6 +291,16 @@ class VisualOPSDConfig(DistillationConfig):
     )
     teacher_intro: str = field(default=TEACHER_INTRO, metadata={"help": "Text before the visual thoughts."})
     teacher_transition: str = field(default=TEACHER_TRANSITION, metadata={"help": "Text after the visual thoughts."})
+    teacher_text_layout: TeacherTextLayout = field(
+        default="one_turn",
+        metadata={"help": "one_turn (intro, VTs, transition in the last user turn) | blocks (the reference: each in a "
+                  "user message of its own, one <|im_start|>...<|im_end|> block per text)."},
+    )
+    system_prompt: str | None = field(
+        default=None,
+        metadata={"help": "System message put first in the student and teacher contexts (the reference: its "
+                  "think/image/answer prompt). None: the dataset's prompt as given."},
+    )
     vt_source: VTSource | None = field(
         default=None,
         metadata={"help": "cache (read `vt_cache_dir`) | online (encode VT images every step); default: cache when "
@@ -349,7 +388,7 @@ class VisualOPSDConfig(DistillationConfig):
         if self.jsd_clip is None:
             found.append(("jsd_clip=None", ("jsd_clip_form",)))
         if self.teacher_mode != "ema":
-            found.append((f"teacher_mode={self.teacher_mode!r}", ("ema_decay",)))
+            found.append((f"teacher_mode={self.teacher_mode!r}", ("ema_decay", "ema_init_weights")))
         if not self.noise_vt:
             found.append(("noise_vt=False", ("noise_vt_space",)))
         if self.vt_source == "online":

@@ -247,3 +247,98 @@ def decode_sample_images(sample: dict) -> dict:
         if sample.get(column):
             out[column] = [decode_image(v, sample.get("id", "?"), column) for v in sample[column]]
     return out
+
+
+# ----------------------------------------------------------------------------------------------- dataset presets
+# The reference's data selection (TiezMind/Visual-OPSD data/configs/visual_opsd.yaml `num_used_data`,
+# data/opsd_paired_dataset.py): the first rows of each ThinkMorph set's train split, in this order.
+DATASET_PRESETS = {
+    "thinkmorph": {
+        "ThinkMorph/Visual_Search": 6990,
+        "ThinkMorph/Spatial_Navigation": 6000,
+        "ThinkMorph/Jigsaw_Assembly": 6000,
+        "ThinkMorph/Chart_Refocus": 6000,
+    },
+}
+REFERENCE_ROUNDS = 8  # `max_reference_rounds`: reasoning_image_0..7 and the thought columns 0..7
+# The reference reads `resoning_thought_<i>` (its spelling); the corrected spelling is read too.
+THOUGHT_STEMS = ("resoning_thought", "reasoning_thought")
+
+
+def _decodes(value, sample_id: str, column: str) -> bool:
+    from .vt_cache.build import BadImageError, decode_image
+
+    try:
+        decode_image(value, sample_id, column)
+    except BadImageError:
+        return False
+    return True
+
+
+def reference_selection(dataset, num_rows: int, name: str):
+    """One ThinkMorph set -> the reference's samples in the standard layout, images kept as stored bytes.
+
+    The first `num_rows` rows are read (rows skipped below count against them, as in the reference); a row is
+    skipped when its question or answer is empty, when it has no non-empty thought text (`resoning_thought_<i>`,
+    i < 8) or when `problem_image_0` does not decode; the problem image is `problem_image_0` alone; the VTs are
+    the non-empty `reasoning_image_<i>` (i < 8) that decode, in order (a row may keep none: its teacher then sees
+    intro + transition, `on_missing_vt: no_vt_teacher`). Ids are `<set>-<row>` (the set's last name part), unique
+    across sets. Every image is decoded once here, to match the reference's skips (a few minutes for the 24,990
+    rows; `datasets` caches the result for a hub or saved dataset).
+    """
+    from datasets import Image, List
+
+    if "problem_image_0" not in dataset.column_names:
+        raise ValueError(f"dataset {name}: no problem_image_0 column (columns: {dataset.column_names}); the "
+                         "thinkmorph preset reads the ThinkMorph layout (question, answer, problem_image_0, "
+                         "reasoning_image_<i>, resoning_thought_<i>).")
+    dataset = dataset.select(range(min(num_rows, len(dataset))))
+    for column, feature in dataset.features.items():  # stored bytes: decoded here to test, by the trainer to use
+        if isinstance(feature, Image):
+            dataset = dataset.cast_column(column, Image(decode=False))
+    short = name.rstrip("/").split("/")[-1]
+    vt_columns = [f"reasoning_image_{i}" for i in range(REFERENCE_ROUNDS)]
+    thought_columns = [f"{stem}_{i}" for stem in THOUGHT_STEMS for i in range(REFERENCE_ROUNDS)]
+
+    def select(batch, indices):
+        out = {"id": [], "prompt": [], "images": [], "vt_images": [], "answer": []}
+        for j, row in enumerate(indices):
+            sid = f"{short}-{row}"
+            question, answer = batch["question"][j] or "", batch["answer"][j] or ""
+            problem = batch["problem_image_0"][j]
+            if not question or not answer:
+                continue
+            if not any(batch[c][j] for c in thought_columns if c in batch):
+                continue
+            if not problem or not _decodes(problem, sid, "problem_image_0"):
+                continue
+            vts = [batch[c][j] for c in vt_columns if c in batch and batch[c][j]]
+            out["id"].append(sid)
+            out["prompt"].append([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": str(question)}]}])
+            out["images"].append([problem])
+            out["vt_images"].append([v for v in vts if _decodes(v, sid, "reasoning_image")])
+            out["answer"].append(str(answer))
+        return out
+
+    selected = dataset.map(select, with_indices=True, batched=True, batch_size=64,
+                           remove_columns=dataset.column_names)
+    for column in IMAGE_COLUMNS:
+        selected = selected.cast_column(column, List(Image(decode=False)))
+    return selected
+
+
+def load_preset(preset: str, split: str = "train", sources: Sequence[str] | None = None):
+    """A named selection (`DATASET_PRESETS`) as one standard-layout dataset. `sources`: where to read each set
+    (local copies, in the preset's order); default: the hub names."""
+    from datasets import concatenate_datasets
+
+    if preset not in DATASET_PRESETS:
+        raise ValueError(f"unknown dataset_preset {preset!r}; known: {sorted(DATASET_PRESETS)}.")
+    sets = DATASET_PRESETS[preset]
+    sources = list(sources) if sources else list(sets)
+    if len(sources) != len(sets):
+        raise ValueError(f"dataset_preset {preset!r} reads {len(sets)} sets ({', '.join(sets)}); dataset_name gives "
+                         f"{len(sources)}: give one source per set, in this order, or none (the hub names).")
+    parts = [reference_selection(load_any(src, split), n, name)
+             for src, (name, n) in zip(sources, sets.items(), strict=True)]
+    return concatenate_datasets(parts)

@@ -39,24 +39,30 @@ from .teacher_context import TeacherContext, load_context_words, placeholders_pe
 class Contexts:
     """How to render a sample's student or teacher context for one processing class: the trainer's builder
     (`opsd_trl.teacher_context.TeacherContext`), so eval sees the sequences training sees. `intro` / `transition`
-    default to `VisualOPSDConfig`'s; pass the run's own. A text LM (a tokenizer) reads `vt_text` as its VTs."""
+    default to `VisualOPSDConfig`'s; pass the run's own (and its `teacher_text_layout`, `system_prompt`). A text LM
+    (a tokenizer) reads `vt_text` as its VTs."""
 
     processor: object
     intro: str = TEACHER_INTRO
     transition: str = TEACHER_TRANSITION
     max_vt_images: int = 8
     chat_template_kwargs: dict | None = None
+    layout: str = "one_turn"  # `VisualOPSDConfig.teacher_text_layout`
+    system_prompt: str | None = None  # `VisualOPSDConfig.system_prompt`, in both contexts
 
     @classmethod
     def from_config(cls, processor, args) -> Contexts:
-        """The contexts a run's `VisualOPSDConfig` trained with (words, VT limit, chat-template kwargs)."""
+        """The contexts a run's `VisualOPSDConfig` trained with (words, layout, system prompt, VT limit,
+        chat-template kwargs)."""
         return cls(processor, intro=args.teacher_intro, transition=args.teacher_transition,
-                   max_vt_images=args.max_vt_images, chat_template_kwargs=args.chat_template_kwargs)
+                   max_vt_images=args.max_vt_images, chat_template_kwargs=args.chat_template_kwargs,
+                   layout=args.teacher_text_layout, system_prompt=args.system_prompt)
 
     def __post_init__(self):
         self.builder = TeacherContext(
             self.processor, intro=self.intro, transition=self.transition, uses_images=self.uses_images,
-            chat_template_kwargs=self.chat_template_kwargs, max_vt_images=self.max_vt_images,
+            chat_template_kwargs=self.chat_template_kwargs, max_vt_images=self.max_vt_images, layout=self.layout,
+            system_prompt=self.system_prompt,
         )
 
     @property
@@ -79,6 +85,7 @@ class Contexts:
                                                                                               list[bool]]:
         """Token ids (image placeholders expanded) and the mask of image-feature slots."""
         tokens = placeholders_per_image(self.processor, grid_thw) if grid_thw is not None else []
+        row = self.builder.with_system_prompt([row])[0]
         if teacher:
             n_vt = len(self.images(row, True)) - len(self.images(row, False))
             prompt = self.builder.teacher_prompt(row, n_vt, tokens, use_vt_text=True)
@@ -273,7 +280,9 @@ def context_settings(paths: list[str | None]) -> dict:
         saved = load_context_words(path) if path and os.path.isdir(path) else None
         if saved:
             return {"intro": saved["teacher_intro"], "transition": saved["teacher_transition"],
-                    "max_vt_images": saved["max_vt_images"], "chat_template_kwargs": saved["chat_template_kwargs"]}
+                    "max_vt_images": saved["max_vt_images"], "chat_template_kwargs": saved["chat_template_kwargs"],
+                    # folders saved before the layout and system prompt were recorded: the defaults
+                    "layout": saved.get("teacher_text_layout", "one_turn"), "system_prompt": saved.get("system_prompt")}
     return {"intro": TEACHER_INTRO, "transition": TEACHER_TRANSITION}
 
 

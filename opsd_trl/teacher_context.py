@@ -30,7 +30,8 @@ from .models.adapters import SlotFeatures
 _VT_SENTINEL = "\x00opsd-vt\x00"
 # Written beside a saved model by the trainer: the words its teacher context had, read back by `opsd-trl eval`.
 CONTEXT_FILE = "teacher_context.json"
-CONTEXT_FIELDS = ("teacher_intro", "teacher_transition", "max_vt_images", "chat_template_kwargs")
+CONTEXT_FIELDS = ("teacher_intro", "teacher_transition", "max_vt_images", "chat_template_kwargs", "teacher_text_layout",
+                  "system_prompt")
 
 
 def check_representable(tokenizer, text: str, field: str) -> None:
@@ -88,30 +89,61 @@ def _with_content_list(message: dict) -> dict:
 
 
 def teacher_messages(messages: list[dict], *, n_vt: int, intro: str, transition: str, vt_text: str | None = None,
-                     as_images: bool = True) -> list[dict]:
-    """Return a copy of the student `messages` with the privileged context appended to the last user turn.
+                     as_images: bool = True, layout: str = "one_turn") -> list[dict]:
+    """Return a copy of the student `messages` with the privileged context after the last user turn's content.
 
     `as_images=True` inserts `{"type": "image"}` parts (VLMs); otherwise a sentinel per VT (text LMs, resolved by
     `tokenize_teacher_prompt`). `vt_text` (text LMs) is inserted as plain text instead of slots.
+    `layout="one_turn"` appends intro, VTs and transition to the last user turn; `"blocks"` (the reference's layout)
+    puts them in user messages of their own after it, intro / VTs (none when there are none) / transition, so a chat
+    template renders each text in its own `<|im_start|>...<|im_end|>` block.
     """
     messages = copy.deepcopy(messages)
     last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
     if last_user is None:
         raise ValueError("the prompt has no user message to attach the visual thoughts to.")
     if as_images:
+        vts = [{"type": "image"} for _ in range(n_vt)]
+    else:
+        middle = vt_text if vt_text is not None else _VT_SENTINEL * n_vt
+    if layout == "blocks":
+        if as_images:
+            parts = [[{"type": "text", "text": intro}], vts, [{"type": "text", "text": transition}]]
+        else:
+            parts = [intro, middle, transition]
+        added = [{"role": "user", "content": part} for part in parts if part]
+        messages[last_user + 1 : last_user + 1] = added
+        return messages
+    if as_images:
         msg = _with_content_list(messages[last_user])
         msg["content"] += [{"type": "text", "text": intro}]
-        msg["content"] += [{"type": "image"} for _ in range(n_vt)]
+        msg["content"] += vts
         msg["content"] += [{"type": "text", "text": transition}]
     else:
         msg = dict(messages[last_user])
         content = msg["content"]
         if not isinstance(content, str):
             content = "".join(part.get("text", "") for part in content)
-        middle = vt_text if vt_text is not None else _VT_SENTINEL * n_vt
         msg["content"] = f"{content}\n\n{intro}\n{middle}\n{transition}"
     messages[last_user] = msg
     return messages
+
+
+def with_system_prompt(inputs: list[dict], system_prompt: str | None) -> list[dict]:
+    """The samples with `system_prompt` as a system message before their prompt (None: unchanged). A sample that
+    already has a system message is refused, naming it: two system prompts would be ambiguous."""
+    if system_prompt is None:
+        return inputs
+    out = []
+    for x in inputs:
+        prompt = x.get("prompt")
+        if isinstance(prompt, list | tuple) and any(isinstance(m, dict) and m.get("role") == "system" for m in prompt):
+            raise ValueError(f"sample {x.get('id')!r} already has a system message and system_prompt is set; remove "
+                             "the system message from the data or set system_prompt: null.")
+        if isinstance(prompt, list | tuple):  # anything else is refused, naming the sample, by `validate_prompt`
+            prompt = [{"role": "system", "content": system_prompt}, *prompt]
+        out.append({**x, "prompt": prompt})
+    return out
 
 
 def expand_image_tokens(text: str, image_token: str, tokens_per_image: list[int]) -> str:
@@ -180,12 +212,15 @@ class TeacherContext:
     `VTCache` or any mapping from sample id to a `VTEntry`) makes the cache the VT source for the ids it holds;
     `on_missing_vt="error"` refuses an id it lacks. `noise_vt` / `noise_vt_space` are the noise-VT control (see
     `VisualOPSDConfig`). A text LM's VTs are `vt_text` (plain text) or cached embeddings (soft-prefix slots).
+    `layout` is `teacher_messages`'s; `system_prompt` is put before every sample's prompt by `with_system_prompt`
+    (the trainer, once per batch, so TRL's student prompt has it too).
     """
 
     def __init__(self, processing_class, *, intro: str, transition: str, uses_images: bool,
                  chat_template_kwargs: dict | None = None, max_vt_images: int = 8,
                  vt_cache: Mapping | None = None, vt_cache_name: str | None = None, on_missing_vt: str = "error",
-                 noise_vt: bool = False, noise_vt_space: str = "pixels"):
+                 noise_vt: bool = False, noise_vt_space: str = "pixels", layout: str = "one_turn",
+                 system_prompt: str | None = None):
         self.processing_class = processing_class
         self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
         self.intro, self.transition = intro, transition
@@ -196,17 +231,22 @@ class TeacherContext:
         self.max_vt_images = max_vt_images
         self.vt_cache, self.vt_cache_name, self.on_missing_vt = vt_cache, vt_cache_name, on_missing_vt
         self.noise_vt, self.noise_vt_space = noise_vt, noise_vt_space
+        self.layout, self.system_prompt = layout, system_prompt
 
     @classmethod
     def from_config(cls, args, processing_class, *, uses_images: bool, vt_cache: Mapping | None = None):
-        """The contexts a `VisualOPSDConfig` describes: its words, chat-template kwargs, VT limit, VT cache name,
-        missing-VT rule and noise-VT control."""
+        """The contexts a `VisualOPSDConfig` describes: its words, text layout, system prompt, chat-template kwargs,
+        VT limit, VT cache name, missing-VT rule and noise-VT control."""
         return cls(processing_class, intro=args.teacher_intro, transition=args.teacher_transition,
                    uses_images=uses_images, chat_template_kwargs=args.chat_template_kwargs,
                    max_vt_images=args.max_vt_images, vt_cache=vt_cache, vt_cache_name=args.vt_cache_dir,
-                   on_missing_vt=args.on_missing_vt, noise_vt=args.noise_vt, noise_vt_space=args.noise_vt_space)
+                   on_missing_vt=args.on_missing_vt, noise_vt=args.noise_vt, noise_vt_space=args.noise_vt_space,
+                   layout=args.teacher_text_layout, system_prompt=args.system_prompt)
 
     # ------------------------------------------------------------------------------------------- per sample (data)
+    def with_system_prompt(self, inputs: list[dict]) -> list[dict]:
+        return with_system_prompt(inputs, self.system_prompt)
+
     def check_samples(self, inputs) -> None:
         """Each sample has an id, a valid prompt and (with `on_missing_vt="error"`) visual thoughts."""
         for x in inputs:
@@ -310,6 +350,7 @@ class TeacherContext:
         messages = teacher_messages(
             messages, n_vt=n_vt, intro=self.intro, transition=self.transition,
             vt_text=self.vt_text(x) if use_vt_text and not self.uses_images else None, as_images=self.uses_images,
+            layout=self.layout,
         )
         return self._tokenize(messages, tokens_per_slot)
 

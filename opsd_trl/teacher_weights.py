@@ -26,6 +26,23 @@ def _local_view(param: torch.Tensor) -> torch.Tensor:
     return param.ds_tensor.data if hasattr(param, "ds_tensor") else param.data
 
 
+def _local_piece(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of the full tensor `full` of `param`: under ZeRO-3 the slice of the flattened tensor its
+    partition holds (DeepSpeed partitions `param.view(-1)` into equal, zero-padded pieces in rank order), else all."""
+    if not hasattr(param, "ds_tensor"):
+        return full
+    import torch.distributed as dist
+
+    size = param.ds_tensor.numel()
+    rank = dist.get_rank(group=param.ds_process_group) if dist.is_initialized() else 0
+    flat = full.reshape(-1)[rank * size : (rank + 1) * size]
+    return torch.cat([flat, flat.new_zeros(size - flat.numel())])
+
+
+def _full_shape(param: torch.Tensor) -> tuple:
+    return tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
+
+
 def _check_partitioned(params) -> None:
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
@@ -94,6 +111,20 @@ class ShadowWeights:
                 release_gathered()
             for v, saved in zip(views, stash, strict=True):
                 v.copy_(saved)
+
+    @torch.no_grad()
+    def start_from(self, state: dict[str, torch.Tensor], source: str) -> None:
+        """Set the shadow from full tensors under the model's parameter names (`ema_init_weights`; ZeRO-3: each
+        rank keeps its partition's piece)."""
+        missing = [n for n in self.names if n not in state]
+        if missing:
+            raise ValueError(f"ema_init_weights {source} lacks {len(missing)} of the trained parameters, e.g. "
+                             f"{missing[0]!r}; give weights of this model (or ema_init_weights: null).")
+        for n, s, p in zip(self.names, self.shadow, self._params, strict=True):
+            if tuple(state[n].shape) != _full_shape(p):
+                raise ValueError(f"ema_init_weights {source}: {n!r} has shape {tuple(state[n].shape)}, the model's is "
+                                 f"{_full_shape(p)}; give weights of this model (or ema_init_weights: null).")
+            s.copy_(_local_piece(p, state[n]).reshape(s.shape))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: s.contiguous() for n, s in zip(self.names, self.shadow, strict=True)}

@@ -36,6 +36,12 @@ class ScriptArguments:
         metadata={"help": "Dataset(s): hub names, save_to_disk folders or data files; several are concatenated."},
     )
     dataset_format: str = field(default="standard", metadata={"help": "standard | thinkmorph."})
+    dataset_preset: str | None = field(
+        default=None,
+        metadata={"help": "A named data selection (opsd_trl.data.DATASET_PRESETS): thinkmorph = the reference's first "
+                  "6990 / 6000 / 6000 / 6000 rows of the four ThinkMorph sets, with its row rules. dataset_name "
+                  "then optionally gives local copies of the sets, in order; dataset_format is not read."},
+    )
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_test_split: str = field(
         default="test", metadata={"help": "Held-out split to evaluate on (sweeps; eval_strategy during training)."}
@@ -83,9 +89,11 @@ class ScriptArguments:
             self.init_weights = None
         if self.task in NONE_WORDS:
             self.task = None
+        if self.dataset_preset in NONE_WORDS:
+            self.dataset_preset = None
         if self.dataset_format not in ("standard", "thinkmorph"):
             raise ValueError(f"dataset_format must be 'standard' or 'thinkmorph', got {self.dataset_format!r}.")
-        if (self.task is None) == (not self.dataset_name):
+        if (self.task is None) == (not self.dataset_name and self.dataset_preset is None):
             raise ValueError("set exactly one of `task` (a procedural task) and `dataset_name`.")
 
 
@@ -224,13 +232,15 @@ def check_held_out(script_args: ScriptArguments) -> None:
 def _load_split(script_args: ScriptArguments, split: str, n: int, seed: int):
     from datasets import concatenate_datasets
 
-    from .data import load_any, standardize
+    from .data import load_any, load_preset, standardize
     from .tasks import make_dataset
 
     if script_args.task is not None:
         # Held-out splits are deduplicated (as in the quickstart): every evaluated maze is a distinct layout.
         kwargs = {"dedupe": split != "train", **(script_args.task_kwargs or {})}
         return make_dataset(script_args.task, split, n, seed=seed, **kwargs)
+    if script_args.dataset_preset is not None:
+        return load_preset(script_args.dataset_preset, split, script_args.dataset_name)
     parts = [standardize(load_any(name, split), script_args.dataset_format, split)
              for name in script_args.dataset_name]
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
@@ -260,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         model=model, args=training_args, train_dataset=dataset, eval_dataset=eval_dataset,
         processing_class=processing_class, peft_config=peft_config(script_args, model_args, model),
     )
-    trainer.model_card_info = {"recipe": script_args.recipe, "dataset": script_args.task or script_args.dataset_name}
+    trainer.model_card_info = {"recipe": script_args.recipe,
+                               "dataset": script_args.task or script_args.dataset_name or script_args.dataset_preset}
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():

@@ -32,7 +32,7 @@ from .data import check_prompt_lengths, decode_sample_images, defer_image_decodi
 from .fused_loss import unfusable_reason
 from .generation import build_generator, close_truncated, closing_token_id, placeholder_token_ids, require_vllm
 from .models.adapters import get_adapter, unwrap_base
-from .models.loading import has_full_weights, load_checkpoint_weights
+from .models.loading import ema_start_weights, has_full_weights, load_checkpoint_weights
 from .objective import completion_loss
 from .teacher_context import TeacherContext, save_context_words
 from .teacher_weights import ShadowWeights
@@ -165,7 +165,8 @@ class VisualOPSDTrainer(DistillationTrainer):
         return prompt_ids, completion_ids, tool_mask, images, tool_images
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        inputs = [decode_sample_images(x) for x in inputs]
+        # The system prompt goes into the samples' prompts here, so TRL's student prompt and the teacher's have it.
+        inputs = self.teacher_context.with_system_prompt([decode_sample_images(x) for x in inputs])
         self.teacher_context.check_samples(inputs)
         self._empty.reset()
         output = super()._generate_and_score_completions(inputs)
@@ -231,6 +232,13 @@ class VisualOPSDTrainer(DistillationTrainer):
             self._shadow = ShadowWeights(self.model)
             if self._resume_dir is not None:
                 load_shadow(self._shadow, self._resume_dir, self.accelerator.process_index)
+            elif self.args.teacher_mode == "ema" and self.args.ema_init_weights is not None:
+                state, source = ema_start_weights(self.args.ema_init_weights, unwrap_base(self.model))
+                if state is None:
+                    logger.info(f"EMA teacher starts from the policy's weights ({source}).")
+                else:
+                    self._shadow.start_from(state, source)
+                    logger.warning(f"EMA teacher starts from {source}.")
         return self._shadow
 
     @torch.no_grad()

@@ -38,6 +38,8 @@ HOOKS = [
          "keeps the columns the teacher needs (id, vt_images, vt_text) through remove_unused_columns"),
     Hook("transformers:Trainer", "_save_checkpoint", ("self", "model", "trial"),
          "atomic checkpoints and the teacher shadow file (opsd_trl.checkpoints)"),
+    Hook("transformers:Trainer", "_save", ("self", "output_dir", "state_dict"),
+         "every saved model folder also records its teacher-context words (teacher_context.save_context_words)"),
     Hook("transformers:Trainer", "_load_from_checkpoint", ("self", "resume_from_checkpoint", "model"),
          "full weights through the model's key mapping, loaded completely (the parent only warns on a mismatch)"),
     Hook("transformers:Trainer", "_load_best_model", ("self",), "the same complete, key-mapped load as resume"),

@@ -49,6 +49,9 @@ BAD_VALUES = {
     "max_image_skips": (-1, ">= 0"),
     "vllm_llm_kwargs": ("dtype=float32", "a dict"),
     "max_prompt_length": (0, ">= 1 or None"),
+    "teacher_text_layout": ("turns", "('one_turn', 'blocks')"),
+    "system_prompt": (5, "a string or None"),
+    "ema_init_weights": ("", "a path, 'auto' or None"),
 }
 
 

@@ -78,7 +78,8 @@ def test_evaluate_checkpoints_reports_closure(setup, tmp_path):
     save_weights(model, tmp_path / "before.safetensors")
     save_weights(model, tmp_path / "after.safetensors")
     out = evaluate_checkpoints(str(tmp_path / "after.safetensors"), data, baseline_path=str(tmp_path /
-                               "before.safetensors"), batch_size=8, progress=False, load=load_checkpoint)
+                               "before.safetensors"), batch_size=8, progress=False, load=load_checkpoint,
+                               intro=TEACHER_INTRO, transition=TEACHER_TRANSITION)
     assert set(out) == {"baseline", "model", "kl_gap_closure"}
     assert out["model"]["accuracy"] == out["baseline"]["accuracy"]
     assert abs(out["kl_gap_closure"]) < 1e-6  # same weights: nothing closed

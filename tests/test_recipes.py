@@ -62,7 +62,7 @@ def test_paper_recipe_hyperparameters():
                     top_k=0, max_image_skips=1)
     assert {k: getattr(t, k) for k in expected} == expected
     assert t.lr_scheduler_kwargs == {"min_lr_rate": 0.01} and t.learning_rate * 0.01 == pytest.approx(1e-7)
-    assert len(s.dataset_name) == 4 and s.dataset_format == "thinkmorph"
+    assert s.dataset_preset == "thinkmorph" and s.dataset_name is None  # the reference's rows (opsd_trl.data)
     assert not m.use_peft
 
 
@@ -70,7 +70,7 @@ def test_paper_recipe_hyperparameters():
 def test_paper_recipes_set_the_reference_behaviour_explicitly(name):
     """Every field where the project can differ from the reference (docs/fidelity.md) is written in the recipe, at
     the reference's value, so that a change of a library default cannot change the paper recipes."""
-    from opsd_trl.config import TEACHER_INTRO, TEACHER_TRANSITION
+    from opsd_trl.config import TEACHER_INTRO, TEACHER_TRANSITION, VLM_THINK_SYSTEM_PROMPT
 
     written = yaml.safe_load((REPO / "recipes" / f"{name}.yaml").read_text())
     reference = dict(
@@ -79,10 +79,23 @@ def test_paper_recipes_set_the_reference_behaviour_explicitly(name):
         teacher_mode="ema", ema_decay=0.995, beta=0.5, teacher_top_k=256, jsd_clip=0.05, max_vt_images=8,
         temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, max_completion_length=1024,
         teacher_intro=TEACHER_INTRO, teacher_transition=TEACHER_TRANSITION,
+        system_prompt=VLM_THINK_SYSTEM_PROMPT, teacher_text_layout="blocks", ema_init_weights="auto",
+        on_missing_vt="no_vt_teacher",
     )  # fmt: skip
     assert {k: written.get(k) for k in reference} == reference
-    _, t, _ = parse_recipe(REPO / "recipes" / f"{name}.yaml")
+    s, t, _ = parse_recipe(REPO / "recipes" / f"{name}.yaml")
     assert {k: getattr(t, k) for k in reference} == reference
+    # The reference trains the vision tower and connector; the VTs are then encoded by the teacher's weights.
+    assert written["freeze_vision_tower"] is False and s.freeze_vision_tower is False and t.vt_source == "online"
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl_7b_thinkmorph", "thinkmorph_7b"])
+def test_frozen_vit_variants_differ_only_in_the_tower_and_the_cache(name):
+    paper = yaml.safe_load((REPO / "recipes" / f"{name}.yaml").read_text())
+    fast = yaml.safe_load((REPO / "recipes" / f"{name}_frozen_vit.yaml").read_text())
+    changed = {k for k in paper.keys() | fast.keys() if paper.get(k) != fast.get(k)}
+    assert changed == {"freeze_vision_tower", "vt_source", "vt_cache_dir", "output_dir"}
+    assert fast["freeze_vision_tower"] is True and fast["vt_cache_dir"]
 
 
 def test_lora_recipe():
@@ -101,7 +114,7 @@ def test_thinkmorph_recipe():
                     gradient_accumulation_steps=2, per_device_train_batch_size=1, bf16=True, max_steps=1000)
     assert {k: getattr(t, k) for k in expected} == expected
     assert t.lr_scheduler_kwargs == {"min_lr_rate": 0.01} and t.learning_rate * 0.01 == pytest.approx(1e-7)
-    assert len(s.dataset_name) == 4 and s.dataset_format == "thinkmorph"
+    assert s.dataset_preset == "thinkmorph" and s.dataset_name is None  # the reference's rows (opsd_trl.data)
     from opsd_trl.models.bagel.processing_bagel import REFERENCE_IMAGE_TRANSFORM
 
     assert s.image_processor_kwargs == REFERENCE_IMAGE_TRANSFORM

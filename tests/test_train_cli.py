@@ -20,7 +20,7 @@ from opsd_trl.train import parse_args
 from opsd_trl.vt_cache import config_fingerprint
 
 CPU_RECIPE = REPO / "recipes/cpu_quickstart.yaml"
-QWEN25 = REPO / "recipes/qwen2_5_vl_7b_thinkmorph.yaml"
+QWEN25 = REPO / "recipes/qwen2_5_vl_7b_thinkmorph_frozen_vit.yaml"  # the recipe with a VT cache
 SHORT = ["--init_weights", "none", "--max_steps", "2", "--task_n_train", "16", "--per_device_train_batch_size", "4"]
 
 
@@ -238,6 +238,7 @@ def test_model_folder_without_config_is_a_startup_error(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------------------------- ThinkMorph recipe
 THINKMORPH = REPO / "recipes/thinkmorph_7b.yaml"
+THINKMORPH_FROZEN = REPO / "recipes/thinkmorph_7b_frozen_vit.yaml"  # frozen tower + VT cache
 TINY_BAGEL_IMAGES = '{"max_image_size": 56, "min_image_size": 28, "max_pixels": 3136}'  # the tiny 8 x 8 tower
 
 
@@ -267,7 +268,8 @@ def test_thinkmorph_recipe_refuses_an_ambiguous_folder(bagel_release_dir, tmp_pa
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_thinkmorph_recipe_cli_release_folder_zero3(bagel_release_dir, tmp_path):
-    """The ThinkMorph-7B recipe from the command line on a tiny BAGEL release folder: build-vt-cache, 2 steps on 2
+    """The ThinkMorph-7B recipe (its frozen-tower variant) from the command line on a tiny BAGEL release folder:
+    build-vt-cache, 2 steps on 2
     ZeRO-3 processes, then eval of the output folder."""
     data = thinkmorph_disk_dataset(tmp_path / "thinkmorph")
     cache = tmp_path / "vt_cache"
@@ -277,9 +279,10 @@ def test_thinkmorph_recipe_cli_release_folder_zero3(bagel_release_dir, tmp_path)
     config = REPO / "accelerate_configs/cpu_zero3.yaml"
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
-           "--main_process_port", str(_free_port()), "-m", "opsd_trl.train", "--config", str(THINKMORPH),
+           "--main_process_port", str(_free_port()), "-m", "opsd_trl.train", "--config", str(THINKMORPH_FROZEN),
            "--model_name_or_path", bagel_release_dir, "--image_processor_kwargs", TINY_BAGEL_IMAGES,
-           "--dataset_name", data, "--vt_cache_dir", str(cache), "--dtype", "float32", "--bf16", "false",
+           "--dataset_preset", "none", "--dataset_name", data, "--dataset_format", "thinkmorph",
+           "--vt_cache_dir", str(cache), "--dtype", "float32", "--bf16", "false",
            "--max_steps", "2", "--max_completion_length", "8", "--teacher_top_k", "16", "--warmup_steps", "0",
            "--gradient_checkpointing", "false", "--logging_steps", "1", "--save_strategy", "no",
            "--ddp_backend", "gloo", "--report_to", "none", "--output_dir", str(out)]

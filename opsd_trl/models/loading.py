@@ -170,7 +170,11 @@ def load_pretrained(path: str, *, dtype=None, attn_implementation: str | None = 
         model_kwargs["attn_implementation"] = attn_implementation
     read_folder_config(path)  # a missing local folder is an error, never a hub look-up
     config = AutoConfig.from_pretrained(path, **hub_kwargs)
-    return FAMILIES[family_of(config)](path, model_kwargs, hub_kwargs, processing)
+    # Whole on this rank, as a release folder: transformers' ZeRO-3 loading (zero.Init while `from_pretrained`
+    # fills the weights) left a Qwen2.5-VL folder's embedding empty at the first generation ("Padding_idx must be
+    # within num_embeddings"); DeepSpeed partitions the loaded model when the trainer prepares it.
+    with _whole_on_this_rank():
+        return FAMILIES[family_of(config)](path, model_kwargs, hub_kwargs, processing)
 
 
 def load_config(path: str, *, revision: str | None = None, trust_remote_code: bool = False,
@@ -318,3 +322,35 @@ def load_checkpoint_weights(model, folder: str) -> None:
             f"{tuple(state[k].shape)} vs {tuple(own[k].shape)}; resume with the model the checkpoint was trained from."
         )
     model.load_state_dict(state, strict=False)  # strict=False: tied weights appear under one name only
+
+
+# ----------------------------------------------------------------------------------------------- EMA teacher start
+def ema_start_weights(spec: str, model) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """`(state_dict under the model's names, where it came from)` for `VisualOPSDConfig.ema_init_weights`, or
+    `(None, why)` when "auto" finds none. `spec`: a `.safetensors` file (the model's or its checkpoint's names), a
+    BAGEL / ThinkMorph release folder (its `ema*.safetensors`), or "auto": the policy's own folder
+    (`config.name_or_path`) when it is a release folder with `ema*.safetensors` (the Visual-OPSD reference starts its
+    EMA teacher from them) or a folder with an `ema.safetensors`; else None (the EMA teacher starts from the policy)."""
+    from safetensors.torch import load_file
+
+    from .bagel.convert import is_bagel_checkpoint, read_bagel_state_dict
+
+    folder = spec
+    if spec == "auto":
+        folder = getattr(model.config, "name_or_path", None) or getattr(model.config, "_name_or_path", "")
+        if not os.path.isdir(folder):
+            return None, f"the policy {folder!r} is not a local folder"
+        has_ema = any(f.startswith("ema") and f.endswith(".safetensors") for f in os.listdir(folder))
+        if not has_ema:
+            return None, f"{folder} has no ema*.safetensors"
+    if os.path.isfile(folder):
+        return to_module_keys(model, load_file(folder, device="cpu")), folder
+    if os.path.isdir(folder) and is_bagel_checkpoint(folder):
+        state, report = read_bagel_state_dict(folder, "ema")
+        return state, f"{folder} ({', '.join(report['files'])})"
+    if os.path.isfile(os.path.join(folder, "ema.safetensors")):
+        path = os.path.join(folder, "ema.safetensors")
+        return to_module_keys(model, load_file(path, device="cpu")), path
+    raise FileNotFoundError(f"ema_init_weights={spec!r}: not a .safetensors file, a BAGEL release folder or a folder "
+                            "with ema.safetensors; give one of these, 'auto' or None (the EMA teacher then starts "
+                            "from the policy).")

@@ -192,6 +192,7 @@ def bagel_config(folder: str | os.PathLike, state: dict | None = None, weights: 
         state = {k: SimpleNamespace(shape=v) for k, v in read_bagel_shapes(folder, weights).items()}
     llm = json.loads((folder / LLM_CONFIG).read_text())
     vit = json.loads((folder / VIT_CONFIG).read_text())
+    _refuse_rope_scaling(folder, llm)
     prefix = "model.visual.vision_model.encoder.layers."
     depth = 1 + max(int(k[len(prefix):].split(".")[0]) for k in state if k.startswith(prefix))
     if depth != vit.get("num_hidden_layers"):
@@ -209,6 +210,23 @@ def bagel_config(folder: str | os.PathLike, state: dict | None = None, weights: 
     vision.update(num_hidden_layers=depth, image_size=side * vision.get("patch_size", 14))
     return BagelConfig(text_config={**text, "qk_norm": True}, vision_config=vision, vit_max_num_patch_per_side=side,
                        **_token_ids(folder))
+
+
+def _refuse_rope_scaling(folder: Path, llm: dict) -> None:
+    """Upstream BAGEL applies `rope_scaling` (its Qwen2 LM builds `Qwen2RotaryEmbedding(config)`, which scales the
+    RoPE frequencies by type); this port computes plain RoPE from `rope_theta`, so a scaled checkpoint is refused
+    rather than run with other logits."""
+    scaling = llm.get("rope_scaling")
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if scaling and kind != "default":
+        raise ValueError(f"{folder / LLM_CONFIG} sets rope_scaling={scaling!r}: upstream BAGEL scales its RoPE by "
+                         "it, this port does not (its logits would differ); remove rope_scaling from llm_config.json "
+                         "only if the checkpoint was trained without it, else run it with upstream BAGEL's code.")
+
+
+def vit_patch_size(folder: str | os.PathLike) -> int:
+    """The ViT patch size of a release folder (`vit_config.json`; SigLIP's default 14 when absent)."""
+    return int(json.loads((Path(folder) / VIT_CONFIG).read_text()).get("patch_size", 14))
 
 
 def _check_pos_embed(pos_embed: torch.Tensor | None, config: BagelConfig) -> None:
@@ -247,10 +265,15 @@ def to_bagel_state_dict(model) -> dict:
 
 def bagel_processor(folder: str | os.PathLike, image_processor: BagelImageProcessor | None = None) -> BagelProcessor:
     """`BagelProcessor` of a BAGEL folder: its Qwen2.5 tokenizer with BAGEL's chat format, and the understanding
-    transform at the Visual-OPSD reference's sizes (`REFERENCE_IMAGE_TRANSFORM`) unless one is given."""
+    transform at the Visual-OPSD reference's sizes (`REFERENCE_IMAGE_TRANSFORM`) unless one is given, with the
+    patch size of `vit_config.json`."""
     tok = AutoTokenizer.from_pretrained(os.fspath(folder))
     tok.chat_template = CHAT_TEMPLATE
-    return BagelProcessor(image_processor or BagelImageProcessor(**REFERENCE_IMAGE_TRANSFORM), tok)
+    patch = vit_patch_size(folder)  # the image stride and patch side follow the tower
+    if image_processor is not None and image_processor.patch_size != patch:
+        raise ValueError(f"image processor patch_size {image_processor.patch_size} differs from {folder / VIT_CONFIG} "
+                         f"patch_size {patch}; build the processor with patch_size={patch}.")
+    return BagelProcessor(image_processor or BagelImageProcessor(**REFERENCE_IMAGE_TRANSFORM, patch_size=patch), tok)
 
 
 def convert_bagel_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype | None = None,

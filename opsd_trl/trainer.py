@@ -29,6 +29,7 @@ from . import run_lock, trl_hooks
 from .checkpoints import (
     check_resume_settings,
     is_out_of_room,
+    last_complete_checkpoint,
     load_shadow,
     mark_complete,
     mark_incomplete,
@@ -396,9 +397,20 @@ class VisualOPSDTrainer(DistillationTrainer):
         rows = len(self.train_dataset) if hasattr(self.train_dataset, "__len__") else None
         return resume_settings(self.args, self.accelerator.num_processes, rows)
 
-    def _hold_output_dir(self) -> None:
-        """One run per output_dir (`opsd_trl.run_lock`): the main process holds it; every rank fails together."""
-        message = run_lock.acquire(self.args.output_dir, self) if self.accelerator.is_main_process else None
+    def _hold_output_dir(self, fresh: bool) -> None:
+        """One run per output_dir (`opsd_trl.run_lock`): the main process holds it; every rank fails together. A
+        fresh run may not start over an earlier run's checkpoints: it would write over some of them, and a later
+        `resume_from_checkpoint: true` could pick one of the earlier run's."""
+        message = None
+        if self.accelerator.is_main_process:
+            message = run_lock.acquire(self.args.output_dir, self)
+            earlier = last_complete_checkpoint(self.args.output_dir) if fresh and message is None else None
+            if earlier is not None:
+                message = (f"output_dir {self.args.output_dir} already holds checkpoints of an earlier run (newest: "
+                           f"{os.path.basename(earlier)}); a fresh run would write over them, and a later "
+                           "resume_from_checkpoint: true could pick the earlier run's. Continue that run "
+                           "(resume_from_checkpoint: true), give this run another output_dir, or delete its "
+                           "checkpoint-* folders.")
         if self.accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
@@ -407,7 +419,7 @@ class VisualOPSDTrainer(DistillationTrainer):
             raise RuntimeError(message)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        self._hold_output_dir()
+        self._hold_output_dir(fresh=resume_from_checkpoint in (None, False))
         resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
         if resume_from_checkpoint is not None:
             check_resume_settings(resume_from_checkpoint, self._resume_settings())

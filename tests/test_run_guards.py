@@ -60,6 +60,18 @@ def test_second_run_in_a_live_output_dir_is_refused_naming_the_first(tiny_model_
     load_script("train_opsd").run(["--out", str(tmp_path / "b.json"), "--model-dir", model_dir])
 
 
+def test_fresh_run_over_an_earlier_runs_checkpoints_is_refused(tiny_model_dirs, tmp_path):
+    """A fresh run into a folder with another run's checkpoints would write over some of them, and a later
+    `resume_from_checkpoint: true` could pick the earlier run's newest one."""
+    run = load_script("train_opsd").run
+    common = ["--out", str(tmp_path / "r.json"), "--model-dir", tiny_model_dirs["text_lm"], "--save-steps", "1"]
+    run([*common, "--steps", "3"])
+    with pytest.raises(RuntimeError, match=rf"output_dir {tmp_path / 'run'} already holds checkpoints of an earlier "
+                                           r"run \(newest: checkpoint-3\).*resume_from_checkpoint: true"):
+        run([*common, "--steps", "2", "--lr", "0.05"])
+    assert len(run([*common, "--steps", "4", "--resume", "last"])["runs"]["self"]["loss"]) == 4  # continuing is fine
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_every_rank_fails_together_when_the_output_dir_is_in_use(tiny_model_dirs, tmp_path):
@@ -67,7 +79,7 @@ def test_every_rank_fails_together_when_the_output_dir_is_in_use(tiny_model_dirs
     first = _start_paused(model_dir, tmp_path)
     try:
         with pytest.raises(RuntimeError, match=r"exit code") as error:
-            launch("train_opsd", "cpu_zero3", ["--model-dir", model_dir, "--steps", "2"], tmp_path, timeout=900)
+            launch("train_opsd", "cpu_ddp", ["--model-dir", model_dir, "--steps", "2"], tmp_path, timeout=900)
     finally:
         _finish(first, tmp_path)
     output = str(error.value)

@@ -110,7 +110,9 @@ def resolve_resume(resume_from_checkpoint, output_dir: str):
         if not os.path.isdir(resume_from_checkpoint):
             raise ValueError(f"resume_from_checkpoint {resume_from_checkpoint} is not a folder.")
         if not is_complete(resume_from_checkpoint):
-            previous = last_complete_checkpoint(os.path.dirname(resume_from_checkpoint.rstrip("/")))
+            # The run's output_dir itself (its newest checkpoint), else a sibling of an interrupted checkpoint.
+            previous = last_complete_checkpoint(resume_from_checkpoint) or last_complete_checkpoint(
+                os.path.dirname(resume_from_checkpoint.rstrip("/")))
             raise ValueError(
                 f"{resume_from_checkpoint} is not a complete checkpoint (its save was interrupted, or it has no "
                 "trainer_state.json); "

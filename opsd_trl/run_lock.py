@@ -17,6 +17,7 @@ import os
 import socket
 import sys
 import time
+import warnings
 import weakref
 
 LOCK_FILE = "_opsd_trl_run.lock"
@@ -35,6 +36,11 @@ def acquire(output_dir: str, owner) -> str | None:
         except BlockingIOError:
             os.close(fd)
             return _in_use_message(output_dir, path)
+        except OSError as e:  # a file system without locks (some network mounts): run unguarded, and say so
+            os.close(fd)
+            warnings.warn(f"cannot lock output_dir {output_dir} ({e}); nothing stops a second run from writing "
+                          "into it.", stacklevel=3)
+            return None
         info = {"pid": os.getpid(), "host": socket.gethostname(),
                 "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)}
         os.ftruncate(fd, 0)

@@ -177,6 +177,10 @@ class VisualOPSDTrainer(DistillationTrainer):
         self._train_sampler = trl_hooks.EpochSeeded(super()._get_train_sampler(dataset))
         return self._train_sampler
 
+    def _get_eval_sampler(self, eval_dataset):
+        # Epoch 0's order at every evaluation: a resumed run evaluates (and samples) as the uninterrupted one did.
+        return trl_hooks.EpochSeeded(super()._get_eval_sampler(eval_dataset))
+
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             self._signature_columns = ["id", "prompt", "image", "images", "vt_images", "vt_text"]
@@ -388,10 +392,17 @@ class VisualOPSDTrainer(DistillationTrainer):
         if self.args.should_save:
             mark_incomplete(folder)
         self.accelerator.wait_for_everyone()
-        super().save_model(output_dir, _internal_call)
+        # The parent pushes to the Hub at the end of its save: here only once the folder is complete.
+        push, self.args.push_to_hub = self.args.push_to_hub, False
+        try:
+            super().save_model(output_dir, _internal_call)
+        finally:
+            self.args.push_to_hub = push
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             mark_complete(folder)
+        if push:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _resume_settings(self) -> dict:
         rows = len(self.train_dataset) if hasattr(self.train_dataset, "__len__") else None

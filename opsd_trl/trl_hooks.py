@@ -43,8 +43,13 @@ HOOKS = [
     Hook("transformers:Trainer", "_load_best_model", ("self",), "the same complete, key-mapped load as resume"),
     Hook("trl:DistillationTrainer", "_get_train_sampler", ("self", "dataset"),
          "TRL's RepeatSampler, wrapped so that each epoch's order is a function of (seed, epoch) (EpochSeeded)"),
+    Hook("trl:DistillationTrainer", "_get_eval_sampler", ("self", "eval_dataset"),
+         "the same wrapper: every evaluation draws one order, whatever came before (a resume included)"),
     Hook("transformers:Trainer", "save_model", ("self", "output_dir", "_internal_call"),
-         "the final save is marked incomplete until done; _internal_call tells a checkpoint's save from it"),
+         "the final save is marked incomplete until done (its Hub push moved after that); _internal_call tells a "
+         "checkpoint's save from it"),
+    Hook("transformers.trainer:Trainer.save_model", "if self.args.push_to_hub and not _internal_call", None,
+         "the parent pushes at the end of save_model (see VisualOPSDTrainer.save_model)"),
     # --- private methods called ------------------------------------------------------------------------------
     Hook("trl:DistillationTrainer", "_get_last_hidden_state",
          ("self", "unwrapped_model", "input_ids", "attention_mask", "logits_to_keep", "pixel_values",

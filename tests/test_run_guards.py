@@ -69,6 +69,9 @@ def test_fresh_run_over_an_earlier_runs_checkpoints_is_refused(tiny_model_dirs, 
     with pytest.raises(RuntimeError, match=rf"output_dir {tmp_path / 'run'} already holds checkpoints of an earlier "
                                            r"run \(newest: checkpoint-3\).*resume_from_checkpoint: true"):
         run([*common, "--steps", "2", "--lr", "0.05"])
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'run'} is not a complete checkpoint .*resume from "
+                                         rf"{tmp_path / 'run' / 'checkpoint-3'} instead"):  # the run's folder itself
+        run([*common, "--steps", "4", "--resume", str(tmp_path / "run")])
     assert len(run([*common, "--steps", "4", "--resume", "last"])["runs"]["self"]["loss"]) == 4  # continuing is fine
 
 

@@ -82,3 +82,15 @@ def test_beta_sweep_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sweep.subprocess, "run", forbidden)
     assert cli_main(["sweep", "--config", RECIPE, "--beta", "0", "1", *TINY, "--out", str(out)]) == 0
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.json")} == stamps
+
+
+def test_interrupted_point_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+    """A point stopped after a complete checkpoint continues from it (a fresh run over its checkpoints is refused)."""
+    point = {"beta": "0.5"}
+    run_dir = tmp_path / "runs" / sweep.point_name(point)
+    (run_dir / "checkpoint-2").mkdir(parents=True)
+    (run_dir / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    commands = []
+    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd, check: commands.append(cmd))
+    sweep.Sweep(RECIPE, {"beta": ["0.5"]}, tmp_path, fixed={"init_weights": "none"})._train(point, run_dir)
+    assert commands[0][-2:] == ["--resume_from_checkpoint", "last"]

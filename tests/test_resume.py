@@ -148,8 +148,9 @@ def test_resume_in_a_later_epoch_after_a_kill_is_exact(tiny_model_dirs, tmp_path
                                               model_dir, *common])["runs"]["ema"]
     out = tmp_path / "killed" / "r.json"
     assert _run(out, model_dir, *common, "--kill-after-save-at", "6", check=False).returncode == -9
-    _run(out, model_dir, *common, "--resume", "last")  # the killed run's lock does not block it
-    killed = json.loads(out.read_text())["runs"]["ema"]
+    # Resumed in this process: the killed run's lock does not block it.
+    killed = load_script("train_opsd").run(["--out", str(out), "--model-dir", model_dir, *common, "--resume",
+                                            "last"])["runs"]["ema"]
     assert len(straight["loss"]) == 10
     _assert_same_run(straight, killed)  # the log history of steps 1-6 comes from the checkpoint
     from_boundary = load_script("train_opsd").run(

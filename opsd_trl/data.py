@@ -187,8 +187,24 @@ def load_any(path_or_name: str, split: str = "train"):
                              ".csv file, or a folder written by Dataset.save_to_disk.")
         if split != "train":  # a single data file is datasets' split "train"
             _missing_split(path_or_name, split, ["train"], single=True)
-        return datasets.load_dataset(builders[ext], data_files=path_or_name, split=split)
-    return datasets.load_dataset(path_or_name, split=split)
+        builder = builders[ext]
+        return _rows_or_error(path_or_name, split, lambda: datasets.load_dataset(builder, data_files=path_or_name,
+                                                                                split=split))
+    return _rows_or_error(path_or_name, split, lambda: datasets.load_dataset(path_or_name, split=split))
+
+
+def _rows_or_error(name: str, split: str, load):
+    """datasets reports a file with no rows as `Instruction "<split>" corresponds to no data!` (a header-only
+    .csv) or a bare `StopIteration` (an empty .jsonl)."""
+    try:
+        return load()
+    except StopIteration:
+        pass
+    except ValueError as e:
+        if "corresponds to no data" not in str(e):
+            raise
+    raise ValueError(f"dataset {name} has no rows (split {split!r}); give a dataset with training rows (a .jsonl "
+                     "file holds one JSON object per line).") from None
 
 
 def _missing_split(source: str, split: str, has: list[str], single: bool = False):

@@ -105,8 +105,12 @@ class Sweep:
         return rows
 
     def _train(self, point: dict[str, str], run_dir: Path) -> None:
+        from .checkpoints import last_complete_checkpoint
+
         cmd = [*self.launcher, "-m", "opsd_trl.train", *self._train_args(point), "--output_dir", str(run_dir),
                "--recipe", self.config]
+        if last_complete_checkpoint(str(run_dir)) is not None:  # an interrupted run continues (a fresh one is refused)
+            cmd += ["--resume_from_checkpoint", "last"]
         print(f"[sweep] training {point_name(point)}: {shlex.join(cmd)}", flush=True)
         try:
             subprocess.run(cmd, check=True)

@@ -176,6 +176,9 @@ def load_model(script_args: ScriptArguments, model_args: ModelConfig, trust_remo
 def _load_init_weights(model, file: str, model_name: str) -> None:
     from safetensors.torch import load_file
 
+    from .checkpoints import check_safetensors
+
+    check_safetensors(file)
     try:
         model.load_state_dict(load_file(file))
     except RuntimeError as e:

@@ -25,8 +25,20 @@ from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import logging
 from trl import DistillationTrainer
 
-from . import trl_hooks
-from .checkpoints import load_shadow, mark_complete, mark_incomplete, resolve_resume, shadow_path
+from . import run_lock, trl_hooks
+from .checkpoints import (
+    check_resume_settings,
+    is_out_of_room,
+    last_complete_checkpoint,
+    load_shadow,
+    mark_complete,
+    mark_incomplete,
+    out_of_room_error,
+    resolve_resume,
+    resume_settings,
+    save_resume_settings,
+    shadow_path,
+)
 from .config import GJSD, VisualOPSDConfig
 from .data import check_prompt_lengths, decode_sample_images, defer_image_decoding
 from .fused_loss import unfusable_reason
@@ -52,6 +64,18 @@ class _TeacherUpdate(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer.args.teacher_mode == "ema":
             self.trainer.teacher_shadow.update(self.trainer.args.ema_decay)
+
+
+class _EpochOrder(TrainerCallback):
+    """Each epoch's data order from (seed, epoch) (`trl_hooks.EpochSeeded`), set before the epoch's first batch.
+    At an epoch's start `state.epoch` is that epoch's number, whole; resumed inside an epoch, its fraction is cut."""
+
+    def __init__(self, trainer: VisualOPSDTrainer):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.trainer._train_sampler is not None:
+            self.trainer._train_sampler.set_epoch(int(state.epoch or 0))
 
 
 class VisualOPSDTrainer(DistillationTrainer):
@@ -88,6 +112,7 @@ class VisualOPSDTrainer(DistillationTrainer):
                              eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                              optimizers=optimizers, peft_config=peft_config)
         self.use_vllm = use_vllm
+        self._check_train_rows()
         if use_vllm:
             require_vllm()  # fail at start-up, with the install command, not at the first step
         self._last_synced_step = -1
@@ -112,9 +137,27 @@ class VisualOPSDTrainer(DistillationTrainer):
         self._generator = None
         self._fuse_ok: bool | None = None
         self._empty = trl_hooks.EmptyCompletions()
+        self._train_sampler: trl_hooks.EpochSeeded | None = None
         self.add_callback(_TeacherUpdate(self))
+        self.add_callback(_EpochOrder(self))
 
     # ----------------------------------------------------------------------------------------------- set-up
+    def _check_train_rows(self) -> None:
+        """TRL's sampler yields whole generation batches only: fewer rows than one batch would train 0 steps and
+        save the untrained model as if trained."""
+        dataset = self.train_dataset
+        if dataset is None or not hasattr(dataset, "__len__"):
+            return
+        args, processes = self.args, self.accelerator.num_processes
+        batch = args.per_device_train_batch_size * processes * args.gradient_accumulation_steps
+        if len(dataset) < batch:
+            raise ValueError(
+                f"the training dataset has {len(dataset)} rows, fewer than one generation batch of {batch} "
+                f"(per_device_train_batch_size {args.per_device_train_batch_size} x {processes} processes x "
+                f"gradient_accumulation_steps {args.gradient_accumulation_steps}): no step would run. Give more rows "
+                "(check the dataset split, its filters, task_n_train) or a smaller batch."
+            )
+
     @property
     def generator(self):
         """The student sampler, built on first use: after `accelerator.prepare` has wrapped the model."""
@@ -125,6 +168,14 @@ class VisualOPSDTrainer(DistillationTrainer):
             )
             self._generator.eos_token_ids = set(self.eos_token_ids)
         return self._generator
+
+    def _get_train_sampler(self, dataset=None):
+        self._train_sampler = trl_hooks.EpochSeeded(super()._get_train_sampler(dataset))
+        return self._train_sampler
+
+    def _get_eval_sampler(self, eval_dataset):
+        # Epoch 0's order at every evaluation: a resumed run evaluates (and samples) as the uninterrupted one did.
+        return trl_hooks.EpochSeeded(super()._get_eval_sampler(eval_dataset))
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
@@ -327,16 +378,72 @@ class VisualOPSDTrainer(DistillationTrainer):
             mark_incomplete(folder)
         self.accelerator.wait_for_everyone()
         with trl_hooks.rotation_deferred(self.args) as limit:
-            super()._save_checkpoint(model, trial)
-            if self._needs_shadow():
-                self.teacher_shadow.save(shadow_path(folder, self.accelerator.process_index))
+            try:
+                super()._save_checkpoint(model, trial)
+                if self._needs_shadow():
+                    self.teacher_shadow.save(shadow_path(folder, self.accelerator.process_index))
+                if self.args.should_save:
+                    save_resume_settings(folder, self._resume_settings())
+            except Exception as e:  # torch, safetensors and Python each report a full disk their own way
+                if is_out_of_room(e):
+                    raise out_of_room_error(folder, e) from e
+                raise
             self.accelerator.wait_for_everyone()
         if self.args.should_save:
             mark_complete(folder)
             rotate_checkpoints(run_dir, save_total_limit=limit, best_model_checkpoint=self.state.best_model_checkpoint)
 
+    def save_model(self, output_dir=None, _internal_call=False):
+        """The final save is marked incomplete until every rank is done, as a checkpoint is: a run killed mid-save
+        leaves a folder that `load_pretrained` refuses by name (a checkpoint's own save is `_internal_call`)."""
+        if _internal_call:
+            return super().save_model(output_dir, _internal_call)
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            mark_incomplete(folder)
+        self.accelerator.wait_for_everyone()
+        # The parent pushes to the Hub at the end of its save: here only once the folder is complete.
+        push, self.args.push_to_hub = self.args.push_to_hub, False
+        try:
+            super().save_model(output_dir, _internal_call)
+        finally:
+            self.args.push_to_hub = push
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            mark_complete(folder)
+        if push:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _resume_settings(self) -> dict:
+        rows = len(self.train_dataset) if hasattr(self.train_dataset, "__len__") else None
+        return resume_settings(self.args, self.accelerator.num_processes, rows)
+
+    def _hold_output_dir(self, fresh: bool) -> None:
+        """One run per output_dir (`opsd_trl.run_lock`): the main process holds it; every rank fails together. A
+        fresh run may not start over an earlier run's checkpoints: it would write over some of them, and a later
+        `resume_from_checkpoint: true` could pick one of the earlier run's."""
+        message = None
+        if self.accelerator.is_main_process:
+            message = run_lock.acquire(self.args.output_dir, self)
+            earlier = last_complete_checkpoint(self.args.output_dir) if fresh and message is None else None
+            if earlier is not None:
+                message = (f"output_dir {self.args.output_dir} already holds checkpoints of an earlier run (newest: "
+                           f"{os.path.basename(earlier)}); a fresh run would write over them, and a later "
+                           "resume_from_checkpoint: true could pick the earlier run's. Continue that run "
+                           "(resume_from_checkpoint: true), give this run another output_dir, or delete its "
+                           "checkpoint-* folders.")
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            message = broadcast_object_list([message])[0]
+        if message is not None:
+            raise RuntimeError(message)
+
     def train(self, resume_from_checkpoint=None, **kwargs):
+        self._hold_output_dir(fresh=resume_from_checkpoint in (None, False))
         resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        if resume_from_checkpoint is not None:
+            check_resume_settings(resume_from_checkpoint, self._resume_settings())
         if resume_from_checkpoint is not None and self._needs_shadow():
             self._resume_dir = resume_from_checkpoint
             self._shadow = None  # rebuilt and loaded from the checkpoint at first use

@@ -43,6 +43,15 @@ HOOKS = [
     Hook("transformers:Trainer", "_load_from_checkpoint", ("self", "resume_from_checkpoint", "model"),
          "full weights through the model's key mapping, loaded completely (the parent only warns on a mismatch)"),
     Hook("transformers:Trainer", "_load_best_model", ("self",), "the same complete, key-mapped load as resume"),
+    Hook("trl:DistillationTrainer", "_get_train_sampler", ("self", "dataset"),
+         "TRL's RepeatSampler, wrapped so that each epoch's order is a function of (seed, epoch) (EpochSeeded)"),
+    Hook("trl:DistillationTrainer", "_get_eval_sampler", ("self", "eval_dataset"),
+         "the same wrapper: every evaluation draws one order, whatever came before (a resume included)"),
+    Hook("transformers:Trainer", "save_model", ("self", "output_dir", "_internal_call"),
+         "the final save is marked incomplete until done (its Hub push moved after that); _internal_call tells a "
+         "checkpoint's save from it"),
+    Hook("transformers.trainer:Trainer.save_model", "if self.args.push_to_hub and not _internal_call", None,
+         "the parent pushes at the end of save_model (see VisualOPSDTrainer.save_model)"),
     # --- private methods called ------------------------------------------------------------------------------
     Hook("trl:DistillationTrainer", "_get_last_hidden_state",
          ("self", "unwrapped_model", "input_ids", "attention_mask", "logits_to_keep", "pixel_values",
@@ -73,6 +82,8 @@ HOOKS = [
          "TRL logs a student entropy from _compute_loss's entropy_sum (see drop_parent_entropy)"),
     Hook("transformers.trainer:Trainer._save_checkpoint", "rotate_checkpoints(", None,
          "rotation inside the save (see rotation_deferred)"),
+    Hook("trl.trainer.utils:RepeatSampler.__init__", "self.generator = torch.Generator()", None,
+         "the sampler's own generator, reseeded per epoch (see EpochSeeded)"),
     Hook("trl.generation.vllm_generation:VLLMGeneration._init_vllm", "self.llm = LLM(", None,
          "TRL builds vllm.LLM from a fixed argument list (see vllm_llm_with)"),
     Hook("trl.generation.vllm_generation:VLLMGeneration", "sync_weights", ("self",),
@@ -136,6 +147,31 @@ def rotation_deferred(args):
         yield limit
     finally:
         args.save_total_limit = limit
+
+
+class EpochSeeded(torch.utils.data.Sampler):
+    """TRL's `RepeatSampler` seeds its generator once and draws a new order at each `__iter__`, with no
+    `set_epoch`: a run resumed in epoch e >= 1 restarts that generator and replays epoch 0's order. Here the
+    generator is reseeded with `seed + epoch` before each pass (epoch 0: TRL's order), so an epoch's order is a
+    function of (seed, epoch) that a resumed run reproduces (then skipping the epoch's trained batches), and that
+    every process draws alike. The trainer sets the epoch itself (`VisualOPSDTrainer`, at each epoch's start):
+    transformers' `set_epoch` does not reach a sampler under two accelerate wrappers (`SkipBatchSampler` over
+    `BatchSamplerShard`: a multi-process run resumed inside an epoch)."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if self.sampler.shuffle:
+            self.sampler.generator.manual_seed(self.sampler.seed + self.epoch)
+        return iter(self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 class EmptyCompletions:

@@ -101,6 +101,21 @@ def test_resume_is_exact_under_zero3(family, family_model_dirs, tmp_path):
     _assert_same_run(a, b)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_resume_in_a_later_epoch_is_exact_under_zero3(tiny_model_dirs, tmp_path):
+    """2 processes, ZeRO-3, gradient accumulation 2, sampled completions, 2 steps per epoch: resumed from
+    checkpoint-3 (the middle of epoch 1), the run equals the uninterrupted one."""
+    common = ["--model-dir", tiny_model_dirs["text_lm"], "--mode", "ema", "--steps", "4", "--save-steps", "3",
+              "--global-batch", "4", "--ga", "2", "--sample", "1"]
+    a = launch("train_opsd", "cpu_zero3", common, tmp_path / "straight", timeout=900)["runs"]["ema"]
+    checkpoint = tmp_path / "straight" / "run" / "checkpoint-3"
+    b = launch("train_opsd", "cpu_zero3", [*common, "--resume", str(checkpoint)], tmp_path / "resumed",
+               timeout=900)["runs"]["ema"]
+    assert len(a["loss"]) == 4
+    _assert_same_run(a, b)
+
+
 def test_killed_save_leaves_the_previous_checkpoint_and_resume_skips_it(tiny_model_dirs, tmp_path):
     model_dir = tiny_model_dirs["text_lm"]
     common = ["--mode", "ema", "--steps", "4", "--save-steps", "1"]
@@ -120,6 +135,28 @@ def test_killed_save_leaves_the_previous_checkpoint_and_resume_skips_it(tiny_mod
     straight = load_script("train_opsd").run(["--out", str(tmp_path / "straight" / "r.json"), "--model-dir",
                                               model_dir, *common])["runs"]["ema"]
     _assert_same_run(straight, resumed)
+
+
+def test_resume_in_a_later_epoch_after_a_kill_is_exact(tiny_model_dirs, tmp_path):
+    """10 steps of 4 per epoch (8 rows, gradient accumulation 2, sampled completions), saved every 2: killed once
+    checkpoint-6 (the middle of epoch 1) is complete and resumed in the same output_dir ("last"), and resumed from
+    checkpoint-4 (an epoch boundary) in another: both equal the uninterrupted run, samples drawn included.
+    (TRL's sampler drew every epoch's order from one generator, which a resumed run restarted.)"""
+    model_dir = tiny_model_dirs["text_lm"]
+    common = ["--mode", "ema", "--steps", "10", "--save-steps", "2", "--ga", "2", "--sample", "1"]
+    straight = load_script("train_opsd").run(["--out", str(tmp_path / "straight" / "r.json"), "--model-dir",
+                                              model_dir, *common])["runs"]["ema"]
+    out = tmp_path / "killed" / "r.json"
+    assert _run(out, model_dir, *common, "--kill-after-save-at", "6", check=False).returncode == -9
+    # Resumed in this process: the killed run's lock does not block it.
+    killed = load_script("train_opsd").run(["--out", str(out), "--model-dir", model_dir, *common, "--resume",
+                                            "last"])["runs"]["ema"]
+    assert len(straight["loss"]) == 10
+    _assert_same_run(straight, killed)  # the log history of steps 1-6 comes from the checkpoint
+    from_boundary = load_script("train_opsd").run(
+        ["--out", str(tmp_path / "boundary" / "r.json"), "--model-dir", model_dir, *common, "--resume",
+         str(tmp_path / "straight" / "run" / "checkpoint-4")])["runs"]["ema"]
+    _assert_same_run(straight, from_boundary)
 
 
 def test_load_best_model_at_end_restores_the_best_qwen2_5_vl_checkpoint(tmp_path):

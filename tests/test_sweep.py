@@ -162,3 +162,13 @@ def test_a_failed_training_point_is_named(tmp_path):
     with pytest.raises(RuntimeError, match=r"sweep point beta=0.5: training failed \(exit status 1; .*finished "
                                            "points in .* are reused"):
         _sweep("--beta", "0.5", "--launcher", "false", "--out", str(tmp_path / "out"))
+def test_interrupted_point_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+    """A point stopped after a complete checkpoint continues from it (a fresh run over its checkpoints is refused)."""
+    point = {"beta": "0.5"}
+    run_dir = tmp_path / "runs" / sweep.point_name(point)
+    (run_dir / "checkpoint-2").mkdir(parents=True)
+    (run_dir / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    commands = []
+    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd, check: commands.append(cmd))
+    sweep.Sweep(RECIPE, {"beta": ["0.5"]}, tmp_path, fixed={"init_weights": "none"})._train(point, run_dir)
+    assert commands[0][-2:] == ["--resume_from_checkpoint", "last"]

@@ -34,6 +34,8 @@ from contextlib import contextmanager
 
 import torch
 
+from ..checkpoints import INCOMPLETE_MARKER, check_safetensors
+
 CONFIG_FILE = "config.json"
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -142,6 +144,33 @@ def local_model_type(path: str) -> str | None:
     return None if config is None else config.get("model_type")
 
 
+# What save_pretrained of a processor / tokenizer writes (one of them at least).
+PROCESSOR_FILES = ("tokenizer_config.json", "tokenizer.json", "processor_config.json", "preprocessor_config.json")
+
+
+def check_saved_folder(path: str) -> None:
+    """A local model folder whose save was cut short is an error naming it (not a hub look-up for the missing
+    processor files); every `.safetensors` in it is checked against its header (cheap: headers only)."""
+    if not os.path.isdir(path):
+        return
+    if os.path.exists(os.path.join(path, INCOMPLETE_MARKER)):
+        raise ValueError(
+            f"model folder {path} is an incomplete save (it still holds {INCOMPLETE_MARKER}): the run writing it "
+            "stopped before it finished. Load one of its complete checkpoint-N folders, or resume the run "
+            "(resume_from_checkpoint: true) so that it writes the final model again."
+        )
+    if os.path.isfile(os.path.join(path, CONFIG_FILE)) and not any(
+            os.path.isfile(os.path.join(path, f)) for f in PROCESSOR_FILES):
+        raise ValueError(
+            f"model folder {path} has weights but no tokenizer / processor files ({', '.join(PROCESSOR_FILES)}): a "
+            "save that stopped part-way, or a model saved without processor.save_pretrained(folder). Load a complete "
+            "checkpoint-N folder of the run, or save the processor into the folder."
+        )
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            check_safetensors(os.path.join(path, name))
+
+
 def load_pretrained(path: str, *, dtype=None, attn_implementation: str | None = None, revision: str | None = None,
                     trust_remote_code: bool = False, bagel_weights: str | None = None, processing: str = "full"):
     """`(model, processing_class)` from a `tiny:` name, a saved folder or a hub id, for every supported family
@@ -162,6 +191,7 @@ def load_pretrained(path: str, *, dtype=None, attn_implementation: str | None = 
         return model, processing_class
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
+    check_saved_folder(path)
     if is_bagel_checkpoint(path):
         return _load_bagel_release(path, dtype, bagel_weights)
     hub_kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
@@ -267,11 +297,13 @@ def _read_state_dict(folder: str) -> dict[str, torch.Tensor]:
 
     single = os.path.join(folder, SAFE_WEIGHTS)
     if os.path.isfile(single):
+        check_safetensors(single)
         return load_file(single, device="cpu")
     with open(os.path.join(folder, SAFE_WEIGHTS_INDEX)) as f:
         files = sorted(set(json.load(f)["weight_map"].values()))
     state = {}
     for name in files:
+        check_safetensors(os.path.join(folder, name))
         state.update(load_file(os.path.join(folder, name), device="cpu"))
     return state
 

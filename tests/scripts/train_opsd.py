@@ -35,6 +35,15 @@ def parse_args(argv=None):
     parser.add_argument("--save-steps", type=int, default=0)
     parser.add_argument("--sample", type=int, default=0, help="1: sample at temperature 1 (tests RNG restore)")
     parser.add_argument("--kill-during-save-at", type=int, default=0, help="SIGKILL this process mid-save at step N")
+    parser.add_argument("--kill-after-save-at", type=int, default=0,
+                        help="SIGKILL this process once checkpoint-N is complete")
+    parser.add_argument("--n-train", type=int, default=8, help="training rows")
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--pause-at-step", type=int, default=0,
+                        help="after step N, create <out dir>/paused and wait until <out dir>/go exists")
+    parser.add_argument("--final-save", type=int, default=0, help="1: save_model(output_dir) after training")
+    parser.add_argument("--kill-during-final-save", type=int, default=0,
+                        help="1: SIGKILL this process once save_model has written the weights, before the processor")
     return parser.parse_args(argv)
 
 
@@ -60,6 +69,22 @@ def stop_after_prompt_digit(tok):
     return LogitsProcessorList([StopAfterPromptDigit()])
 
 
+def PauseAt(step: int, out_dir: Path):
+    """A callback that holds the run after `step` (signalled by the file `paused`) until the file `go` exists."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class _PauseAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                (out_dir / "paused").touch()
+                while not (out_dir / "go").exists():
+                    time.sleep(0.05)
+
+    return _PauseAt()
+
+
 def train_one(args, mode: str, out_dir: Path) -> dict:
     """Train with one teacher mode; return losses, grad norms, the final full weights' file and the shadow size."""
     from safetensors.torch import save_file
@@ -72,7 +97,7 @@ def train_one(args, mode: str, out_dir: Path) -> dict:
     per_device = args.global_batch // (world * args.ga)
     assert per_device * world * args.ga == args.global_batch, "the global batch must split evenly"
     model, processing_class = load_pretrained(args.model_dir, dtype="float32")  # any family: the CLI's loader
-    dataset = text_dataset(n=8) if args.kind == "text" else vl_dataset(n=8)
+    dataset = text_dataset(n=args.n_train) if args.kind == "text" else vl_dataset(n=args.n_train)
     config = make_config(
         out_dir,
         output_dir=str(out_dir / "run"),
@@ -81,7 +106,7 @@ def train_one(args, mode: str, out_dir: Path) -> dict:
         per_device_train_batch_size=per_device,
         gradient_accumulation_steps=args.ga,
         optim="sgd",
-        learning_rate=0.1,
+        learning_rate=args.lr,
         lr_scheduler_type="constant",
         fused_loss=bool(args.fused),
         ema_decay=0.5,
@@ -106,7 +131,25 @@ def train_one(args, mode: str, out_dir: Path) -> dict:
             save_rng(output_dir)
 
         trainer._save_rng_state = save_rng_then_die
+    if args.kill_after_save_at:
+        save_checkpoint = trainer._save_checkpoint
+
+        def save_then_die(model, trial):  # a kill between two saves: checkpoint-N is complete, the run is not
+            save_checkpoint(model, trial)
+            if trainer.state.global_step == args.kill_after_save_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        trainer._save_checkpoint = save_then_die
+    if args.pause_at_step:
+        trainer.add_callback(PauseAt(args.pause_at_step, out_dir))
     trainer.train(resume_from_checkpoint=True if args.resume == "last" else args.resume)
+    if args.kill_during_final_save:
+        def save_processor_then_die(*a, **k):  # the weights are on disk, the tokenizer files are not
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        trainer.processing_class.save_pretrained = save_processor_then_die
+    if args.final_save or args.kill_during_final_save:
+        trainer.save_model(config.output_dir)
 
     history = [h for h in trainer.state.log_history if "loss" in h]
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped)

@@ -38,6 +38,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 from transformers.utils import logging
 
+from ...checkpoints import check_safetensors
 from .configuration_bagel import BagelConfig
 from .modeling_bagel import BagelForConditionalGeneration, sincos_2d, vit_position_ids
 from .processing_bagel import CHAT_TEMPLATE, REFERENCE_IMAGE_TRANSFORM, BagelImageProcessor, BagelProcessor
@@ -162,6 +163,7 @@ def read_bagel_shapes(folder: str | os.PathLike, weights: str | None = None) -> 
     """`{hf_name: shape}` of the understanding-path tensors, from the safetensors headers (no tensor is read)."""
     shapes = {}
     for path in weight_files(folder, weights):
+        check_safetensors(path)  # safetensors' own error names no file
         with safe_open(path, framework="pt") as f:
             for name in f.keys():
                 if ignored_reason(name) is None:

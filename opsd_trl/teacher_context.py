@@ -23,8 +23,9 @@ import torch
 from trl.data_utils import prepare_multimodal_messages
 from trl.trainer.utils import pad
 
-from .data import validate_prompt, validate_standard
+from .data import check_prompt_text, multimodal_tokens, validate_prompt, validate_standard
 from .models.adapters import SlotFeatures
+from .vt_cache.load import check_vts
 
 # Stands for one soft-prefix VT while rendering a text-only chat template; never reaches the tokenizer.
 _VT_SENTINEL = "\x00opsd-vt\x00"
@@ -152,6 +153,7 @@ class TeacherContext:
         self.max_vt_images = max_vt_images
         self.vt_cache, self.vt_cache_name, self.on_missing_vt = vt_cache, vt_cache_name, on_missing_vt
         self.noise_vt, self.noise_vt_space = noise_vt, noise_vt_space
+        self.reserved_tokens = multimodal_tokens(processing_class)
 
     # ------------------------------------------------------------------------------------------- per sample (data)
     def check_samples(self, inputs) -> None:
@@ -160,6 +162,7 @@ class TeacherContext:
             if "id" not in x:
                 raise ValueError("every sample needs an `id` column (the VT cache key and the name used in errors).")
             validate_prompt(x)
+            check_prompt_text(x, self.reserved_tokens)
             if self.uses_images:
                 validate_standard({"images": [], **x})
             if self.on_missing_vt != "error":
@@ -193,6 +196,8 @@ class TeacherContext:
                 )
             return []
         entry = self.vt_cache[x["id"]]
+        if self.uses_images and "vt_images" in x:  # the dataset's VTs must be those the cache was built from
+            check_vts(entry, x["vt_images"] or [], x["id"], self.vt_cache_name)
         grids = entry.grid_thw if entry.grid_thw is not None else [None] * len(entry.embeds)
         deep = entry.deepstack or [None] * len(entry.embeds)
         return [SlotFeatures(e, g, d) for e, g, d in zip(entry.embeds, grids, deep, strict=True)]

@@ -154,6 +154,7 @@ class TeacherContext:
         self.vt_cache, self.vt_cache_name, self.on_missing_vt = vt_cache, vt_cache_name, on_missing_vt
         self.noise_vt, self.noise_vt_space = noise_vt, noise_vt_space
         self.reserved_tokens = multimodal_tokens(processing_class)
+        self._vts_checked: set = set()  # ids whose VTs matched the cache's
 
     # ------------------------------------------------------------------------------------------- per sample (data)
     def check_samples(self, inputs) -> None:
@@ -196,8 +197,10 @@ class TeacherContext:
                 )
             return []
         entry = self.vt_cache[x["id"]]
-        if self.uses_images and "vt_images" in x:  # the dataset's VTs must be those the cache was built from
+        # The dataset's VTs must be those the cache was built from; once per sample (a run's data do not change).
+        if self.uses_images and "vt_images" in x and x["id"] not in self._vts_checked:
             check_vts(entry, x["vt_images"] or [], x["id"], self.vt_cache_name)
+            self._vts_checked.add(x["id"])
         grids = entry.grid_thw if entry.grid_thw is not None else [None] * len(entry.embeds)
         deep = entry.deepstack or [None] * len(entry.embeds)
         return [SlotFeatures(e, g, d) for e, g, d in zip(entry.embeds, grids, deep, strict=True)]

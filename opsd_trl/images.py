@@ -1,8 +1,9 @@
 """What an image of the data becomes before any model sees it: one place for training, evaluation and the VT cache.
 
-Every image is decoded to 8-bit RGB. Modes PIL converts faithfully (`1`, `L`, `P`, `RGB`, `RGBX`, `CMYK`, `YCbCr`,
-and the alpha modes, whose alpha is dropped as transformers' own `convert_to_rgb` drops it) go through
-`Image.convert("RGB")`. Modes that `convert` would clip are scaled to 8 bits first: the 16-bit grayscale modes
+Every image is decoded to 8-bit RGB, or RGBA when it has transparency (an alpha mode, or a `transparency` entry):
+what becomes of transparent pixels is the model's processor's rule, applied as in its pretraining (transformers'
+Qwen-VL processors drop the alpha, BAGEL's composites on white). Modes PIL converts faithfully (`1`, `L`, `P`, `RGB`,
+`RGBX`, `CMYK`, `YCbCr`) go through `Image.convert("RGB")`. Modes that `convert` would clip are scaled to 8 bits first: the 16-bit grayscale modes
 (`I;16`, `I;16L`, `I;16B`, `I;16N`) by their bit depth (value * 255 / 65535), the 32-bit modes `I` and `F` (no fixed
 depth) by their own range (minimum -> 0, maximum -> 255). Any other mode, an empty image and an image whose sides
 differ by more than `MAX_ASPECT_RATIO` are refused with a `BadImageError` naming the sample, the column and why.
@@ -70,8 +71,13 @@ def check_image(image: Image.Image, sample_id, column: str) -> None:
         )
 
 
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB (see the module docstring for the rule per mode)."""
+    """8-bit RGB, or RGBA for an image with transparency (see the module docstring for the rule per mode)."""
+    if image.mode in ALPHA_MODES or (image.mode in PLAIN_MODES and "transparency" in image.info):
+        return image.convert("RGBA")
     if image.mode in SIXTEEN_BIT_MODES:
         scaled = np.asarray(image).astype(np.float64) * (255 / 65535)
     elif image.mode in RANGE_MODES:

@@ -120,10 +120,49 @@ def test_32_bit_images_are_scaled_by_their_range(mode):
     assert np.abs(got.astype(int) - expected).max() <= 1 and got.min() == 0 and got.max() == 255
 
 
-@pytest.mark.parametrize("mode", ["1", "L", "P", "RGBA", "LA", "CMYK", "YCbCr"])
+@pytest.mark.parametrize("mode", ["1", "L", "P", "CMYK", "YCbCr"])
 def test_modes_pil_converts_faithfully_give_pils_rgb(mode):
     source = square((200, 40, 90)).convert(mode)
-    assert decode_image(source, "x", "c").tobytes() == source.convert("RGB").tobytes()
+    decoded = decode_image(source, "x", "c")
+    assert decoded.mode == "RGB" and decoded.tobytes() == source.convert("RGB").tobytes()
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_transparency_is_left_to_the_models_processor(mode, qwen25):
+    """A transparent VT keeps its alpha: BAGEL's processor composites it on white (as BAGEL does), Qwen-VL's drops it
+    (as transformers does); decoding to RGB first made BAGEL's transparent pixels black."""
+    from opsd_trl.models.bagel.processing_bagel import to_rgb as bagel_rgb
+
+    source = Image.new("RGBA", (56, 56), (0, 0, 0, 0))
+    source.paste((200, 40, 90, 255), (0, 0, 28, 28))
+    source = source.convert(mode)
+    decoded = decode_image(source, "x", "c")
+    assert bagel_rgb(decoded).getpixel((50, 50)) == (255, 255, 255)
+    qwen = qwen25[1].image_processor
+    torch.testing.assert_close(qwen(images=[decoded], return_tensors="pt")["pixel_values"],
+                               qwen(images=[source.convert("RGB")], return_tensors="pt")["pixel_values"], rtol=0, atol=0)
+
+
+def test_empty_image_is_refused():
+    with pytest.raises(BadImageError, match="sample 'x', column 'images': image of size 0x0 has no pixels"):
+        decode_image(Image.new("RGB", (0, 0)), "x", "images")
+
+
+def test_thinkmorph_layout_keeps_the_stored_jpeg_bytes():
+    """Standardising a ThinkMorph dataset moves the stored bytes (decoding and re-saving a JPEG changed its pixels,
+    which then matched neither the source nor a cache built from it)."""
+    from opsd_trl.data import standardize
+
+    buf = io.BytesIO()
+    square((200, 40, 90)).save(buf, format="JPEG")
+    jpeg = {"bytes": buf.getvalue(), "path": None}
+    features = datasets.Features({"question": datasets.Value("string"), "answer": datasets.Value("string"),
+                                  "problem_image": datasets.Image(), "reasoning_image_1": datasets.Image()})
+    raw = datasets.Dataset.from_dict({"question": ["q"], "answer": ["a"], "problem_image": [jpeg],
+                                      "reasoning_image_1": [jpeg]}, features=features)
+    raw_lists = datasets.List(datasets.Image(decode=False))
+    row = standardize(raw, "thinkmorph").cast_column("images", raw_lists).cast_column("vt_images", raw_lists)[0]
+    assert row["images"][0]["bytes"] == jpeg["bytes"] and row["vt_images"][0]["bytes"] == jpeg["bytes"]
 
 
 def test_unsupported_mode_is_refused_by_name():
@@ -233,3 +272,13 @@ def test_qwen_vl_pixel_limits_as_troubleshooting_advises(qwen25):
     grid = processor.image_processor(images=[Image.new("RGB", (1000, 1000))], return_tensors="pt")["image_grid_thw"]
     patch = processor.image_processor.patch_size
     assert int(grid.prod()) * patch * patch <= 50176
+
+
+def test_eval_decodes_images_as_training_does(qwen25):
+    """`opsd-trl eval` / sweeps render contexts with `opsd_trl.eval.Contexts`: a 16-bit VT is scaled there too."""
+    from opsd_trl.eval import Contexts
+
+    image16, reference = _gray16()
+    row = {"id": "e0", "images": [square((1, 2, 3))], "vt_images": [image16]}
+    images = Contexts(qwen25[1]).images(row, teacher=True)
+    assert images[1].tobytes() == reference.tobytes()

@@ -176,6 +176,7 @@ def test_unsupported_mode_is_refused_by_name():
     ("images", Image.new("RGB", (1, 300)), "image of size 1x300 has an aspect ratio over 200"),
     ("vt_images", None, "an entry is None, not an image"),
     ("vt_images", "LAB", "image mode 'LAB' has no faithful conversion"),
+    ("images", {"bytes": b"not an image", "path": None}, "unreadable image"),
 ])
 def test_unusable_image_is_refused_before_any_step(tmp_path, qwen25, column, value, message):
     if value == "LAB":  # stored as TIFF bytes (a datasets Image column cannot encode a PIL LAB image itself)

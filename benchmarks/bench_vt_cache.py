@@ -5,9 +5,13 @@
    ``model(pixel_values=...)`` vs cached rows spliced into ``inputs_embeds`` with explicit M-RoPE positions).
 2. Load latency p50 / p99 per sample (8 VTs) in random order from a synthetic cache of N samples.
 3. Build throughput, images/s: tiny Qwen2.5-VL end to end, and the synthetic encoder (format overhead alone).
+4. The stale-VT check (``check_vts``: SHA-256 of a sample's decoded VT pixels against the index's ``vt_digest``) per
+   sample, beside reading the same sample from the cache and beside a training step of the tiny Qwen2.5-VL with
+   the cache (the check runs inside that step).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_vt_cache.py [--samples 10000] [--workdir DIR]
     OMP_NUM_THREADS=1 python benchmarks/bench_vt_cache.py --write docs/benchmarks.md  # also rewrite its section there
+    OMP_NUM_THREADS=1 python benchmarks/bench_vt_cache.py --only check --write-check docs/vt_cache.md  # 4. alone
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 from PIL import Image
 
 from opsd_trl.testing.synthetic_encoder import SyntheticEncoder
-from opsd_trl.vt_cache import VisionEncoder, VTCache, build_vt_cache
+from opsd_trl.vt_cache import VisionEncoder, VTCache, build_vt_cache, check_vts
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from report import load_average, machine, uptime, write_section  # noqa: E402
@@ -158,6 +162,86 @@ def bench_load(workdir: Path, n: int, reps: int) -> dict:
     }
 
 
+CHECK_SIZES = (112, 448)  # VT side in pixels: the tiny model's geometry, and a ThinkMorph-like VT
+STEP_BATCH = 2  # samples per training step in the step timing
+
+
+def bench_check(workdir: Path, reps: int, steps: int) -> dict:
+    """Per VT size: the stale-VT check of one sample (N_VTS VTs) vs `cache[id]` of the same sample, and the wall time
+    of a training step (tiny Qwen2.5-VL, VT cache with problem images, STEP_BATCH samples of N_VTS VTs)."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    from opsd_trl import VisualOPSDConfig, VisualOPSDTrainer
+    from opsd_trl.testing.tiny_models import build_tiny_qwen2_5_vl
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self.t0 = [], 0.0
+
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.times.append(time.perf_counter() - self.t0)
+
+    out = {}
+    for size in CHECK_SIZES:
+        model, processor = build_tiny_qwen2_5_vl(seed=0)
+        model.model.visual.requires_grad_(False)  # a VT cache needs a frozen tower
+        encoder = VisionEncoder(model, processor)
+        images = [vt_image(2000 + j, size) for j in range(N_VTS)]
+        cache = VTCache(build_vt_cache([{"id": "x", "vt_images": images}], encoder, workdir / f"check{size}",
+                                       progress=False))
+        entry = cache["x"]
+        out[f"check_{size}_ms"] = 1e3 * timeit(lambda: check_vts(entry, images, "x", "bench"), reps)  # noqa: B023
+        out[f"read_{size}_ms"] = 1e3 * timeit(lambda: cache["x"], reps)  # noqa: B023
+        content = [{"type": "image"}, {"type": "text", "text": "Solve the maze."}]
+        rows = [{"id": f"s{i}", "prompt": [{"role": "user", "content": content}], "images": [vt_image(3000 + i)],
+                 "vt_images": [vt_image(4000 + N_VTS * i + j, size) for j in range(N_VTS)], "answer": "R"}
+                for i in range(STEP_BATCH * (steps + 1))]
+        dataset = Dataset.from_list(rows)
+        cache_dir = build_vt_cache(dataset, encoder, workdir / f"train_cache{size}", problem_columns=["images"],
+                                   progress=False)
+        args = VisualOPSDConfig(
+            output_dir=str(workdir / "run"), per_device_train_batch_size=STEP_BATCH, max_steps=steps + 1, bf16=False,
+            use_cpu=True, gradient_checkpointing=False, max_completion_length=16, logging_steps=1, report_to=[],
+            teacher_top_k=16, save_strategy="no", seed=0, disable_tqdm=True, dataloader_pin_memory=False,
+            vt_cache_dir=str(cache_dir), max_prompt_length=None,
+        )
+        timer = StepTimer()
+        VisualOPSDTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
+                          callbacks=[timer]).train()
+        out[f"step_{size}_ms"] = 1e3 * float(np.median(timer.times[1:]))  # the first step warms up
+        out["steps_timed"] = len(timer.times) - 1
+    return out
+
+
+def check_report(r: dict, reps: int, started: str, ended: str) -> str:
+    """The generated section of docs/vt_cache.md: the stale-VT check's cost beside the cache read and a step."""
+    env = "".join(f"{k}={os.environ[k]} " for k in ("OMP_NUM_THREADS",) if k in os.environ)
+    command = " ".join([f"{env}python benchmarks/bench_vt_cache.py", *sys.argv[1:]])
+    rows = [f"| {n}x{n} | {r[f'check_{n}_ms']:.2f} | {r[f'read_{n}_ms']:.2f} | {r[f'check_{n}_ms'] / r[f'read_{n}_ms']:.1f} "
+            f"| {r[f'step_{n}_ms']:.0f} | **{100 * STEP_BATCH * r[f'check_{n}_ms'] / r[f'step_{n}_ms']:.2f}%** |"
+            for n in CHECK_SIZES]
+    return "\n".join([
+        f"Command: `{command}`, measured {time.strftime('%Y-%m-%d')}. {machine()}, {torch.get_num_threads()} torch "
+        f"thread(s); load average {started} at the start; `uptime` at the end: {ended}.",
+        "",
+        f"Per sample of {N_VTS} VTs: the check and `cache[id]` (CRC-checked read of the same sample), each the mean of "
+        f"{reps} calls after a warm-up; a training step of the tiny Qwen2.5-VL with the cache ({STEP_BATCH} samples "
+        f"of {N_VTS} VTs, median of {r['steps_timed']} steps after the first), which runs the check of its "
+        f"{STEP_BATCH} samples:",
+        "",
+        "| VT size | check (ms / sample) | cache read (ms / sample) | check / read | step (ms) | checks / step |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "The check hashes pixels, so it grows with the VT size where the read (rows of tokens) hardly does; a real "
+        "policy's step is far longer than the tiny model's, so its share of a step is smaller still.",
+    ])  # fmt: skip
+
+
 def report(r: dict, reps: int, started: str, ended: str) -> str:
     """The generated section of docs/benchmarks.md: the run's settings and load, then one table per measurement."""
     env = "".join(f"{k}={os.environ[k]} " for k in ("OMP_NUM_THREADS",) if k in os.environ)
@@ -207,19 +291,32 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="default: a temporary directory")
     parser.add_argument("--write", metavar="PAGE", help="also write the tables into this page (docs/benchmarks.md), "
                         "between the markers")
+    parser.add_argument("--write-check", metavar="PAGE", help="also write the stale-VT check's table into this page "
+                        "(docs/vt_cache.md), between the markers")
+    parser.add_argument("--only", choices=["check"], help="run only the stale-VT check measurement (4.)")
+    parser.add_argument("--check-reps", type=int, default=200, help="repetitions of each check / read timing")
+    parser.add_argument("--steps", type=int, default=6, help="training steps timed (after one warm-up step)")
     args = parser.parse_args()
     torch.manual_seed(0)
     started = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
-        results = {**bench_teacher(workdir, args.reps), **bench_build_qwen(workdir, args.build_samples),
-                   **bench_load(workdir, args.samples, args.reads)}
+        results = bench_check(workdir, args.check_reps, args.steps)
+        if args.only is None:
+            results.update({**bench_teacher(workdir, args.reps), **bench_build_qwen(workdir, args.build_samples),
+                            **bench_load(workdir, args.samples, args.reads)})
     for k, v in results.items():
         print(f"{k:32s} {v:.4g}" if isinstance(v, float) else f"{k:32s} {v}")
-    body = report(results, args.reps, started, uptime())
-    print("\n" + body)
-    if args.write:
-        write_section(args.write, "bench_vt_cache.py", body)
+    ended = uptime()
+    check_body = check_report(results, args.check_reps, started, ended)
+    print("\n" + check_body)
+    if args.write_check:
+        write_section(args.write_check, "bench_vt_cache.py", check_body)
+    if args.only is None:
+        body = report(results, args.reps, started, ended)
+        print("\n" + body)
+        if args.write:
+            write_section(args.write, "bench_vt_cache.py", body)
 
 
 if __name__ == "__main__":

@@ -38,13 +38,11 @@ def positive_size(text: str) -> int:
 
 
 def _build_vt_cache(args) -> int:
-    import json
-
     import torch
 
     from opsd_trl.data import ensure_ids, load_any, load_preset, numbered_columns, thinkmorph_vt_columns
     from opsd_trl.vt_cache import build_vt_cache, load_encoder
-    from opsd_trl.vt_cache.format import DTYPES
+    from opsd_trl.vt_cache.format import DTYPES, MANIFEST, SKIPPED, read_json
 
     if (args.dataset is None) == (args.preset is None):
         print("opsd-trl build-vt-cache: give one of --dataset and --preset.", file=sys.stderr)
@@ -63,7 +61,9 @@ def _build_vt_cache(args) -> int:
         problem_columns = (numbered_columns(names, "problem_image") if args.format == "thinkmorph" and not args.preset
                            else [c for c in ("images",) if c in names])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    image_kwargs = json.loads(args.image_processor_kwargs) if args.image_processor_kwargs else None
+    from opsd_trl.models.loading import parse_image_processor_kwargs
+
+    image_kwargs = parse_image_processor_kwargs(args.image_processor_kwargs)
     encoder = load_encoder(args.model, dtype=DTYPES[args.dtype], device=device, bagel_weights=args.bagel_weights,
                            image_processor_kwargs=image_kwargs)
     out = build_vt_cache(
@@ -81,7 +81,9 @@ def _build_vt_cache(args) -> int:
         progress=not args.no_progress,
         source=f"{args.dataset or 'preset ' + args.preset}:{args.split}",
     )
-    print(f"VT cache ready: {out}")
+    skipped = read_json(out / MANIFEST, "manifest").get("num_skipped", 0)
+    print(f"VT cache ready: {out}" + (f" ({skipped} sample(s) skipped: bad images, listed in {out / SKIPPED})"
+                                      if skipped else ""))
     return 0
 
 

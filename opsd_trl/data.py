@@ -28,6 +28,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from .images import BadImageError, check_image, decode_image, open_image
+
 STANDARD_COLUMNS = ("id", "prompt", "images", "vt_images", "answer")
 OPTIONAL_COLUMNS = ("vt_text", "task", "meta")
 ID_CANDIDATES = ("id", "pid", "sample_id", "index")
@@ -99,8 +101,11 @@ def standardize(dataset, fmt: str = "standard", split: str = "train", **kwargs):
                 "Formats: 'thinkmorph' (question, answer, problem_image*, reasoning_image_<k>, an optional id) or "
                 "'standard' (id, prompt, images, vt_images, answer; docs/architecture.md)."
             )
-        dataset = ensure_ids(dataset, split)
+        dataset = undecoded_images(ensure_ids(dataset, split))
         dataset = dataset.map(lambda ex: thinkmorph_to_standard(ex, **kwargs), remove_columns=dataset.column_names)
+        # The images were moved as their stored bytes (decoded and re-saved, a JPEG would lose pixels and no longer
+        # match a VT cache built from the same dataset); typed as images again here.
+        dataset = _as_image_lists(dataset)
     elif fmt != "standard":
         raise ValueError(f"unknown dataset format {fmt!r}; use 'standard' or 'thinkmorph'")
     missing = [c for c in STANDARD_COLUMNS if c not in dataset.column_names]
@@ -138,6 +143,31 @@ def validate_prompt(example: dict) -> None:
     if not any(m["role"] == "user" for m in prompt):
         raise ValueError(f"sample {sid!r}: the prompt has no user message (roles: {[m['role'] for m in prompt]}); "
                          "the visual thoughts go into the last user turn: add one.")
+
+
+def multimodal_tokens(processing_class) -> list[str]:
+    """The tokenizer's image / video marker tokens (the processor's `image_token` and `video_token`, and every added
+    token naming vision, image or video): text the chat template and the processor reserve for image slots."""
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    found = {getattr(processing_class, a, None) for a in ("image_token", "video_token")}
+    added = getattr(tokenizer, "get_added_vocab", dict)()
+    found |= {t for t in added if any(w in t.lower() for w in ("vision", "image", "video"))}
+    return sorted(t for t in found if isinstance(t, str) and t)
+
+
+def check_prompt_text(example: dict, reserved: Sequence[str]) -> None:
+    """Refuse a prompt whose text holds one of the `reserved` marker tokens (`multimodal_tokens`): the processor
+    would count it as an image slot, naming the sample."""
+    for message in example["prompt"]:
+        content = message["content"]
+        texts = [content] if isinstance(content, str) else [p.get("text") or "" for p in content]
+        for text in texts:
+            hits = [t for t in reserved if t in text]
+            if hits:
+                raise ValueError(
+                    f"sample {example.get('id')!r}: the prompt text contains {hits}, which this processor reserves for "
+                    "image slots; remove them from the text (an image is an {'type': 'image'} part of the prompt)."
+                )
 
 
 def check_prompt_lengths(samples: list[dict], lengths: list[int], role: str, limit: int | None) -> None:
@@ -237,27 +267,47 @@ def refuse_shared_ids(train, held_out, train_name: str, held_out_name: str) -> N
 IMAGE_COLUMNS = ("images", "vt_images")
 
 
+def undecoded_images(dataset, columns: Sequence[str] | None = None):
+    """A `datasets.Dataset` whose image columns (`columns`, default all; an image or a list of images each) are
+    read as their stored bytes (``{"bytes", "path"}``), not decoded."""
+    if not hasattr(dataset, "cast_column"):
+        return dataset
+    from datasets import Image, List
+
+    for column in columns if columns is not None else dataset.column_names:
+        feature = dataset.features.get(column)
+        if isinstance(feature, Image) and feature.decode:
+            dataset = dataset.cast_column(column, Image(decode=False))
+        elif isinstance(feature, List) and isinstance(feature.feature, Image) and feature.feature.decode:
+            dataset = dataset.cast_column(column, List(Image(decode=False)))
+    return dataset
+
+
+def _as_image_lists(dataset):
+    from datasets import Image, List
+
+    for column in IMAGE_COLUMNS:
+        feature = dataset.features.get(column)
+        if feature is not None and not (isinstance(feature, List) and isinstance(feature.feature, Image)):
+            dataset = dataset.cast_column(column, List(Image()))
+    return dataset
+
+
 def defer_image_decoding(dataset):
     """Keep the image columns of a `datasets.Dataset` as stored bytes, so the trainer decodes them itself and a
     corrupt image raises an error naming the sample and column (instead of failing inside the dataloader). A dict
     of datasets (an `eval_dataset` with several names) is mapped by name."""
-    from datasets import Dataset, Image, List
+    from datasets import Dataset
 
     if isinstance(dataset, dict):
         return {name: defer_image_decoding(ds) for name, ds in dataset.items()}
     if not isinstance(dataset, Dataset):
         return dataset
-    for column in IMAGE_COLUMNS:
-        feature = dataset.features.get(column)
-        if isinstance(feature, List) and isinstance(feature.feature, Image) and feature.feature.decode:
-            dataset = dataset.cast_column(column, List(Image(decode=False)))
-    return dataset
+    return undecoded_images(dataset, IMAGE_COLUMNS)
 
 
 def decode_sample_images(sample: dict) -> dict:
     """`sample` with its image columns decoded to RGB PIL images (errors name the sample id and column)."""
-    from .vt_cache.build import decode_image
-
     out = dict(sample)
     for column in IMAGE_COLUMNS:
         if sample.get(column):
@@ -282,8 +332,6 @@ THOUGHT_STEMS = ("resoning_thought", "reasoning_thought")
 
 
 def _decodes(value, sample_id: str, column: str) -> bool:
-    from .vt_cache.build import BadImageError, decode_image
-
     try:
         decode_image(value, sample_id, column)
     except BadImageError:
@@ -358,3 +406,86 @@ def load_preset(preset: str, split: str = "train", sources: Sequence[str] | None
     parts = [reference_selection(load_any(src, split), n, name)
              for src, (name, n) in zip(sources, sets.items(), strict=True)]
     return concatenate_datasets(parts)
+
+
+def duplicate_id_message(duplicates: Sequence[str], where: str) -> str:
+    return (f"duplicate sample ids in {where}: {sorted(set(duplicates))[:10]} ({len(set(duplicates))} in all); an id "
+            "names one sample (in errors, and as the VT cache key): make the ids unique.")
+
+
+def check_unique_ids(dataset, where: str) -> None:
+    """Refuse a `datasets.Dataset` (or a list of rows) whose `id` column repeats a value, naming the ids."""
+    if dataset is None or not hasattr(dataset, "__len__"):
+        return
+    if hasattr(dataset, "column_names"):
+        if "id" not in dataset.column_names:
+            return
+        ids = dataset["id"]
+    else:
+        ids = [row.get("id") for row in dataset if isinstance(row, dict)]
+    seen, duplicates = set(), []
+    for i in map(str, ids):
+        if i in seen:
+            duplicates.append(i)
+        seen.add(i)
+    if duplicates:
+        raise ValueError(duplicate_id_message(duplicates, where))
+
+
+HEADER_BYTES = 1 << 16  # what the up-front check reads of a stored image: its header (size, mode), not its pixels
+
+
+def _image_values(table, column: str) -> list[list]:
+    """Per row of an arrow batch, the column's images as ``{"bytes": first HEADER_BYTES, "path"}`` (None for a None
+    entry): the stored bytes are cut in arrow, so a check of headers does not copy every image into Python."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    rows = []
+    for lists in table.column(column).chunks:
+        if not pa.types.is_list(lists.type) or not pa.types.is_struct(lists.type.value_type):
+            rows += lists.to_pylist()  # not stored bytes (e.g. every list empty): the values as they are
+            continue
+        flat, offsets = lists.flatten(), lists.offsets.to_pylist()  # flatten() starts at offsets[0]
+        heads = pc.binary_slice(flat.field("bytes"), 0, HEADER_BYTES).to_pylist()
+        paths, valid = flat.field("path").to_pylist(), flat.is_valid().to_pylist()
+        values = [{"bytes": b, "path": p} if ok else None for b, p, ok in zip(heads, paths, valid, strict=True)]
+        base = offsets[0]
+        rows += [values[offsets[i] - base:offsets[i + 1] - base] if ok else []
+                 for i, ok in enumerate(lists.is_valid().to_pylist())]
+    return rows
+
+
+def check_dataset_images(dataset, where: str, batch_size: int = 256) -> None:
+    """Before training: every image of `dataset` (a `datasets.Dataset` whose image columns are stored bytes, as
+    `defer_image_decoding` leaves them) opens and is usable (`opsd_trl.images.check_image`: mode, size, aspect
+    ratio), from its header alone (the first `HEADER_BYTES`; no pixel is decoded). Raises a `BadImageError` listing
+    the bad images. A header not within those bytes is left to the decoding of its batch (which names it too)."""
+    from datasets import Dataset
+
+    if not isinstance(dataset, Dataset):
+        return
+    columns = [c for c in IMAGE_COLUMNS if c in dataset.column_names]
+    if not columns or "id" not in dataset.column_names:
+        return
+    problems = []
+    batches = dataset.select_columns(["id", *columns]).with_format("arrow").iter(batch_size=batch_size)
+    for table in batches:
+        ids = table.column("id").to_pylist()
+        for column in columns:
+            for sid, values in zip(ids, _image_values(table, column), strict=True):
+                for value in values or []:
+                    try:
+                        image = open_image(value, sid, column)
+                    except BadImageError as e:
+                        cut = isinstance(value, dict) and value.get("bytes") and len(value["bytes"]) == HEADER_BYTES
+                        if not cut:  # else the header may lie past the bytes read: its batch decodes it
+                            problems.append(str(e))
+                        continue
+                    try:
+                        check_image(image, sid, column)
+                    except BadImageError as e:
+                        problems.append(str(e))
+    if problems:
+        raise BadImageError(f"{len(problems)} image(s) of the {where} cannot be used: " + " | ".join(problems[:5])
+                            + (" | ..." if len(problems) > 5 else ""))

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import TEACHER_INTRO, TEACHER_TRANSITION
+from .data import decode_sample_images
 from .diagnostics import full_vocab_kl
 from .generation import HFGenerator, SamplingSettings
 from .models.adapters import get_adapter
@@ -76,6 +77,7 @@ class Contexts:
     def images(self, row: dict, teacher: bool) -> list:
         if not self.uses_images:
             return []
+        row = decode_sample_images(row)  # as training decodes them (opsd_trl.images)
         return list(row.get("images") or []) + (self.builder.vt_images(row) if teacher else [])
 
     def pixels(self, images: list) -> dict:

@@ -23,8 +23,9 @@ import torch
 from trl.data_utils import prepare_multimodal_messages
 from trl.trainer.utils import pad
 
-from .data import validate_prompt, validate_standard
+from .data import check_prompt_text, multimodal_tokens, validate_prompt, validate_standard
 from .models.adapters import SlotFeatures
+from .vt_cache.load import check_vts
 
 # Stands for one soft-prefix VT while rendering a text-only chat template; never reaches the tokenizer.
 _VT_SENTINEL = "\x00opsd-vt\x00"
@@ -232,6 +233,8 @@ class TeacherContext:
         self.vt_cache, self.vt_cache_name, self.on_missing_vt = vt_cache, vt_cache_name, on_missing_vt
         self.noise_vt, self.noise_vt_space = noise_vt, noise_vt_space
         self.layout, self.system_prompt = layout, system_prompt
+        self.reserved_tokens = multimodal_tokens(processing_class)
+        self._vts_checked: set = set()  # ids whose VTs matched the cache's
 
     @classmethod
     def from_config(cls, args, processing_class, *, uses_images: bool, vt_cache: Mapping | None = None):
@@ -253,6 +256,7 @@ class TeacherContext:
             if "id" not in x:
                 raise ValueError("every sample needs an `id` column (the VT cache key and the name used in errors).")
             validate_prompt(x)
+            check_prompt_text(x, self.reserved_tokens)
             if self.uses_images:
                 validate_standard({"images": [], **x})
             if self.on_missing_vt != "error":
@@ -286,6 +290,10 @@ class TeacherContext:
                 )
             return []
         entry = self.vt_cache[x["id"]]
+        # The dataset's VTs must be those the cache was built from; once per sample (a run's data do not change).
+        if self.uses_images and "vt_images" in x and x["id"] not in self._vts_checked:
+            check_vts(entry, x["vt_images"] or [], x["id"], self.vt_cache_name)
+            self._vts_checked.add(x["id"])
         grids = entry.grid_thw if entry.grid_thw is not None else [None] * len(entry.embeds)
         deep = entry.deepstack or [None] * len(entry.embeds)
         return [SlotFeatures(e, g, d) for e, g, d in zip(entry.embeds, grids, deep, strict=True)]

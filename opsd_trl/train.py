@@ -77,9 +77,9 @@ class ScriptArguments:
             except json.JSONDecodeError as e:
                 raise ValueError(f"task_kwargs must be a JSON object, e.g. '{{\"size\": 4}}'; got {self.task_kwargs!r} "
                                  f"({e}).") from None
-        if isinstance(self.image_processor_kwargs, str):
-            self.image_processor_kwargs = (None if self.image_processor_kwargs in NONE_WORDS
-                                           else json.loads(self.image_processor_kwargs))
+        from .models.loading import parse_image_processor_kwargs
+
+        self.image_processor_kwargs = parse_image_processor_kwargs(self.image_processor_kwargs)
         if self.bagel_weights in NONE_WORDS:
             self.bagel_weights = None
         if self.task_kwargs is not None and not isinstance(self.task_kwargs, dict):

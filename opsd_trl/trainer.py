@@ -40,7 +40,13 @@ from .checkpoints import (
     shadow_path,
 )
 from .config import GJSD, VisualOPSDConfig
-from .data import check_prompt_lengths, decode_sample_images, defer_image_decoding
+from .data import (
+    check_dataset_images,
+    check_prompt_lengths,
+    check_unique_ids,
+    decode_sample_images,
+    defer_image_decoding,
+)
 from .fused_loss import unfusable_reason
 from .generation import build_generator, close_truncated, closing_token_id, placeholder_token_ids, require_vllm
 from .models.adapters import get_adapter, unwrap_base
@@ -53,6 +59,13 @@ from .vt_cache import VTCache, check_compatible
 from .zero3 import gathered
 
 logger = logging.get_logger(__name__)
+
+
+def _named_eval(eval_dataset) -> list[tuple[str, object]]:
+    """`(name, dataset)` of an `eval_dataset` (one dataset, or a dict of them by name)."""
+    if isinstance(eval_dataset, dict):
+        return [(f"eval_dataset {name!r}", ds) for name, ds in eval_dataset.items()]
+    return [("eval_dataset", eval_dataset)]
 
 
 class _TeacherUpdate(TrainerCallback):
@@ -107,6 +120,10 @@ class VisualOPSDTrainer(DistillationTrainer):
         # teacher_model=None: the parent's teacher preparation (a second engine, eval() every step) is bypassed;
         # this class owns the teacher forward. vLLM is set up by `opsd_trl.generation`, not by the parent.
         train_dataset, eval_dataset = defer_image_decoding(train_dataset), defer_image_decoding(eval_dataset)
+        # Known up front, so refused before any step: repeated ids, and images no model can use (from headers).
+        for where, dataset in [("training data", train_dataset), *_named_eval(eval_dataset)]:
+            check_unique_ids(dataset, where)
+            check_dataset_images(dataset, where)
         with trl_hooks.parent_init_without_vllm(args) as use_vllm:
             super().__init__(model=model, teacher_model=None, args=args, train_dataset=train_dataset,
                              eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,

@@ -58,7 +58,8 @@ def _cached_slots(cache, sample: dict, grid_thw: torch.Tensor | None) -> list[Sl
     ):
         raise VTCacheMismatchError(
             f"sample {sample['id']!r}: the VT cache's problem-image features were encoded from other images (or "
-            "with other image-processor settings) than the sample's; rebuild the cache over this dataset."
+            "with other image-processor settings) than the sample's (other pixels, number or order); rebuild the cache "
+            "over this dataset with `opsd-trl build-vt-cache`."
         )
     if not n:
         return []

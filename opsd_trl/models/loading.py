@@ -273,9 +273,34 @@ def init_weights_path(spec: str | None) -> str | None:
     return str(shipped_warmstart()) if spec == SHIPPED_WARMSTART else spec
 
 
+def parse_image_processor_kwargs(value) -> dict | None:
+    """`image_processor_kwargs` as given (a dict, JSON text on the command line, or None / "none") -> a dict or None;
+    anything else is an error naming the field."""
+    if isinstance(value, str):
+        if value.strip() in ("", "none", "None", "null"):
+            return None
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"image_processor_kwargs must be a JSON object of image-processor settings, e.g. "
+                             f"'{{\"max_pixels\": 1003520}}'; got {value!r} ({e}).") from None
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"image_processor_kwargs must be a JSON object (setting: value), got {value!r}.")
+    return value or None
+
+
+def _probe(image_processor) -> None:
+    """Run the image processor once on a small image (what every training image goes through)."""
+    from PIL import Image
+
+    image_processor(images=[Image.new("RGB", (64, 48), (120, 60, 30))], return_tensors="pt")
+
+
 def apply_image_processor_kwargs(processing_class, kwargs: dict | None) -> None:
     """Set attributes of the processor's image processor (e.g. a recipe's BAGEL sizes `max_image_size`,
-    `min_image_size`, `max_pixels`); every key must be an attribute it already has."""
+    `min_image_size`, `max_pixels`); every key must be an attribute it already has, and the processor must still
+    process an image with each value (checked here, before any training step, naming the field)."""
+    kwargs = parse_image_processor_kwargs(kwargs)
     if not kwargs:
         return
     image_processor = getattr(processing_class, "image_processor", None)
@@ -283,8 +308,22 @@ def apply_image_processor_kwargs(processing_class, kwargs: dict | None) -> None:
     if unknown:
         raise ValueError(f"image_processor_kwargs {unknown} are not settings of this model's image processor "
                          f"({type(image_processor).__name__}); remove them or use the processor's own names.")
-    for key, value in kwargs.items():
-        setattr(image_processor, key, value)
+    defaults = {key: getattr(image_processor, key) for key in kwargs}
+    for key in [*kwargs, None]:  # each setting alone (to name it), then all together
+        for k, v in (kwargs.items() if key is None else [(key, kwargs[key])]):
+            setattr(image_processor, k, v)
+        try:
+            _probe(image_processor)
+        except Exception as e:
+            for k, v in defaults.items():
+                setattr(image_processor, k, v)
+            bad = {key: kwargs[key]} if key is not None else kwargs
+            raise ValueError(
+                f"image_processor_kwargs {bad} break {type(image_processor).__name__} ({type(e).__name__}: {e}); "
+                f"give values of the kind it has by default: {{{', '.join(f'{k!r}: {defaults[k]!r}' for k in bad)}}}."
+            ) from None
+        if key is not None:
+            setattr(image_processor, key, defaults[key])
 
 
 # ----------------------------------------------------------------------------------------------- checkpoint weights

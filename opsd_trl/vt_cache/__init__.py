@@ -1,7 +1,8 @@
 """VT cache: visual-thought images encoded once by the vision tower + projector, stored as safetensors shards
 with a JSON index and manifest, read back by sample id. Format: ``docs/vt_cache.md``."""
 
-from .build import build_vt_cache, decode_image, import_vt_embeddings, problem_digest, sample_ids
+from ..images import decode_image
+from .build import build_vt_cache, import_vt_embeddings, sample_ids
 from .encoders import (
     EncodedImage,
     VisionEncoder,
@@ -17,8 +18,10 @@ from .format import (
     VTCacheCorruptError,
     VTCacheError,
     VTCacheMismatchError,
+    problem_digest,
+    vt_digest,
 )
-from .load import CachedImages, ProblemImages, VTCache, VTEntry
+from .load import CachedImages, ProblemImages, VTCache, VTEntry, check_vts
 from .verify import check_compatible, policy_fingerprint, verify_vt_cache
 
 __all__ = [
@@ -35,6 +38,7 @@ __all__ = [
     "VTEntry",
     "build_vt_cache",
     "check_compatible",
+    "check_vts",
     "config_fingerprint",
     "decode_image",
     "encoder_fingerprint",
@@ -44,6 +48,7 @@ __all__ = [
     "problem_digest",
     "ProblemImages",
     "sample_ids",
+    "vt_digest",
     "verify_vt_cache",
     "weights_sha256",
 ]

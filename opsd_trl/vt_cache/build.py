@@ -9,7 +9,6 @@ build encodes exactly the same batches as an uninterrupted one and writes identi
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..data import duplicate_id_message, undecoded_images
+from ..images import decode_image
 from .encoders import FINGERPRINT_FIELDS, EncodedImage, VTEncoder, encoder_fingerprint
 from .format import (
     DEFAULT_SHARD_BYTES,
@@ -35,31 +36,16 @@ from .format import (
     deepstack_key,
     dtype_name,
     embeds_key,
+    problem_digest,
     problem_key,
     read_json,
     sha256_file,
     sha256_json,
     shard_name,
     tensor_bytes,
+    vt_digest,
     write_json_atomic,
 )
-
-
-def decode_image(value, sample_id: str, column: str) -> Image.Image:
-    """PIL image, ``{"bytes"|"path"}`` dict (datasets' undecoded Image), bytes or a path -> loaded RGB image."""
-    try:
-        if isinstance(value, dict):
-            value = value.get("bytes") or value.get("path")
-        if isinstance(value, bytes | bytearray):
-            value = Image.open(io.BytesIO(value))
-        elif isinstance(value, str | os.PathLike):
-            value = Image.open(value)
-        if not isinstance(value, Image.Image):
-            raise TypeError(f"expected an image, got {type(value).__name__}")
-        value.load()  # decode now, so a truncated file fails here and not inside the encoder
-        return value.convert("RGB")
-    except Exception as e:
-        raise BadImageError(f"sample {sample_id!r}, column {column!r}: unreadable image ({e})") from e
 
 
 def _column_values(sample: dict, column: str) -> list:
@@ -67,37 +53,6 @@ def _column_values(sample: dict, column: str) -> list:
     if value is None:
         return []
     return list(value) if isinstance(value, list | tuple) else [value]
-
-
-def _image_digest(h, column: str, im: Image.Image) -> None:
-    h.update(f"{column}:{im.mode}:{im.size}\n".encode())
-    h.update(im.tobytes())
-
-
-def problem_digest(images: Sequence[Image.Image]) -> str:
-    """Hash of a sample's decoded RGB problem images in order (mode, size, pixels; not the column names, which
-    differ between a ThinkMorph dataset and its standard layout). The trainer recomputes it to check that the
-    cached features belong to the images it is given."""
-    h = hashlib.sha256()
-    for im in images:
-        _image_digest(h, "", im)
-    return h.hexdigest()
-
-
-def _undecoded(samples, columns: Sequence[str]):
-    """For a datasets.Dataset, read image columns as raw bytes so decoding errors name the column."""
-    if not hasattr(samples, "cast_column"):
-        return samples
-    from datasets import Image as ImageFeature
-    from datasets import List
-
-    for c in columns:
-        feature = samples.features.get(c)
-        if isinstance(feature, ImageFeature):
-            samples = samples.cast_column(c, ImageFeature(decode=False))
-        elif isinstance(feature, List) and isinstance(feature.feature, ImageFeature):
-            samples = samples.cast_column(c, List(ImageFeature(decode=False)))
-    return samples
 
 
 def _decoded_images(sample: dict, sample_id: str, columns: Sequence[str]) -> list[tuple[str, Image.Image]]:
@@ -114,7 +69,7 @@ def sample_ids(samples, id_column: str = "id") -> list[str]:
             dups.append(i)
         seen.add(i)
     if dups:
-        raise VTCacheError(f"duplicate sample ids in column {id_column!r}: {sorted(set(dups))[:10]}")
+        raise VTCacheError(duplicate_id_message(dups, f"column {id_column!r}"))
     return ids
 
 
@@ -249,7 +204,7 @@ def build_vt_cache(
     out.mkdir(parents=True, exist_ok=True)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     vt_columns, problem_columns = list(vt_columns), list(problem_columns)
-    samples = _undecoded(samples, vt_columns + problem_columns)
+    samples = undecoded_images(samples, vt_columns + problem_columns)  # decoding errors then name the column
     ids = sample_ids(samples, id_column)
     fingerprint = encoder.fingerprint()
     config = {
@@ -280,11 +235,8 @@ def build_vt_cache(
             sample = samples[i]
             try:
                 images = _decoded_images(sample, ids[i], vt_columns)
-                h = hashlib.sha256()
-                for c, im in images:
-                    _image_digest(h, c, im)
                 problem = _decoded_images(sample, ids[i], problem_columns) if problem_columns else None
-                batch.append((ids[i], images, h.hexdigest(), problem))
+                batch.append((ids[i], images, vt_digest(images), problem))
             except BadImageError as e:
                 if not skip_bad:
                     raise

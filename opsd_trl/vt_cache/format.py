@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..images import BadImageError  # noqa: F401  (re-exported: raised by builds for an unusable image)
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INDEX = "index.json"
@@ -36,10 +38,6 @@ class VTCacheCorruptError(VTCacheError):
 
 class VTCacheMismatchError(VTCacheError):
     """The cache was built for a different model / processor (the message names the manifest field)."""
-
-
-class BadImageError(VTCacheError, ValueError):
-    """A visual-thought image could not be decoded (the message names the sample id and column)."""
 
 
 def shard_name(i: int) -> str:
@@ -111,6 +109,30 @@ def crc32_tensors(*tensors: torch.Tensor | None) -> int:
         if t is not None:
             crc = zlib.crc32(tensor_bytes(t), crc)
     return crc
+
+
+def _image_digest(h, column: str, im) -> None:
+    h.update(f"{column}:{im.mode}:{im.size}\n".encode())
+    h.update(im.tobytes())
+
+
+def vt_digest(images) -> str:
+    """Hash of a sample's decoded RGB VT images, ``[(column, image)]`` in order (column, mode, size, pixels): the
+    index's ``vt_digest``, recomputed by the trainer to check that the cached VTs are the sample's."""
+    h = hashlib.sha256()
+    for column, im in images:
+        _image_digest(h, column, im)
+    return h.hexdigest()
+
+
+def problem_digest(images) -> str:
+    """Hash of a sample's decoded RGB problem images in order (mode, size, pixels; not the column names, which
+    differ between a ThinkMorph dataset and its standard layout). The trainer recomputes it to check that the
+    cached features belong to the images it is given."""
+    h = hashlib.sha256()
+    for im in images:
+        _image_digest(h, "", im)
+    return h.hexdigest()
 
 
 def write_json_atomic(path: Path, obj, *, compact: bool = False) -> None:

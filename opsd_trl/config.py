@@ -57,6 +57,8 @@ _FIELD_CHECKS = {
     "max_vt_images": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
     "teacher_intro": (lambda v: isinstance(v, str), "a string"),
     "teacher_transition": (lambda v: isinstance(v, str), "a string"),
+    "teacher_prompt_template": (lambda v: isinstance(v, str) and "{prompt}" in v and "{privileged_context}" in v,
+                                "a string with both {prompt} and {privileged_context} placeholders"),
     "vt_cache_dir": (lambda v: v is None or isinstance(v, str), "a folder or None"),
     "allow_trainable_vision_with_cache": (lambda v: isinstance(v, bool), "a bool"),
     "reuse_problem_image_features": (lambda v: isinstance(v, bool), "a bool"),
@@ -128,6 +130,10 @@ class VisualOPSDConfig(DistillationConfig):
             Text before the visual thoughts, at the end of the last user turn.
         teacher_transition (`str`, *optional*, defaults to the paper's text):
             Text after the visual thoughts.
+        teacher_prompt_template (`str`, *optional*, defaults to `"{prompt}\n\n{privileged_context}"`):
+            For a sample with a `privileged_context` (TRL SDFTTrainer's dataset contract): the teacher's last user
+            turn text, filled with that turn's text and the privileged text (SDFT's `teacher_prompt_template`, same
+            default). Samples without one are unaffected.
         vt_source (`str` or `None`, *optional*):
             `"cache"` (read `vt_cache_dir`) or `"online"` (encode the VT images every step). Default: `"cache"` when
             `vt_cache_dir` is set, else `"online"`.
@@ -223,6 +229,11 @@ class VisualOPSDConfig(DistillationConfig):
     )
     teacher_intro: str = field(default=TEACHER_INTRO, metadata={"help": "Text before the visual thoughts."})
     teacher_transition: str = field(default=TEACHER_TRANSITION, metadata={"help": "Text after the visual thoughts."})
+    teacher_prompt_template: str = field(
+        default="{prompt}\n\n{privileged_context}",
+        metadata={"help": "A sample with a privileged_context (SDFT's dataset contract): the teacher's last user turn, "
+                  "from that turn's text ({prompt}) and the privileged text ({privileged_context}); SDFT's default."},
+    )
     vt_source: VTSource | None = field(
         default=None,
         metadata={"help": "cache (read `vt_cache_dir`) | online (encode VT images every step); default: cache when "

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, TrlParser
 
 from .config import VisualOPSDConfig
+from .data import DATASET_FORMATS
 
 NONE_WORDS = ("", "none", "None", "null")
 
@@ -35,7 +36,11 @@ class ScriptArguments:
         default=None,
         metadata={"help": "Dataset(s): hub names, save_to_disk folders or data files; several are concatenated."},
     )
-    dataset_format: str = field(default="standard", metadata={"help": "standard | thinkmorph."})
+    dataset_format: str = field(
+        default="standard",
+        metadata={"help": "standard | thinkmorph | sdft (TRL SDFTTrainer's prompt + privileged_context; a standard "
+                  "dataset with those columns and no image columns is read as sdft)."},
+    )
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on (sweeps, eval)."})
     eval_n: int = field(default=200, metadata={"help": "Generated test samples for evaluation (with `task`)."})
@@ -81,8 +86,8 @@ class ScriptArguments:
             self.init_weights = None
         if self.task in NONE_WORDS:
             self.task = None
-        if self.dataset_format not in ("standard", "thinkmorph"):
-            raise ValueError(f"dataset_format must be 'standard' or 'thinkmorph', got {self.dataset_format!r}.")
+        if self.dataset_format not in DATASET_FORMATS:
+            raise ValueError(f"dataset_format must be one of {DATASET_FORMATS}, got {self.dataset_format!r}.")
         if (self.task is None) == (not self.dataset_name):
             raise ValueError("set exactly one of `task` (a procedural task) and `dataset_name`.")
 

@@ -28,7 +28,7 @@ from trl import DistillationTrainer
 from . import trl_hooks
 from .checkpoints import load_shadow, mark_complete, mark_incomplete, resolve_resume, shadow_path
 from .config import VisualOPSDConfig
-from .data import check_prompt_lengths, decode_sample_images, defer_image_decoding
+from .data import check_prompt_lengths, decode_sample_images, defer_image_decoding, with_sample_ids
 from .fused_loss import unfusable_reason
 from .generation import build_generator, close_truncated, closing_token_id, placeholder_token_ids, require_vllm
 from .models.adapters import get_adapter, unwrap_base
@@ -83,6 +83,8 @@ class VisualOPSDTrainer(DistillationTrainer):
         # teacher_model=None: the parent's teacher preparation (a second engine, eval() every step) is bypassed;
         # this class owns the teacher forward. vLLM is set up by `opsd_trl.generation`, not by the parent.
         train_dataset, eval_dataset = defer_image_decoding(train_dataset), defer_image_decoding(eval_dataset)
+        # TRL SDFTTrainer's datasets (prompt + privileged_context) as they are, with ids added.
+        train_dataset, eval_dataset = with_sample_ids(train_dataset, "train"), with_sample_ids(eval_dataset, "eval")
         with trl_hooks.parent_init_without_vllm(args) as use_vllm:
             super().__init__(model=model, teacher_model=None, args=args, train_dataset=train_dataset,
                              eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
@@ -110,6 +112,7 @@ class VisualOPSDTrainer(DistillationTrainer):
             uses_images=self.adapter.uses_images, chat_template_kwargs=self.chat_template_kwargs,
             max_vt_images=args.max_vt_images, vt_cache=self.vt_cache, vt_cache_name=args.vt_cache_dir,
             on_missing_vt=args.on_missing_vt, noise_vt=args.noise_vt, noise_vt_space=args.noise_vt_space,
+            prompt_template=args.teacher_prompt_template,
         )
         self._shadow: ShadowWeights | None = None
         self._resume_dir: str | None = None
@@ -132,7 +135,8 @@ class VisualOPSDTrainer(DistillationTrainer):
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = ["id", "prompt", "image", "images", "vt_images", "vt_text"]
+            self._signature_columns = ["id", "prompt", "image", "images", "vt_images", "vt_text",
+                                       "privileged_context"]
 
     @property
     def _mode(self) -> str:

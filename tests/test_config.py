@@ -33,6 +33,7 @@ BAD_VALUES = {
     "max_vt_images": (0, ">= 1"),
     "teacher_intro": (None, "a string"),
     "teacher_transition": (3, "a string"),
+    "teacher_prompt_template": ("{prompt} only", "both {prompt} and {privileged_context} placeholders"),
     "vt_source": ("disk", "('cache', 'online')"),
     "vt_cache_dir": (7, "a folder or None"),
     "allow_trainable_vision_with_cache": ("false", "a bool"),

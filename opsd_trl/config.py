@@ -53,6 +53,7 @@ _FIELD_CHECKS = {
     "close_truncated_completions": (lambda v: isinstance(v, bool), "a bool"),
     "fused_loss": (lambda v: isinstance(v, bool), "a bool"),
     "loss_chunk_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "num_loss_tokens_to_skip": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
     "ema_decay": (lambda v: _number(v) and 0.0 <= v <= 1.0, "in [0, 1]"),
     "max_vt_images": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
     "teacher_intro": (lambda v: isinstance(v, str), "a string"),
@@ -113,6 +114,9 @@ class VisualOPSDConfig(DistillationConfig):
             scale or softcap fall back to logits.
         loss_chunk_size (`int`, *optional*, defaults to `256`):
             Completion tokens per loss chunk (peak memory of the loss).
+        num_loss_tokens_to_skip (`int`, *optional*, defaults to `0`):
+            Leave the first this many completion tokens of each completion out of the loss (and out of the window's
+            token / sample count), as TRL SDFTTrainer's option of the same name; they still condition the rest.
 
         > Parameters that control the teacher
 
@@ -216,6 +220,10 @@ class VisualOPSDConfig(DistillationConfig):
         metadata={"help": "Compute the loss from hidden states and the lm_head tile by tile (no full logits)."},
     )
     loss_chunk_size: int = field(default=256, metadata={"help": "Completion tokens per loss chunk."})
+    num_loss_tokens_to_skip: int = field(
+        default=0,
+        metadata={"help": "Leave the first N completion tokens out of the loss and its token count (SDFT's option)."},
+    )
 
     # Parameters that control the teacher
     teacher_mode: TeacherMode = field(

@@ -180,7 +180,7 @@ class VisualOPSDTrainer(DistillationTrainer):
         n_empty = self._empty.mask(output["completion_mask"])
         # Recounted on every rank (a collective): the masked-out empty completions carry no tokens. What the loss is
         # divided by over the accumulation window: its completion tokens, or its samples with at least one token.
-        mask = output["completion_mask"]
+        mask = self._loss_mask(output["completion_mask"])
         local = mask.sum() if self.args.loss_normalization == "tokens" else (mask.sum(-1) > 0).sum()
         output["num_items_in_batch"] = self.accelerator.gather(local).sum()
         self._metrics[self._mode]["completions/empty"].append(float(n_empty))
@@ -280,7 +280,7 @@ class VisualOPSDTrainer(DistillationTrainer):
             mm = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids") if k in inputs}
             student_hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, c, **mm)
         t2 = time.perf_counter()
-        mask = inputs["completion_mask"].bool()
+        mask = self._loss_mask(inputs["completion_mask"])
         loss, diagnostics = completion_loss(
             self.args, unwrapped_student, student_hidden, inputs["teacher_hidden"], inputs["teacher_head"], mask,
             inputs["completion_ids"], num_items_in_batch, fused=self._fusable(unwrapped_student),
@@ -292,6 +292,13 @@ class VisualOPSDTrainer(DistillationTrainer):
             self._metrics[mode][key].append(value)
         self._metrics[mode]["time/student"].append(t2 - t1)
         return trl_hooks.no_entropy(loss, mask.sum())
+
+    def _loss_mask(self, completion_mask: torch.Tensor) -> torch.Tensor:
+        """The completion positions the loss counts (bool): all but the first `num_loss_tokens_to_skip` (SDFT's
+        option); the attention mask stays `completion_mask`."""
+        mask = completion_mask.bool()
+        skip = self.args.num_loss_tokens_to_skip
+        return mask & (torch.arange(mask.size(1), device=mask.device) >= skip) if skip else mask
 
     def _fusable(self, model) -> bool:
         """Whether the generalized JSD goes through the fused kernel; when it cannot, says why (once)."""

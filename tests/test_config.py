@@ -28,6 +28,7 @@ BAD_VALUES = {
     "close_truncated_completions": ("yes", "a bool"),
     "fused_loss": (1, "a bool"),
     "loss_chunk_size": (0, ">= 1"),
+    "num_loss_tokens_to_skip": (-1, ">= 0"),
     "teacher_mode": ("frozen", "('self', 'ema', 'fixed')"),
     "ema_decay": (1.5, "[0, 1]"),
     "max_vt_images": (0, ">= 1"),

@@ -375,3 +375,27 @@ def test_smollm2_recipe_trains_two_steps(smollm2_tokenizer, tmp_path):
     before, after = load_file(MODEL_DIR / "model.safetensors"), load_file(out / "model.safetensors")
     name = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(before[name], after[name])
+
+
+def test_num_loss_tokens_to_skip_leaves_the_first_tokens_out(tmp_path):
+    """SDFT's `num_loss_tokens_to_skip`: the first N completion positions leave the loss and the window's count
+    (all of them skipped: a zero loss, not a 0 / 0)."""
+    from datasets import Dataset
+    from trainer_utils import generation_batch, make_trainer
+
+    from opsd_trl.testing.tiny_models import build_tiny_text_lm
+
+    model, tokenizer = build_tiny_text_lm()
+    dataset = Dataset.from_list(sdft_rows())
+    losses, counts = {}, {}
+    for skip in (0, 2, 6):
+        trainer = make_trainer(model, tokenizer, dataset, tmp_path, teacher_mode="self", num_loss_tokens_to_skip=skip,
+                               max_completion_length=6, generation_kwargs={"min_new_tokens": 6})
+        torch.manual_seed(0)
+        batch = generation_batch(trainer, trainer.train_dataset)  # with the ids the trainer added
+        mask = batch["completion_mask"].bool()
+        assert mask.all()  # six tokens each: every position is a real token
+        counts[skip] = int(batch["num_items_in_batch"])
+        losses[skip] = trainer.compute_loss(trainer.model, batch, num_items_in_batch=batch["num_items_in_batch"])
+    assert counts == {0: 12, 2: 8, 6: 0}
+    assert losses[6].item() == 0.0 and losses[2].item() != losses[0].item() > 0

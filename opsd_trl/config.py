@@ -70,6 +70,7 @@ _FIELD_CHECKS = {
     "close_truncated_completions": (lambda v: isinstance(v, bool), "a bool"),
     "fused_loss": (lambda v: isinstance(v, bool), "a bool"),
     "loss_chunk_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "num_loss_tokens_to_skip": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
     "beta": (_in(0.0, 1.0), "in [0.0, 1.0] (a finite number)"),  # TRL's own check lets nan through
     "ema_decay": (_in(0.0, 1.0), "in [0, 1]"),
     "max_vt_images": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
@@ -77,6 +78,8 @@ _FIELD_CHECKS = {
     "teacher_transition": (lambda v: isinstance(v, str), "a string"),
     "system_prompt": (lambda v: v is None or isinstance(v, str), "a string or None"),
     "ema_init_weights": (lambda v: v is None or (isinstance(v, str) and v != ""), "a path, 'auto' or None"),
+    "teacher_prompt_template": (lambda v: isinstance(v, str) and "{prompt}" in v and "{privileged_context}" in v,
+                                "a string with both {prompt} and {privileged_context} placeholders"),
     "vt_cache_dir": (lambda v: v is None or isinstance(v, str), "a folder or None"),
     "allow_trainable_vision_with_cache": (lambda v: isinstance(v, bool), "a bool"),
     "reuse_problem_image_features": (lambda v: isinstance(v, bool), "a bool"),
@@ -161,6 +164,9 @@ class VisualOPSDConfig(DistillationConfig):
             scale or softcap fall back to logits.
         loss_chunk_size (`int`, *optional*, defaults to `256`):
             Completion tokens per loss chunk (peak memory of the loss).
+        num_loss_tokens_to_skip (`int`, *optional*, defaults to `0`):
+            Leave the first this many completion tokens of each completion out of the loss (and out of the window's
+            token / sample count), as TRL SDFTTrainer's option of the same name; they still condition the rest.
 
         > Parameters that control the teacher
 
@@ -190,6 +196,10 @@ class VisualOPSDConfig(DistillationConfig):
             A system message put first in the student and the teacher contexts of every sample (the reference:
             `VLM_THINK_SYSTEM_PROMPT`). `None`: the dataset's prompt as given (Qwen2.5-VL's chat template then inserts
             "You are a helpful assistant.").
+        teacher_prompt_template (`str`, *optional*, defaults to `"{prompt}\n\n{privileged_context}"`):
+            For a sample with a `privileged_context` (TRL SDFTTrainer's dataset contract): the teacher's last user
+            turn text, filled with that turn's text and the privileged text (SDFT's `teacher_prompt_template`, same
+            default). Samples without one are unaffected.
         vt_source (`str` or `None`, *optional*):
             `"cache"` (read `vt_cache_dir`) or `"online"` (encode the VT images every step). Default: `"cache"` when
             `vt_cache_dir` is set, else `"online"`.
@@ -272,6 +282,10 @@ class VisualOPSDConfig(DistillationConfig):
         metadata={"help": "Compute the loss from hidden states and the lm_head tile by tile (no full logits)."},
     )
     loss_chunk_size: int = field(default=256, metadata={"help": "Completion tokens per loss chunk."})
+    num_loss_tokens_to_skip: int = field(
+        default=0,
+        metadata={"help": "Leave the first N completion tokens out of the loss and its token count (SDFT's option)."},
+    )
 
     # Parameters that control the teacher
     teacher_mode: TeacherMode = field(
@@ -300,6 +314,11 @@ class VisualOPSDConfig(DistillationConfig):
         default=None,
         metadata={"help": "System message put first in the student and teacher contexts (the reference: its "
                   "think/image/answer prompt). None: the dataset's prompt as given."},
+    )
+    teacher_prompt_template: str = field(
+        default="{prompt}\n\n{privileged_context}",
+        metadata={"help": "A sample with a privileged_context (SDFT's dataset contract): the teacher's last user turn, "
+                  "from that turn's text ({prompt}) and the privileged text ({privileged_context}); SDFT's default."},
     )
     vt_source: VTSource | None = field(
         default=None,

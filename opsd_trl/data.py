@@ -19,6 +19,12 @@ column        type                        meaning
 Text-only LMs get their visual thoughts either as ``vt_text`` or as user-provided embeddings: a safetensors file
 keyed by sample id, turned into a VT cache by :func:`opsd_trl.vt_cache.import_vt_embeddings`.
 
+SDFT layout (TRL's ``trl.experimental.sdft.SDFTTrainer`` contract): ``prompt`` (plain text or chat messages) and
+``privileged_context`` (text, or chat messages whose texts are joined as SDFT joins them), optionally ``answer`` and
+an id column. The trainer takes it as is (the teacher's last user turn becomes ``teacher_prompt_template`` filled
+with the prompt and the privileged text, SDFT's default template; VTs, when a sample also has them, follow); a
+``datasets.Dataset`` in it gets an ``id`` column when it has none.
+
 ThinkMorph layout: ``question``, problem image column(s) (``problem_image`` or ``problem_image_<k>``), reasoning
 images ``reasoning_image_<k>`` (the VTs, ordered by k), ``answer``, and optionally an id column.
 """
@@ -31,7 +37,9 @@ from collections.abc import Sequence
 from .images import BadImageError, check_image, decode_image, open_image
 
 STANDARD_COLUMNS = ("id", "prompt", "images", "vt_images", "answer")
-OPTIONAL_COLUMNS = ("vt_text", "task", "meta")
+OPTIONAL_COLUMNS = ("vt_text", "privileged_context", "task", "meta")
+PRIVILEGED_COLUMN = "privileged_context"  # SDFT's privileged text column
+DATASET_FORMATS = ("standard", "thinkmorph", "sdft")
 ID_CANDIDATES = ("id", "pid", "sample_id", "index")
 
 
@@ -89,8 +97,60 @@ def thinkmorph_to_standard(
     return row
 
 
+def privileged_text(value) -> str | None:
+    """A sample's `privileged_context` as the text the teacher reads, joined as SDFT's
+    `DemonstrationTeacherContextBuilder` joins it: a string as is, chat messages as their texts (the text parts of
+    a typed content, joined by spaces) one per line, anything else `str()`; None stays None (no privileged text)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        chunks = []
+        for message in value:
+            content = message.get("content", "")
+            text = (" ".join(p.get("text", "") for p in content if p.get("type") == "text")
+                    if isinstance(content, list) else str(content))
+            if text:
+                chunks.append(text)
+        return "\n".join(chunks)
+    return str(value)
+
+
+def is_sdft_layout(column_names: Sequence[str]) -> bool:
+    """SDFT's columns (`prompt`, `privileged_context`) without the standard layout's image columns."""
+    names = set(column_names)
+    return {"prompt", PRIVILEGED_COLUMN} <= names and not {"images", "vt_images"} & names
+
+
+def with_sample_ids(dataset, split: str = "train"):
+    """A `datasets.Dataset` in the SDFT layout gets the `id` column the trainer names samples by (errors, VT cache);
+    anything else is returned as is. A dict of datasets is mapped by name."""
+    from datasets import Dataset
+
+    if isinstance(dataset, dict):
+        return {name: with_sample_ids(ds, name) for name, ds in dataset.items()}
+    if isinstance(dataset, Dataset) and PRIVILEGED_COLUMN in dataset.column_names:
+        return ensure_ids(dataset, split)
+    return dataset
+
+
+def sdft_to_standard(example: dict) -> dict:
+    """One SDFT row (with an ``id``) -> one standard-layout row: the prompt unchanged (text or chat messages), the
+    privileged context as its text, no images, ``answer`` kept when present."""
+    return {
+        "id": str(example["id"]),
+        "prompt": example["prompt"],
+        "images": [],
+        "vt_images": [],
+        "answer": str(example.get("answer") or ""),
+        PRIVILEGED_COLUMN: privileged_text(example[PRIVILEGED_COLUMN]),
+    }
+
+
 def standardize(dataset, fmt: str = "standard", split: str = "train", **kwargs):
-    """A ``datasets.Dataset`` in ``fmt`` ("standard" or "thinkmorph") -> the standard layout, validated."""
+    """A ``datasets.Dataset`` in ``fmt`` ("standard", "thinkmorph" or "sdft") -> the standard layout, validated. A
+    "standard" dataset with SDFT's columns and no image columns is read as "sdft"."""
+    if fmt == "standard" and is_sdft_layout(dataset.column_names):
+        fmt = "sdft"
     if fmt == "thinkmorph":
         needed = [kwargs.get("question_column", "question"), kwargs.get("answer_column", "answer")]
         missing = [c for c in needed if c not in dataset.column_names]
@@ -99,15 +159,22 @@ def standardize(dataset, fmt: str = "standard", split: str = "train", **kwargs):
                 f"dataset_format 'thinkmorph' needs the columns {needed} (with problem_image* and "
                 f"reasoning_image_<k> images); this dataset lacks {missing} and has {dataset.column_names}. "
                 "Formats: 'thinkmorph' (question, answer, problem_image*, reasoning_image_<k>, an optional id) or "
-                "'standard' (id, prompt, images, vt_images, answer; docs/architecture.md)."
+                "'standard' (id, prompt, images, vt_images, answer; docs/architecture.md) or 'sdft' (prompt, privileged_context)."
             )
         dataset = undecoded_images(ensure_ids(dataset, split))
         dataset = dataset.map(lambda ex: thinkmorph_to_standard(ex, **kwargs), remove_columns=dataset.column_names)
         # The images were moved as their stored bytes (decoded and re-saved, a JPEG would lose pixels and no longer
         # match a VT cache built from the same dataset); typed as images again here.
         dataset = _as_image_lists(dataset)
+    elif fmt == "sdft":
+        if PRIVILEGED_COLUMN not in dataset.column_names or "prompt" not in dataset.column_names:
+            raise ValueError(f"dataset_format 'sdft' needs the columns prompt and {PRIVILEGED_COLUMN} (TRL's SDFTTrainer "
+                             f"contract); the dataset has {dataset.column_names}.")
+        dataset = ensure_ids(dataset, split)
+        keep = [c for c in ("task", "meta") if c in dataset.column_names]
+        dataset = dataset.map(sdft_to_standard, remove_columns=[c for c in dataset.column_names if c not in keep])
     elif fmt != "standard":
-        raise ValueError(f"unknown dataset format {fmt!r}; use 'standard' or 'thinkmorph'")
+        raise ValueError(f"unknown dataset format {fmt!r}; use one of {DATASET_FORMATS}")
     missing = [c for c in STANDARD_COLUMNS if c not in dataset.column_names]
     if missing:
         raise ValueError(f"dataset lacks standard columns {missing} (has {dataset.column_names})")

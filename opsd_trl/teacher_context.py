@@ -9,7 +9,13 @@ the student's, unchanged.
   prompt (rendered with the processing class's chat template and `chat_template_kwargs`, slots marked); at forward
   time, the slot features in row-major order (problem images, then VTs), with the noise-VT control. Used by
   `VisualOPSDTrainer` and `opsd_trl.eval.Contexts`.
-- Pure helpers: `teacher_messages` (the message edit), `tokenize_teacher_prompt` (ids + slot mask).
+- Pure helpers: `teacher_messages` (the message edit), `privileged_messages` (SDFT's template edit, for a sample
+  with a `privileged_context` text), `tokenize_teacher_prompt` (ids + slot mask).
+
+A sample with a `privileged_context` (TRL SDFTTrainer's contract) gets it as SDFT's `DemonstrationTeacherContextBuilder`
+places it: the text of the last user turn becomes `teacher_prompt_template.format(prompt=..., privileged_context=...)`
+(a plain-text prompt: the whole prompt, tokenized without a chat template, as TRL tokenizes it for the student); VTs,
+when the sample has them too, follow as above.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch
 from trl.data_utils import prepare_multimodal_messages
 from trl.trainer.utils import pad
 
-from .data import check_prompt_text, multimodal_tokens, validate_prompt, validate_standard
+from .data import PROMPT_FORMAT, check_prompt_text, multimodal_tokens, privileged_text, validate_prompt, validate_standard
 from .models.adapters import SlotFeatures
 from .vt_cache.load import check_vts
 
@@ -147,6 +153,25 @@ def with_system_prompt(inputs: list[dict], system_prompt: str | None) -> list[di
     return out
 
 
+def privileged_messages(messages: list[dict], privileged: str, template: str) -> list[dict]:
+    """Return a copy of `messages` whose last user turn's text is `template` filled with that text (`{prompt}`) and
+    `privileged` (`{privileged_context}`), as SDFT builds its teacher prompt: the text parts are joined by spaces
+    into one, non-text parts (problem images) stay before it; a turn with text only keeps a string content."""
+    messages = copy.deepcopy(messages)
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+    if last_user is None:
+        raise ValueError("the prompt has no user message to attach the privileged context to.")
+    content = messages[last_user]["content"]
+    if isinstance(content, str):
+        messages[last_user]["content"] = template.format(prompt=content, privileged_context=privileged)
+        return messages
+    text = " ".join(p.get("text", "") for p in content if p.get("type") == "text")
+    filled = template.format(prompt=text, privileged_context=privileged)
+    others = [p for p in content if p.get("type") != "text"]
+    messages[last_user]["content"] = others + [{"type": "text", "text": filled}] if others else filled
+    return messages
+
+
 def expand_image_tokens(text: str, image_token: str, tokens_per_image: list[int]) -> str:
     """Repeat the i-th `image_token` in `text` `tokens_per_image[i]` times (what a Qwen-VL processor does)."""
     parts = text.split(image_token)
@@ -215,14 +240,16 @@ class TeacherContext:
     `VisualOPSDConfig`). A text LM's VTs are `vt_text` (plain text) or cached embeddings (soft-prefix slots).
     `layout` is `teacher_messages`'s; `system_prompt` is put before every sample's prompt by `with_system_prompt`
     (the trainer, once per batch, so TRL's student prompt has it too).
+    `prompt_template` places a sample's `privileged_context` (SDFT's `teacher_prompt_template`).
     """
 
     def __init__(self, processing_class, *, intro: str, transition: str, uses_images: bool,
                  chat_template_kwargs: dict | None = None, max_vt_images: int = 8,
                  vt_cache: Mapping | None = None, vt_cache_name: str | None = None, on_missing_vt: str = "error",
                  noise_vt: bool = False, noise_vt_space: str = "pixels", layout: str = "one_turn",
-                 system_prompt: str | None = None):
+                 system_prompt: str | None = None, prompt_template: str = "{prompt}\n\n{privileged_context}"):
         self.processing_class = processing_class
+        self.prompt_template = prompt_template
         self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
         self.intro, self.transition = intro, transition
         check_representable(self.tokenizer, intro, "teacher_intro")
@@ -238,13 +265,14 @@ class TeacherContext:
 
     @classmethod
     def from_config(cls, args, processing_class, *, uses_images: bool, vt_cache: Mapping | None = None):
-        """The contexts a `VisualOPSDConfig` describes: its words, text layout, system prompt, chat-template kwargs,
-        VT limit, VT cache name, missing-VT rule and noise-VT control."""
+        """The contexts a `VisualOPSDConfig` describes: its words, text layout, system prompt, privileged-context
+        template, chat-template kwargs, VT limit, VT cache name, missing-VT rule and noise-VT control."""
         return cls(processing_class, intro=args.teacher_intro, transition=args.teacher_transition,
                    uses_images=uses_images, chat_template_kwargs=args.chat_template_kwargs,
                    max_vt_images=args.max_vt_images, vt_cache=vt_cache, vt_cache_name=args.vt_cache_dir,
                    on_missing_vt=args.on_missing_vt, noise_vt=args.noise_vt, noise_vt_space=args.noise_vt_space,
-                   layout=args.teacher_text_layout, system_prompt=args.system_prompt)
+                   layout=args.teacher_text_layout, system_prompt=args.system_prompt,
+                   prompt_template=args.teacher_prompt_template)
 
     # ------------------------------------------------------------------------------------------- per sample (data)
     def with_system_prompt(self, inputs: list[dict]) -> list[dict]:
@@ -255,11 +283,19 @@ class TeacherContext:
         for x in inputs:
             if "id" not in x:
                 raise ValueError("every sample needs an `id` column (the VT cache key and the name used in errors).")
+            privileged = x.get("privileged_context") is not None
+            if isinstance(x.get("prompt"), str) and privileged:  # SDFT's plain-text prompts
+                if self.uses_images:
+                    raise ValueError(
+                        f"sample {x['id']!r}: a plain-text prompt with a privileged_context is taken for a text LM "
+                        f"only (images need chat messages); give the prompt as {PROMPT_FORMAT}."
+                    )
+                continue
             validate_prompt(x)
             check_prompt_text(x, self.reserved_tokens)
             if self.uses_images:
                 validate_standard({"images": [], **x})
-            if self.on_missing_vt != "error":
+            if self.on_missing_vt != "error" or privileged:  # a privileged text is privileged information enough
                 continue
             if self.vt_cache is not None and x["id"] in self.vt_cache:  # the cache is then the only VT source
                 if self._cached_vt_count(x["id"]) == 0:
@@ -351,19 +387,30 @@ class TeacherContext:
 
     def teacher_prompt(self, x, n_vt: int, tokens_per_slot: list[int], use_vt_text: bool) -> TeacherPrompt:
         """Render and tokenize one sample's teacher context (slots: problem images, then VTs; `tokens_per_slot` has
-        one count per slot). `use_vt_text`: a text LM's VTs are its `vt_text`, not slots."""
+        one count per slot). `use_vt_text`: a text LM's VTs are its `vt_text`, not slots. A `privileged_context` goes
+        where SDFT puts it (`privileged_messages`); the intro / VTs / transition block then follows only when the
+        sample has VTs."""
+        privileged = privileged_text(x.get("privileged_context"))
+        if isinstance(x["prompt"], str):  # TRL tokenizes a plain-text prompt without a chat template (SDFT too)
+            ids = self.processing_class(text=self.prompt_template.format(prompt=x["prompt"],
+                                                                         privileged_context=privileged))["input_ids"]
+            return TeacherPrompt(ids, [False] * len(ids))
         messages = x["prompt"]
         if self.uses_images:
             messages = prepare_multimodal_messages(messages, images=x.get("images") or [])
-        messages = teacher_messages(
-            messages, n_vt=n_vt, intro=self.intro, transition=self.transition,
-            vt_text=self.vt_text(x) if use_vt_text and not self.uses_images else None, as_images=self.uses_images,
-            layout=self.layout,
-        )
+        if privileged is not None:
+            messages = privileged_messages(messages, privileged, self.prompt_template)
+        vt_text = self.vt_text(x) if use_vt_text and not self.uses_images else None
+        if privileged is None or n_vt or vt_text:
+            messages = teacher_messages(messages, n_vt=n_vt, intro=self.intro, transition=self.transition,
+                                        vt_text=vt_text, as_images=self.uses_images, layout=self.layout)
         return self._tokenize(messages, tokens_per_slot)
 
     def student_prompt(self, x, tokens_per_slot: list[int]) -> TeacherPrompt:
         """The same rendering without the privileged context (eval's student; training takes TRL's)."""
+        if isinstance(x["prompt"], str):
+            ids = self.processing_class(text=x["prompt"])["input_ids"]
+            return TeacherPrompt(ids, [False] * len(ids))
         messages = x["prompt"]
         if self.uses_images:
             messages = prepare_multimodal_messages(messages, images=x.get("images") or [])

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, TrlParser
 
 from .config import VisualOPSDConfig
+from .data import DATASET_FORMATS
 
 NONE_WORDS = ("", "none", "None", "null")
 
@@ -25,7 +26,7 @@ class ScriptArguments:
     """Data and model loading (the training fields live in `VisualOPSDConfig`, the model fields in `ModelConfig`)."""
 
     task: str | None = field(
-        default=None, metadata={"help": "Procedural task (maze | jigsaw) generated on the fly instead of a dataset."}
+        default=None, metadata={"help": "Procedural task (maze | jigsaw | arithmetic) generated on the fly instead of a dataset."}
     )
     task_kwargs: dict | str | None = field(
         default=None, metadata={"help": "Task parameters for `opsd_trl.tasks.make_dataset` (JSON on the CLI)."}
@@ -35,7 +36,11 @@ class ScriptArguments:
         default=None,
         metadata={"help": "Dataset(s): hub names, save_to_disk folders or data files; several are concatenated."},
     )
-    dataset_format: str = field(default="standard", metadata={"help": "standard | thinkmorph."})
+    dataset_format: str = field(
+        default="standard",
+        metadata={"help": "standard | thinkmorph | sdft (TRL SDFTTrainer's prompt + privileged_context; a standard "
+                  "dataset with those columns and no image columns is read as sdft)."},
+    )
     dataset_preset: str | None = field(
         default=None,
         metadata={"help": "A named data selection (opsd_trl.data.DATASET_PRESETS): thinkmorph = the reference's first "
@@ -91,8 +96,8 @@ class ScriptArguments:
             self.task = None
         if self.dataset_preset in NONE_WORDS:
             self.dataset_preset = None
-        if self.dataset_format not in ("standard", "thinkmorph"):
-            raise ValueError(f"dataset_format must be 'standard' or 'thinkmorph', got {self.dataset_format!r}.")
+        if self.dataset_format not in DATASET_FORMATS:
+            raise ValueError(f"dataset_format must be one of {DATASET_FORMATS}, got {self.dataset_format!r}.")
         if (self.task is None) == (not self.dataset_name and self.dataset_preset is None):
             raise ValueError("set exactly one of `task` (a procedural task) and `dataset_name`.")
 
@@ -106,6 +111,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, VisualOP
     if "--config" in argv[:-1]:
         check_recipe(argv[argv.index("--config") + 1])
     script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
+    # A recipe may name a local folder under the home directory (`~/.cache/opsd_trl/...`); hub ids never start with ~.
+    if model_args.model_name_or_path and model_args.model_name_or_path.startswith("~"):
+        model_args.model_name_or_path = os.path.expanduser(model_args.model_name_or_path)
     training_args.resume_from_checkpoint = resume_spec(training_args.resume_from_checkpoint)
     if script_args.recipe is None and "--config" in argv:
         script_args.recipe = argv[argv.index("--config") + 1]

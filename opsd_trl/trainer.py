@@ -46,6 +46,7 @@ from .data import (
     check_unique_ids,
     decode_sample_images,
     defer_image_decoding,
+    with_sample_ids,
 )
 from .fused_loss import unfusable_reason
 from .generation import build_generator, close_truncated, closing_token_id, placeholder_token_ids, require_vllm
@@ -120,6 +121,8 @@ class VisualOPSDTrainer(DistillationTrainer):
         # teacher_model=None: the parent's teacher preparation (a second engine, eval() every step) is bypassed;
         # this class owns the teacher forward. vLLM is set up by `opsd_trl.generation`, not by the parent.
         train_dataset, eval_dataset = defer_image_decoding(train_dataset), defer_image_decoding(eval_dataset)
+        # TRL SDFTTrainer's datasets (prompt + privileged_context) as they are, with ids added.
+        train_dataset, eval_dataset = with_sample_ids(train_dataset, "train"), with_sample_ids(eval_dataset, "eval")
         # Known up front, so refused before any step: repeated ids, and images no model can use (from headers).
         for where, dataset in [("training data", train_dataset), *_named_eval(eval_dataset)]:
             check_unique_ids(dataset, where)
@@ -196,7 +199,8 @@ class VisualOPSDTrainer(DistillationTrainer):
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = ["id", "prompt", "image", "images", "vt_images", "vt_text"]
+            self._signature_columns = ["id", "prompt", "image", "images", "vt_images", "vt_text",
+                                       "privileged_context"]
 
     @property
     def _mode(self) -> str:
@@ -241,7 +245,7 @@ class VisualOPSDTrainer(DistillationTrainer):
         n_empty = self._empty.mask(output["completion_mask"])
         # Recounted on every rank (a collective): the masked-out empty completions carry no tokens. What the loss is
         # divided by over the accumulation window: its completion tokens, or its samples with at least one token.
-        mask = output["completion_mask"]
+        mask = self._loss_mask(output["completion_mask"])
         local = mask.sum() if self.args.loss_normalization == "tokens" else (mask.sum(-1) > 0).sum()
         output["num_items_in_batch"] = self.accelerator.gather(local).sum()
         self._metrics[self._mode]["completions/empty"].append(float(n_empty))
@@ -348,7 +352,7 @@ class VisualOPSDTrainer(DistillationTrainer):
             mm = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids") if k in inputs}
             student_hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, c, **mm)
         t2 = time.perf_counter()
-        mask = inputs["completion_mask"].bool()
+        mask = self._loss_mask(inputs["completion_mask"])
         loss, diagnostics = completion_loss(
             self.args, unwrapped_student, student_hidden, inputs["teacher_hidden"], inputs["teacher_head"], mask,
             inputs["completion_ids"], num_items_in_batch, fused=self._fusable(unwrapped_student),
@@ -360,6 +364,13 @@ class VisualOPSDTrainer(DistillationTrainer):
             self._metrics[mode][key].append(value)
         self._metrics[mode]["time/student"].append(t2 - t1)
         return trl_hooks.no_entropy(loss, mask.sum())
+
+    def _loss_mask(self, completion_mask: torch.Tensor) -> torch.Tensor:
+        """The completion positions the loss counts (bool): all but the first `num_loss_tokens_to_skip` (SDFT's
+        option); the attention mask stays `completion_mask`."""
+        mask = completion_mask.bool()
+        skip = self.args.num_loss_tokens_to_skip
+        return mask & (torch.arange(mask.size(1), device=mask.device) >= skip) if skip else mask
 
     def _fusable(self, model) -> bool:
         """Whether the generalized JSD goes through the fused kernel; when it cannot, says why (once)."""

@@ -13,7 +13,8 @@ from opsd_trl.train import parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
-GPU_RECIPES = [r for r in RECIPES if r.stem != "cpu_quickstart"]
+CPU_RECIPES = ("cpu_quickstart", "smollm2_arith_sdft_data")  # run on CPU in the tests, not validated for 8 GPUs
+GPU_RECIPES = [r for r in RECIPES if r.stem not in CPU_RECIPES]
 GIB = 2**30
 
 # The published configs' sizes (dense parts only matter to the start-up estimate and the VT-cache fingerprint).

@@ -277,3 +277,25 @@ def test_best_next_moves_are_the_brute_force_shortest_continuations(drawn, prefi
         assert best == {"stop"}
     else:
         assert best == {move for move in "LDRU" if _fewest_more_moves(m.grid, prefix + move) == need - 1}
+
+
+def test_arithmetic_task_values_splits_and_scorer():
+    from opsd_trl.tasks.arithmetic import parse_value
+
+    train = make_dataset("arithmetic", "train", 200, seed=0, n_ops=3, ops="+-*")
+    test = make_dataset("arithmetic", "test", 30, seed=0, n_ops=3, ops="+-*", dedupe=True)
+    assert make_dataset("arithmetic", "train", 200, seed=0, n_ops=3, ops="+-*")["meta"] == train["meta"]
+    exprs = lambda ds: {json.loads(m)["expression"] for m in ds["meta"]}  # noqa: E731
+    assert not exprs(train) & exprs(test) and len(exprs(test)) == 30
+    for row in list(train) + list(test):
+        meta = json.loads(row["meta"])
+        tokens = meta["expression"].split()
+        value = int(tokens[0])  # an independent left-to-right evaluation of the expression text
+        for op, b in zip(tokens[1::2], tokens[2::2], strict=True):
+            value = {"+": value + int(b), "-": value - int(b), "*": value * int(b)}[op]
+        assert meta["value"] == value == int(row["answer"])
+        assert score("arithmetic", row["meta"], row["privileged_context"])  # the worked solution scores
+        assert not score("arithmetic", row["meta"], f"Answer: {value + 1}")
+        assert row["images"] == [] and isinstance(row["prompt"][0]["content"], str)
+    assert parse_value("so \\boxed{-4} then 7") == -4 and parse_value("Answer is 12, since 3") == 12
+    assert parse_value("it is 5 or 6") == 6 and parse_value("no number") is None

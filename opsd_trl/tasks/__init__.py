@@ -1,10 +1,12 @@
-"""Procedural visual-reasoning tasks with exact scorers, as `datasets.Dataset`s in the standard layout.
+"""Procedural tasks with exact scorers, as `datasets.Dataset`s in the standard layout: visual reasoning (maze,
+jigsaw) and a text task (arithmetic, whose worked solution is the `privileged_context`).
 
     from opsd_trl.tasks import make_dataset, score
     ds = make_dataset("maze", "train", 1000, size=3, seed=0)
     ok = score(ds[0]["task"], ds[0]["meta"], "R D")
 
-Splits are disjoint by content (a hash of the maze layout / the jigsaw picture and shuffle), not by seed.
+Splits are disjoint by content (a hash of the maze layout / the jigsaw picture and shuffle / the expression), not by
+seed.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Callable
 
 from datasets import Dataset
 
-from . import jigsaw, maze
+from . import arithmetic, jigsaw, maze
 from .common import FEATURES, SPLITS, split_of, to_dataset
 from .vlmevalkit import load_vlmevalkit_tsv
 
@@ -22,6 +24,7 @@ from .vlmevalkit import load_vlmevalkit_tsv
 TASKS: dict[str, tuple[Callable[..., list[dict]], Callable[..., bool], Callable[[str], object]]] = {
     "maze": (maze.make_rows, maze.score, maze.parse_moves),
     "jigsaw": (jigsaw.make_rows, jigsaw.score, jigsaw.parse_order),
+    "arithmetic": (arithmetic.make_rows, arithmetic.score, arithmetic.parse_value),
 }
 
 
@@ -30,7 +33,7 @@ def make_dataset(task: str, split: str, n: int, *, seed: int = 0, **params) -> D
 
     Task parameters (keyword only): see `maze.make_rows` (size, hole_prob, min_path_len, max_path_len, cell_px,
     answer_format, prompt, rules, dedupe, split_fractions) and `jigsaw.make_rows` (rows, cols, piece_px, prompt,
-    dedupe, split_fractions).
+    dedupe, split_fractions) and `arithmetic.make_rows` (n_ops, max_operand, ops, prompt, dedupe, split_fractions).
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {sorted(TASKS)}")

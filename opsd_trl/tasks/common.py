@@ -30,6 +30,21 @@ FEATURES = Features(
 )
 
 
+# Text tasks: chat prompts with string content, no images, and the privileged text (SDFT's `privileged_context`).
+TEXT_FEATURES = Features(
+    {
+        "id": Value("string"),
+        "prompt": List({"role": Value("string"), "content": Value("string")}),
+        "images": List(Image()),
+        "vt_images": List(Image()),
+        "answer": Value("string"),
+        "task": Value("string"),
+        "meta": Value("string"),
+        "privileged_context": Value("string"),
+    }
+)
+
+
 def content_hash(key: str) -> str:
     """Stable hex digest of a sample's content key (Python's hash() is salted per process)."""
     return hashlib.sha256(key.encode()).hexdigest()
@@ -94,11 +109,13 @@ def _png(image: PILImage.Image | dict) -> dict:
 
 
 def to_dataset(rows: Iterable[dict]) -> Dataset:
+    """Rows -> a `datasets.Dataset` with the standard features (`TEXT_FEATURES` for a text task's rows)."""
     rows = list(rows)
-    columns = {name: [r[name] for r in rows] for name in FEATURES}
+    features = TEXT_FEATURES if rows and "privileged_context" in rows[0] else FEATURES
+    columns = {name: [r[name] for r in rows] for name in features}
     for name in ("images", "vt_images"):
         columns[name] = [[_png(im) for im in ims] for ims in columns[name]]
-    return Dataset.from_dict(columns, features=FEATURES)
+    return Dataset.from_dict(columns, features=features)
 
 
 def dump_meta(meta: dict) -> str:

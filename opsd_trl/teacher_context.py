@@ -136,14 +136,14 @@ class TeacherContext:
 
     `intro` / `transition` surround the VTs; `chat_template_kwargs` go to every chat-template call. `vt_cache` (a
     `VTCache` or any mapping from sample id to a `VTEntry`) makes the cache the VT source for the ids it holds;
-    `on_missing_vt="error"` refuses an id it lacks. `noise_vt` / `noise_vt_space` are the noise-VT control (see
-    `VisualOPSDConfig`). A text LM's VTs are `vt_text` (plain text) or cached embeddings (soft-prefix slots).
+    `on_missing_vt="error"` refuses an id it lacks. `noise_vt` / `noise_vt_space` / `noise_vt_count` are the noise-VT
+    control (see `VisualOPSDConfig`). A text LM's VTs are `vt_text` (plain text) or cached embeddings (soft-prefix slots).
     """
 
     def __init__(self, processing_class, *, intro: str, transition: str, uses_images: bool,
                  chat_template_kwargs: dict | None = None, max_vt_images: int = 8,
                  vt_cache: Mapping | None = None, vt_cache_name: str | None = None, on_missing_vt: str = "error",
-                 noise_vt: bool = False, noise_vt_space: str = "pixels"):
+                 noise_vt: bool = False, noise_vt_space: str = "pixels", noise_vt_count: int | None = None):
         self.processing_class = processing_class
         self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
         self.intro, self.transition = intro, transition
@@ -152,6 +152,9 @@ class TeacherContext:
         self.max_vt_images = max_vt_images
         self.vt_cache, self.vt_cache_name, self.on_missing_vt = vt_cache, vt_cache_name, on_missing_vt
         self.noise_vt, self.noise_vt_space = noise_vt, noise_vt_space
+        # Under the control only: every sample shows this many VTs (its own cycled to the count), so the number of
+        # images, which can encode the answer (a maze's VT count is its path length), tells the teacher nothing.
+        self.fixed_count = noise_vt_count if noise_vt else None
 
     # ------------------------------------------------------------------------------------------- per sample (data)
     def check_samples(self, inputs) -> None:
@@ -199,15 +202,24 @@ class TeacherContext:
 
     def vt_images(self, x) -> list:
         """The VT images the teacher sees (a text LM's teacher reads none)."""
-        return list(x.get("vt_images") or [])[: self.max_vt_images] if self.uses_images else []
+        return self._counted(list(x.get("vt_images") or [])[: self.max_vt_images]) if self.uses_images else []
+
+    def _counted(self, vts: list) -> list:
+        """`vts` cycled to the control's fixed count (unchanged without one)."""
+        if self.fixed_count is None or not vts:
+            return vts
+        return [vts[i % len(vts)] for i in range(self.fixed_count)]
 
     def sample_vts(self, x) -> SampleVTs:
         slots = self.cached_vts(x)
         if slots is not None:
-            kept = slots[: self.max_vt_images]
-            return SampleVTs(kept, None, [s.embeds.shape[0] for s in kept], len(slots))
-        available = len(x.get("vt_images") or []) if self.uses_images else 0
+            kept = self._counted(slots[: self.max_vt_images])
+            available = len(kept) if self.fixed_count is not None else len(slots)
+            return SampleVTs(kept, None, [s.embeds.shape[0] for s in kept], available)
         kept = self.vt_images(x)
+        available = len(x.get("vt_images") or []) if self.uses_images else 0
+        if self.fixed_count is not None:  # the count is the control's, not a truncation
+            available = len(kept)
         if not kept:
             return SampleVTs(None, None, [], available)
         pixels = self.processing_class.image_processor(images=kept, return_tensors="pt")
@@ -215,13 +227,14 @@ class TeacherContext:
                          available)
 
     def vt_text(self, x) -> str | None:
-        """The sample's text VTs; under `noise_vt`, random vocabulary tokens as many as the VT text has (fresh every
-        call; decoded, so re-tokenised about as long), so the control keeps the context length, not the content."""
+        """The sample's text VTs; under `noise_vt`, random vocabulary tokens as many as the VT text has (or
+        `noise_vt_count`; fresh every call; decoded, so re-tokenised about as long), so the control keeps the context
+        length, not the content."""
         text = x.get("vt_text")
         if not (self.noise_vt and text):
             return text
         tok = self.tokenizer
-        n = len(tok(text, add_special_tokens=False)["input_ids"])
+        n = self.fixed_count or len(tok(text, add_special_tokens=False)["input_ids"])
         special = set(tok.all_special_ids)
         ids = [i for i in torch.randint(len(tok), (2 * n + 8,)).tolist() if i not in special][:n]
         return tok.decode(ids)

@@ -110,6 +110,7 @@ class VisualOPSDTrainer(DistillationTrainer):
             uses_images=self.adapter.uses_images, chat_template_kwargs=self.chat_template_kwargs,
             max_vt_images=args.max_vt_images, vt_cache=self.vt_cache, vt_cache_name=args.vt_cache_dir,
             on_missing_vt=args.on_missing_vt, noise_vt=args.noise_vt, noise_vt_space=args.noise_vt_space,
+            noise_vt_count=args.noise_vt_count,
         )
         self._shadow: ShadowWeights | None = None
         self._resume_dir: str | None = None

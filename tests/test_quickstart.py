@@ -96,3 +96,27 @@ def test_teacher_advice_on_the_students_answers():
     assert on["decisions"] >= 48 and off["decisions"] > 0
     assert on["teacher_right"] / on["decisions"] > 0.9
     assert on["student_right"] < on["teacher_right"]  # the student before is weaker than its teacher on its path
+
+
+def test_the_papers_noise_control_leaks_the_path_length_and_a_fixed_count_does_not():
+    """On the shipped warm-start, teacher-forced on reference answers: with as many noise VTs as moves the teacher
+    still stops on time (the count is the path length) while its moves are poor; with a fixed count it cannot."""
+    from opsd_trl.eval import Contexts
+    from opsd_trl.quickstart.advice import decision_accuracy
+    from opsd_trl.quickstart.pipeline import _shipped, datasets
+    from opsd_trl.testing.quickstart_model import TEACHER_INTRO, TEACHER_TRANSITION, load_weights
+
+    s = Settings(n_validation=48)
+    rows = list(datasets(s)["validation"])
+    teacher, processor = load_weights(_shipped(s))
+
+    def rates(**options):
+        contexts = Contexts(processor, intro=TEACHER_INTRO, transition=TEACHER_TRANSITION, **options)
+        counts = decision_accuracy(teacher, contexts, rows, teacher=True)
+        assert counts["move"]["decisions"] == counts["stop_go"]["decisions"] >= 2 * len(rows)  # one each per move
+        return {k: v["right"] / v["decisions"] for k, v in counts.items()}
+
+    real, paper, fixed = rates(), rates(noise_vt=True), rates(noise_vt=True, noise_vt_count=3)
+    assert real["move"] > 0.9 and real["stop_go"] > 0.9
+    assert paper["move"] < real["move"] - 0.2 and paper["stop_go"] > 0.9  # the leak
+    assert fixed["stop_go"] < paper["stop_go"] - 0.1

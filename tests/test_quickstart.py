@@ -21,6 +21,7 @@ def test_smoke_runs_every_stage_resumes_and_writes_the_docs_section(tmp_path):
     assert all("kl_gap_closure" in results[m] for m in MODELS - {"teacher_with_vt", "student_before"})
     report = (tmp_path / "results.md").read_text()
     assert all(row in report for row in ROWS), report
+    assert "distillation seed 0, one seed; the 3-seed mean and range are in docs/quickstart.md" in report
     assert (tmp_path / "curves.png").stat().st_size > 1000
     for run in ("visual_opsd", "noise_control", "supervised"):
         history = json.loads((tmp_path / run / "seed0" / "history.json").read_text())
@@ -51,6 +52,7 @@ def test_more_seeds_reuse_the_first(tmp_path):
     assert {"visual_opsd_seed1", "noise_control_seed1", "supervised_seed1"} <= set(results)
     assert (tmp_path / "visual_opsd" / "seed0" / "final.safetensors").stat().st_mtime_ns == stamp
     assert "2 seeds: mean (min to max)" in (tmp_path / "results.md").read_text()
+    assert "mean of distillation seeds 0, 1" in (tmp_path / "results.md").read_text()
 
 
 def test_warmstart_key_tracks_its_settings():

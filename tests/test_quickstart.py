@@ -103,13 +103,15 @@ def test_teacher_advice_on_the_students_answers():
 def test_the_papers_noise_control_leaks_the_path_length_and_a_fixed_count_does_not():
     """On the shipped warm-start, teacher-forced on reference answers: with as many noise VTs as moves the teacher
     still stops on time (the count is the path length) while its moves are poor; with a fixed count it cannot."""
+    from dataclasses import replace
+
     from opsd_trl.eval import Contexts
     from opsd_trl.quickstart.advice import decision_accuracy
     from opsd_trl.quickstart.pipeline import _shipped, datasets
     from opsd_trl.testing.quickstart_model import TEACHER_INTRO, TEACHER_TRANSITION, load_weights
 
     s = Settings(n_validation=48)
-    rows = list(datasets(s)["validation"])
+    rows = list(datasets(replace(s, n_train=8, n_test=8))["validation"])  # the other splits: as small as they go
     teacher, processor = load_weights(_shipped(s))
 
     def rates(**options):
@@ -122,3 +124,19 @@ def test_the_papers_noise_control_leaks_the_path_length_and_a_fixed_count_does_n
     assert real["move"] > 0.9 and real["stop_go"] > 0.9
     assert paper["move"] < real["move"] - 0.2 and paper["stop_go"] > 0.9  # the leak
     assert fixed["stop_go"] < paper["stop_go"] - 0.1
+
+
+def test_levers_are_options_on_the_defaults(tmp_path):
+    """Each lever changes only `Settings` fields and trains known methods; an unknown name is refused before any
+    training; the default lever's runs are the quickstart's own."""
+    from dataclasses import replace
+
+    from opsd_trl.quickstart.levers import LEVERS, lever_folder, run_levers
+    from opsd_trl.quickstart.pipeline import METHODS
+
+    for name, (methods, overrides) in LEVERS.items():
+        assert set(methods) <= set(METHODS) and replace(Settings(), **overrides) != Settings() or not overrides
+        assert (lever_folder(tmp_path, name) == tmp_path) == (not overrides)
+    with pytest.raises(ValueError, match="unknown lever 'nope'"):
+        run_levers(tmp_path, ["nope"])
+    assert not any(tmp_path.iterdir())

@@ -25,6 +25,7 @@ LEVERS: dict[str, tuple[tuple[str, ...], dict]] = {
     "cells: after each move the cell it reaches": (("visual_opsd", "supervised"), {"answer_format": "cells"}),
     "leak-free noise control (3 noise VTs per maze)": (("noise_control",), {"noise_vt_count": 3}),
     "supervised to its plateau (900 steps)": (("supervised",), {"supervised_steps": 900}),
+    "Visual-OPSD for 900 steps": (("visual_opsd",), {"opsd_steps": 900}),
 }
 
 

@@ -92,7 +92,9 @@ def levers_table(rows: dict) -> str:
     (last step), each method's KL-gap closure, and the command."""
     lines = ["| lever (validation, 200 mazes) | seed | teacher with VTs | student before | Visual-OPSD (closure) | "
              "supervised baseline (closure) | noise-VT control (closure) | command |", "|---|---|---|---|---|---|---|---|"]
-    for row in rows.values():
+    order = list(LEVERS)
+    for row in sorted(rows.values(), key=lambda r: (order.index(r["lever"]) if r["lever"] in order else len(order),
+                                                    r["seed"])):
         start = next(iter(row["runs"].values()))[0]
         cells = []
         for method in ("visual_opsd", "supervised", "noise_control"):

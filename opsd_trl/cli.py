@@ -194,7 +194,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--size", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", default="short", help="maze prompt preset (short: the quickstart's vocabulary)")
-    p.add_argument("--answer-format", default="numbered", choices=["plain", "numbered"])
+    p.add_argument("--answer-format", default="numbered", choices=["plain", "numbered", "cells"])
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--max-new-tokens", type=positive_int, default=16)
     p.add_argument("--predictions-dir", help="write model/baseline.predictions.jsonl here (id, task, meta, "
@@ -210,6 +210,21 @@ def _add_eval(sub) -> None:
 def _quickstart(args) -> int:
     from opsd_trl.quickstart import run_quickstart
 
+    if args.levers is not None:
+        from pathlib import Path
+
+        import torch
+
+        from opsd_trl.quickstart.levers import leak_table, levers_table, noise_leak, run_levers
+        from opsd_trl.quickstart.report import replace_section
+
+        torch.set_num_threads(args.threads)
+        table = levers_table(run_levers(Path(args.out), names=args.levers or None, seeds=args.seeds or 1))
+        table += "\n\n" + leak_table(noise_leak(Path(args.out)))
+        if args.docs:
+            replace_section(Path(args.docs), "levers", table)
+        print(table)
+        return 0
     if args.tune:
         from pathlib import Path
 
@@ -241,6 +256,9 @@ def _add_quickstart(sub) -> None:
     p.add_argument("--tune", action="store_true",
                    help="instead: the validation runs behind the defaults (opsd_trl/quickstart/tuning.py), as a table")
     p.add_argument("--tune-only", nargs="+", default=None, metavar="NAME", help="with --tune: these candidates only")
+    p.add_argument("--levers", nargs="*", default=None, metavar="NAME",
+                   help="instead: the lever experiments on validation (opsd_trl/quickstart/levers.py; all, or the named "
+                   "ones) for --seeds seeds, as a table")
     p.set_defaults(func=_quickstart)
 
 

@@ -84,6 +84,7 @@ _FIELD_CHECKS = {
     "allow_trainable_vision_with_cache": (lambda v: isinstance(v, bool), "a bool"),
     "reuse_problem_image_features": (lambda v: isinstance(v, bool), "a bool"),
     "noise_vt": (lambda v: isinstance(v, bool), "a bool"),
+    "noise_vt_count": (lambda v: v is None or (_int(v) and v >= 1), "an integer >= 1 or None"),
     "image_skip_marker": (lambda v: v is None or isinstance(v, str), "a string or None (None or '': no rounds)"),
     "image_skip_token": (lambda v: isinstance(v, str) and v != "", "a non-empty string (one token)"),
     "max_image_skips": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
@@ -221,6 +222,11 @@ class VisualOPSDConfig(DistillationConfig):
             encoded by the vision tower, fresh every step; `"embeddings"`: VT features become Gaussian noise with
             each image's mean and std (not the paper's). Text LMs: embedding VTs always get embedding noise; text VTs
             (`vt_text`) become random vocabulary tokens, about as many as they had. Only with `noise_vt=True`.
+        noise_vt_count (`int` or `None`, *optional*, defaults to `None`):
+            `None` (the paper's control): as many noise VTs as the sample has VTs. An integer: every sample's
+            noised teacher sees exactly this many (its VTs cycled to the count, then noised; text VTs: this many
+            random tokens), so the VT count, which can give the answer away (a maze's path length), carries
+            nothing. Only with `noise_vt=True`.
 
         > Parameters that control generation
 
@@ -351,6 +357,12 @@ class VisualOPSDConfig(DistillationConfig):
                   "noise with each image's mean and std (not the paper's). Text LMs: embedding VTs always get "
                   "embedding noise; text VTs (`vt_text`) become random vocabulary tokens, about as many as they had."},
     )
+    noise_vt_count: int | None = field(
+        default=None,
+        metadata={"help": "None (the paper's control): as many noise VTs as the sample has VTs | an integer: every "
+                  "sample's noised teacher sees exactly this many (its VTs cycled to the count), so the VT count "
+                  "carries no information (e.g. a maze's path length)."},
+    )
 
     # Parameters that control generation
     image_skip_marker: str | None = field(
@@ -409,7 +421,7 @@ class VisualOPSDConfig(DistillationConfig):
         if self.teacher_mode != "ema":
             found.append((f"teacher_mode={self.teacher_mode!r}", ("ema_decay", "ema_init_weights")))
         if not self.noise_vt:
-            found.append(("noise_vt=False", ("noise_vt_space",)))
+            found.append(("noise_vt=False", ("noise_vt_space", "noise_vt_count")))
         if self.vt_source == "online":
             found.append(("vt_source='online'", ("vt_cache_dir", "allow_trainable_vision_with_cache")))
         if self.max_image_skips == 0 and self.image_skip_marker:

@@ -41,7 +41,8 @@ class Contexts:
     """How to render a sample's student or teacher context for one processing class: the trainer's builder
     (`opsd_trl.teacher_context.TeacherContext`), so eval sees the sequences training sees. `intro` / `transition`
     default to `VisualOPSDConfig`'s; pass the run's own (and its `teacher_text_layout`, `system_prompt`). A text LM
-    (a tokenizer) reads `vt_text` as its VTs."""
+    (a tokenizer) reads `vt_text` as its VTs. `noise_vt` / `noise_vt_count`: the teacher is the noise-VT control's
+    (pixel space, as the trainer's default), for diagnostics of what the noised teacher still knows."""
 
     processor: object
     intro: str = TEACHER_INTRO
@@ -50,6 +51,8 @@ class Contexts:
     chat_template_kwargs: dict | None = None
     layout: str = "one_turn"  # `VisualOPSDConfig.teacher_text_layout`
     system_prompt: str | None = None  # `VisualOPSDConfig.system_prompt`, in both contexts
+    noise_vt: bool = False
+    noise_vt_count: int | None = None
 
     @classmethod
     def from_config(cls, processor, args) -> Contexts:
@@ -63,7 +66,7 @@ class Contexts:
         self.builder = TeacherContext(
             self.processor, intro=self.intro, transition=self.transition, uses_images=self.uses_images,
             chat_template_kwargs=self.chat_template_kwargs, max_vt_images=self.max_vt_images, layout=self.layout,
-            system_prompt=self.system_prompt,
+            system_prompt=self.system_prompt, noise_vt=self.noise_vt, noise_vt_count=self.noise_vt_count,
         )
 
     @property
@@ -103,6 +106,8 @@ def completion_logits(model, contexts: Contexts, rows: list[dict], completions: 
     adapter = get_adapter(model)
     pad_id = contexts.tokenizer.pad_token_id
     pixels = pixels or [contexts.pixels(contexts.images(r, teacher)) for r in rows]
+    if teacher and contexts.noise_vt and contexts.uses_images:
+        pixels = [_noise_vt_pixels(r, p) for r, p in zip(rows, pixels, strict=True)]
     prompts = [contexts.prompt_ids(r, teacher, p.get("image_grid_thw")) for r, p in zip(rows, pixels, strict=True)]
     width, c = max(len(ids) for ids, _ in prompts), max(len(x) for x in completions)
     device = next(model.parameters()).device
@@ -123,6 +128,15 @@ def completion_logits(model, contexts: Contexts, rows: list[dict], completions: 
     hidden = adapter.teacher_hidden_states(model, ids.to(device), attn.to(device), slot.to(device), slots)
     logits = OutputHead.of(model).logits(hidden[:, width - 1 : -1, :])
     return logits, attn[:, width:].bool().to(device)
+
+
+def _noise_vt_pixels(row: dict, pixels: dict) -> dict:
+    """The pixel-space noise-VT control: each VT's pixel rows become standard Gaussian noise (drawn per sample, as
+    `TeacherContext.vt_features` draws them); the problem images' rows are kept."""
+    n_problem = int(pixels["image_grid_thw"][: len(row.get("images") or [])].prod(-1).sum())
+    values = pixels["pixel_values"].clone()
+    values[n_problem:] = torch.randn(values.shape[0] - n_problem, values.shape[1])
+    return {**pixels, "pixel_values": values}
 
 
 def kl_gap_closure(kl_before: float, kl_after: float) -> float:

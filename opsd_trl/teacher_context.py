@@ -29,7 +29,14 @@ import torch
 from trl.data_utils import prepare_multimodal_messages
 from trl.trainer.utils import pad
 
-from .data import PROMPT_FORMAT, check_prompt_text, multimodal_tokens, privileged_text, validate_prompt, validate_standard
+from .data import (
+    PROMPT_FORMAT,
+    check_prompt_text,
+    multimodal_tokens,
+    privileged_text,
+    validate_prompt,
+    validate_standard,
+)
 from .models.adapters import SlotFeatures
 from .vt_cache.load import check_vts
 
@@ -236,8 +243,8 @@ class TeacherContext:
 
     `intro` / `transition` surround the VTs; `chat_template_kwargs` go to every chat-template call. `vt_cache` (a
     `VTCache` or any mapping from sample id to a `VTEntry`) makes the cache the VT source for the ids it holds;
-    `on_missing_vt="error"` refuses an id it lacks. `noise_vt` / `noise_vt_space` are the noise-VT control (see
-    `VisualOPSDConfig`). A text LM's VTs are `vt_text` (plain text) or cached embeddings (soft-prefix slots).
+    `on_missing_vt="error"` refuses an id it lacks. `noise_vt` / `noise_vt_space` / `noise_vt_count` are the noise-VT
+    control (see `VisualOPSDConfig`). A text LM's VTs are `vt_text` (plain text) or cached embeddings (soft-prefix slots).
     `layout` is `teacher_messages`'s; `system_prompt` is put before every sample's prompt by `with_system_prompt`
     (the trainer, once per batch, so TRL's student prompt has it too).
     `prompt_template` places a sample's `privileged_context` (SDFT's `teacher_prompt_template`).
@@ -247,7 +254,8 @@ class TeacherContext:
                  chat_template_kwargs: dict | None = None, max_vt_images: int = 8,
                  vt_cache: Mapping | None = None, vt_cache_name: str | None = None, on_missing_vt: str = "error",
                  noise_vt: bool = False, noise_vt_space: str = "pixels", layout: str = "one_turn",
-                 system_prompt: str | None = None, prompt_template: str = "{prompt}\n\n{privileged_context}"):
+                 system_prompt: str | None = None, prompt_template: str = "{prompt}\n\n{privileged_context}",
+                 noise_vt_count: int | None = None):
         self.processing_class = processing_class
         self.prompt_template = prompt_template
         self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
@@ -262,6 +270,9 @@ class TeacherContext:
         self.layout, self.system_prompt = layout, system_prompt
         self.reserved_tokens = multimodal_tokens(processing_class)
         self._vts_checked: set = set()  # ids whose VTs matched the cache's
+        # Under the control only: every sample shows this many VTs (its own cycled to the count), so the number of
+        # images, which can encode the answer (a maze's VT count is its path length), tells the teacher nothing.
+        self.fixed_count = noise_vt_count if noise_vt else None
 
     @classmethod
     def from_config(cls, args, processing_class, *, uses_images: bool, vt_cache: Mapping | None = None):
@@ -272,7 +283,7 @@ class TeacherContext:
                    max_vt_images=args.max_vt_images, vt_cache=vt_cache, vt_cache_name=args.vt_cache_dir,
                    on_missing_vt=args.on_missing_vt, noise_vt=args.noise_vt, noise_vt_space=args.noise_vt_space,
                    layout=args.teacher_text_layout, system_prompt=args.system_prompt,
-                   prompt_template=args.teacher_prompt_template)
+                   prompt_template=args.teacher_prompt_template, noise_vt_count=args.noise_vt_count)
 
     # ------------------------------------------------------------------------------------------- per sample (data)
     def with_system_prompt(self, inputs: list[dict]) -> list[dict]:
@@ -336,15 +347,24 @@ class TeacherContext:
 
     def vt_images(self, x) -> list:
         """The VT images the teacher sees (a text LM's teacher reads none)."""
-        return list(x.get("vt_images") or [])[: self.max_vt_images] if self.uses_images else []
+        return self._counted(list(x.get("vt_images") or [])[: self.max_vt_images]) if self.uses_images else []
+
+    def _counted(self, vts: list) -> list:
+        """`vts` cycled to the control's fixed count (unchanged without one)."""
+        if self.fixed_count is None or not vts:
+            return vts
+        return [vts[i % len(vts)] for i in range(self.fixed_count)]
 
     def sample_vts(self, x) -> SampleVTs:
         slots = self.cached_vts(x)
         if slots is not None:
-            kept = slots[: self.max_vt_images]
-            return SampleVTs(kept, None, [s.embeds.shape[0] for s in kept], len(slots))
-        available = len(x.get("vt_images") or []) if self.uses_images else 0
+            kept = self._counted(slots[: self.max_vt_images])
+            available = len(kept) if self.fixed_count is not None else len(slots)
+            return SampleVTs(kept, None, [s.embeds.shape[0] for s in kept], available)
         kept = self.vt_images(x)
+        available = len(x.get("vt_images") or []) if self.uses_images else 0
+        if self.fixed_count is not None:  # the count is the control's, not a truncation
+            available = len(kept)
         if not kept:
             return SampleVTs(None, None, [], available)
         pixels = self.processing_class.image_processor(images=kept, return_tensors="pt")
@@ -352,13 +372,14 @@ class TeacherContext:
                          available)
 
     def vt_text(self, x) -> str | None:
-        """The sample's text VTs; under `noise_vt`, random vocabulary tokens as many as the VT text has (fresh every
-        call; decoded, so re-tokenised about as long), so the control keeps the context length, not the content."""
+        """The sample's text VTs; under `noise_vt`, random vocabulary tokens as many as the VT text has (or
+        `noise_vt_count`; fresh every call; decoded, so re-tokenised about as long), so the control keeps the context
+        length, not the content."""
         text = x.get("vt_text")
         if not (self.noise_vt and text):
             return text
         tok = self.tokenizer
-        n = len(tok(text, add_special_tokens=False)["input_ids"])
+        n = self.fixed_count or len(tok(text, add_special_tokens=False)["input_ids"])
         special = set(tok.all_special_ids)
         ids = [i for i in torch.randint(len(tok), (2 * n + 8,)).tolist() if i not in special][:n]
         return tok.decode(ids)

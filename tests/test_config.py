@@ -10,7 +10,6 @@ import re
 import warnings
 
 import pytest
-
 from recipe_utils import REPO
 
 from opsd_trl import VisualOPSDConfig
@@ -46,6 +45,7 @@ BAD_VALUES = {
     "reuse_problem_image_features": ("yes", "a bool"),
     "noise_vt": (None, "a bool"),
     "noise_vt_space": ("tokens", "('pixels', 'embeddings')"),
+    "noise_vt_count": (0, ">= 1 or None"),
     "image_skip_marker": (5, "a string or None"),
     "image_skip_token": ("", "a non-empty string"),
     "max_image_skips": (-1, ">= 0"),

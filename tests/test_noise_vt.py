@@ -6,6 +6,7 @@ import torch
 from trainer_utils import (
     completion_logits,
     generation_batch,
+    image_blocks,
     make_trainer,
     reference_teacher_logits,
     text_dataset,
@@ -89,3 +90,44 @@ def test_text_vts_become_random_tokens_of_the_same_count(tmp_path):
         # Random ids decoded then re-tokenised with the prompt: about as long as the VT text, never empty.
         assert len(with_vt) - len(vt_ids) < len(with_noise) <= len(with_vt) + 2 * len(vt_ids)
         assert with_noise != with_vt
+
+
+@pytest.mark.parametrize("source", ["online", "cache"])
+def test_fixed_count_noise_shows_every_sample_the_same_number_of_vts(source, tmp_path):
+    """`noise_vt_count=3`: samples with 1 and 2 VTs each get 3 noise VTs, so the image count says nothing about the
+    sample. Reference: the model's own forward on each sample with its VTs cycled to 3, their pixel rows noised in
+    sample order; the eval's noised teacher (`Contexts(noise_vt=True)`) must match it too."""
+    from datasets import Dataset
+
+    from opsd_trl.eval import Contexts
+    from opsd_trl.eval import completion_logits as eval_logits
+
+    model, processor = build_tiny_qwen2_5_vl()
+    model.model.visual.requires_grad_(False)
+    rows = list(vl_dataset(n=2, n_vt=2))
+    rows[0]["vt_images"] = rows[0]["vt_images"][:1]
+    dataset = Dataset.from_list(rows)
+    kwargs = {}
+    if source == "cache":
+        kwargs["vt_cache_dir"] = str(build_vt_cache(dataset, VisionEncoder(model, processor), tmp_path / "cache",
+                                                    progress=False))
+    trainer = make_trainer(model, processor, dataset, tmp_path, teacher_mode="self", noise_vt=True,
+                           noise_vt_count=3, max_completion_length=5, **kwargs)
+    batch = generation_batch(trainer, dataset)
+    assert [image_blocks(processor, ids) for ids in batch["teacher_prompt_ids"]] == [4, 4]  # problem + 3 VTs
+    torch.manual_seed(7)
+    ours = completion_logits(trainer, batch)
+    model.eval()
+    cycled = Dataset.from_list([{**r, "vt_images": [r["vt_images"][k % len(r["vt_images"])] for k in range(3)]}
+                                for r in rows])
+    reference = _pixel_noise_reference(model, processor, cycled, batch, trainer.args, seed=7)
+    for b, ref_rows in enumerate(reference):
+        torch.testing.assert_close(ours[b, : ref_rows.shape[0]], ref_rows, atol=ATOL, rtol=1e-4)
+    contexts = Contexts(processor, intro=trainer.args.teacher_intro, transition=trainer.args.teacher_transition,
+                        noise_vt=True, noise_vt_count=3)
+    ordered = [rows[[r["id"] for r in rows].index(i)] for i in batch["sample_ids"]]
+    completions = [c[m.bool()].tolist() for c, m in zip(batch["completion_ids"], batch["completion_mask"], strict=True)]
+    torch.manual_seed(7)
+    theirs, _ = eval_logits(model, contexts, ordered, completions, teacher=True)
+    for b, ref_rows in enumerate(reference):
+        torch.testing.assert_close(theirs[b, : ref_rows.shape[0]], ref_rows, atol=ATOL, rtol=1e-4)

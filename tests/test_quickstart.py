@@ -21,6 +21,7 @@ def test_smoke_runs_every_stage_resumes_and_writes_the_docs_section(tmp_path):
     assert all("kl_gap_closure" in results[m] for m in MODELS - {"teacher_with_vt", "student_before"})
     report = (tmp_path / "results.md").read_text()
     assert all(row in report for row in ROWS), report
+    assert "distillation seed 0, one seed; the 3-seed mean and range are in docs/quickstart.md" in report
     assert (tmp_path / "curves.png").stat().st_size > 1000
     for run in ("visual_opsd", "noise_control", "supervised"):
         history = json.loads((tmp_path / run / "seed0" / "history.json").read_text())
@@ -51,6 +52,7 @@ def test_more_seeds_reuse_the_first(tmp_path):
     assert {"visual_opsd_seed1", "noise_control_seed1", "supervised_seed1"} <= set(results)
     assert (tmp_path / "visual_opsd" / "seed0" / "final.safetensors").stat().st_mtime_ns == stamp
     assert "2 seeds: mean (min to max)" in (tmp_path / "results.md").read_text()
+    assert "mean of distillation seeds 0, 1" in (tmp_path / "results.md").read_text()
 
 
 def test_warmstart_key_tracks_its_settings():
@@ -109,3 +111,45 @@ def test_teacher_advice_on_the_students_answers():
     assert on["decisions"] >= 48 and off["decisions"] > 0
     assert on["teacher_right"] / on["decisions"] > 0.9
     assert on["student_right"] < on["teacher_right"]  # the student before is weaker than its teacher on its path
+
+
+def test_the_papers_noise_control_leaks_the_path_length_and_a_fixed_count_does_not():
+    """On the shipped warm-start, teacher-forced on reference answers: with as many noise VTs as moves the teacher
+    still stops on time (the count is the path length) while its moves are poor; with a fixed count it cannot."""
+    from dataclasses import replace
+
+    from opsd_trl.eval import Contexts
+    from opsd_trl.quickstart.advice import decision_accuracy
+    from opsd_trl.quickstart.model import TEACHER_INTRO, TEACHER_TRANSITION, load_weights
+    from opsd_trl.quickstart.pipeline import _shipped, datasets
+
+    s = Settings(n_validation=48)
+    rows = list(datasets(replace(s, n_train=8, n_test=8))["validation"])  # the other splits: as small as they go
+    teacher, processor = load_weights(_shipped(s))
+
+    def rates(**options):
+        contexts = Contexts(processor, intro=TEACHER_INTRO, transition=TEACHER_TRANSITION, **options)
+        counts = decision_accuracy(teacher, contexts, rows, teacher=True)
+        assert counts["move"]["decisions"] == counts["stop_go"]["decisions"] >= 2 * len(rows)  # one each per move
+        return {k: v["right"] / v["decisions"] for k, v in counts.items()}
+
+    real, paper, fixed = rates(), rates(noise_vt=True), rates(noise_vt=True, noise_vt_count=3)
+    assert real["move"] > 0.9 and real["stop_go"] > 0.9
+    assert paper["move"] < real["move"] - 0.2 and paper["stop_go"] > 0.9  # the leak
+    assert fixed["stop_go"] < paper["stop_go"] - 0.1
+
+
+def test_levers_are_options_on_the_defaults(tmp_path):
+    """Each lever changes only `Settings` fields and trains known methods; an unknown name is refused before any
+    training; the default lever's runs are the quickstart's own."""
+    from dataclasses import replace
+
+    from opsd_trl.quickstart.levers import LEVERS, lever_folder, run_levers
+    from opsd_trl.quickstart.pipeline import METHODS
+
+    for name, (methods, overrides) in LEVERS.items():
+        assert set(methods) <= set(METHODS) and replace(Settings(), **overrides) != Settings() or not overrides
+        assert (lever_folder(tmp_path, name) == tmp_path) == (not overrides)
+    with pytest.raises(ValueError, match="unknown lever 'nope'"):
+        run_levers(tmp_path, ["nope"])
+    assert not any(tmp_path.iterdir())

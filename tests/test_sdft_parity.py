@@ -269,9 +269,10 @@ def test_teacher_context_is_sdft_token_for_token(which, template, request):
 def test_privileged_context_beside_visual_thoughts():
     """A VLM sample with both a privileged text and VT images: the text where SDFT puts it, the VT images after it
     in the same user turn (between intro and transition); the problem image stays first."""
+    from trainer_utils import square
+
     from opsd_trl.teacher_context import TeacherContext
     from opsd_trl.testing.tiny_models import build_tiny_qwen2_5_vl
-    from trainer_utils import square
 
     _, processor = build_tiny_qwen2_5_vl()
     x = dict(id="v", prompt=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which way?"}]}],

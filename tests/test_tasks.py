@@ -66,7 +66,10 @@ def test_rendered_vt_path_solves_the_maze(drawn, cell_px):
     for rules in ("vsp", "gym"):
         assert reference_simulate(m.grid, moves, rules)
         for fmt in maze.ANSWER_FORMATS:
-            assert maze.score(meta, maze.format_answer(moves, fmt), rules=rules)
+            assert maze.score(meta, maze.format_answer(moves, fmt, m.start, m.size), rules=rules)
+    # The cells format names, after each move, the cell the VT's dot marks (1..size*size, row by row).
+    assert maze.format_answer(moves, "cells", m.start, m.size).split()[1::2] == [
+        str(r * m.size + c + 1) for r, c in cells[1:]]
 
 
 @settings(max_examples=40, deadline=None)

@@ -83,7 +83,8 @@ class StageBar(TrainerCallback):
 def train_opsd(model, processor, train, validation, reference, out: Path, *, cache: VTCache | None,
                noise_vt: bool, steps: int, teacher_mode: str, lr: float, batch_size: int, ema_decay: float,
                eval_every: int, beta: float = 0.5, jsd_clip: float | None = 0.05, seed: int = 0,
-               temperature: float = 1.0, progress: bool = True, desc: str = "Visual-OPSD") -> dict:
+               temperature: float = 1.0, progress: bool = True, desc: str = "Visual-OPSD",
+               noise_vt_count: int | None = None) -> dict:
     """Train in place; returns {"log": trainer log history, "validation": curve points}. The console shows one
     progress bar; the full logs go to `out/history.json` and `out/runs/` (tensorboard, when installed)."""
     freeze_vision(model)
@@ -91,6 +92,7 @@ def train_opsd(model, processor, train, validation, reference, out: Path, *, cac
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
         lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), adam_beta2=0.95, max_grad_norm=1.0,
         teacher_mode=teacher_mode, noise_vt=noise_vt, beta=beta, teacher_top_k=None,
+        **({"noise_vt_count": noise_vt_count} if noise_vt_count is not None else {}),
         **({"ema_decay": ema_decay} if teacher_mode == "ema" else {}),  # other modes have no decay (no warning)
         jsd_clip=jsd_clip, temperature=temperature, max_completion_length=16, max_image_skips=0,
         teacher_intro=TEACHER_INTRO, teacher_transition=TEACHER_TRANSITION,

@@ -69,17 +69,30 @@ class Settings:
     temperature: float = 1.0
     supervised_lr: float = 1e-3  # the supervised baseline's, chosen on validation like the method's (same steps x batch)
     eval_every: int = 50
+    # Options for the validation levers (`levers.py`); the defaults are the quickstart's. `answer_format="cells"`:
+    # after each move the cell it reaches (an intermediate step the VTs show; both methods train on these answers).
+    # `noise_vt_count`: the noise-VT control shows this many noise VTs per maze whatever its path length (None: as
+    # many as the maze has VTs, the paper's control, whose count gives the path length away). `supervised_steps`:
+    # the supervised baseline's steps (None: `opsd_steps`, the equal budget).
+    answer_format: str = "numbered"
+    noise_vt_count: int | None = None
+    supervised_steps: int | None = None
     seed: int = 0  # data and warm-start
     seeds: int = 1  # distillation seeds 0 .. seeds-1 (each trains every method from the shared warm-start)
 
     def warmstart_key(self, task: dict | None = None, vocabulary: dict | None = None) -> str:
-        """What the warm-start weights depend on: its training settings, the maze task's settings (`MAZE`) and the
-        policy's vocabulary (token -> id); `task` / `vocabulary` default to the current ones."""
+        """What the warm-start weights depend on: its training settings, the maze task's settings (`MAZE`, with this
+        run's `answer_format`) and the policy's vocabulary (token -> id); `task` / `vocabulary` default to the
+        current ones."""
         fields = ("n_train", "sft_steps", "sft_batch", "sft_lr", "sft_teacher_share", "seed")
         key = {f: getattr(self, f) for f in fields}
-        key["task"] = MAZE if task is None else task
+        key["task"] = self.maze() if task is None else task
         key["vocabulary"] = build_word_tokenizer().get_vocab() if vocabulary is None else vocabulary
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+    def maze(self) -> dict:
+        """The maze task's settings this run uses: `MAZE`, with its `answer_format`."""
+        return {**MAZE, "answer_format": self.answer_format}
 
 
 SMOKE = Settings(n_train=64, n_validation=16, n_test=16, sft_steps=3, sft_batch=8, opsd_steps=2, opsd_batch=4,
@@ -87,8 +100,8 @@ SMOKE = Settings(n_train=64, n_validation=16, n_test=16, sft_steps=3, sft_batch=
 
 
 def datasets(s: Settings) -> dict:
-    """The maze splits (`MAZE`: 3x3, short word-level prompt, numbered answers); disjoint by maze layout."""
-    kw = dict(**MAZE, seed=s.seed)
+    """The maze splits (`MAZE`: 3x3, short word-level prompt; numbered answers by default); disjoint by maze layout."""
+    kw = dict(**s.maze(), seed=s.seed)
     return {
         "train": make_dataset("maze", "train", s.n_train, **kw),
         "validation": make_dataset("maze", "validation", s.n_validation, dedupe=True, **kw),
@@ -143,6 +156,7 @@ def opsd_stage(method: str, s: Settings, data: dict, warm: Path, out: Path, cach
                noise_vt=method == "noise_control", steps=s.opsd_steps, teacher_mode=s.teacher_mode, lr=s.opsd_lr,
                batch_size=s.opsd_batch, ema_decay=s.ema_decay, eval_every=s.eval_every, beta=s.beta,
                jsd_clip=s.jsd_clip, seed=seed, temperature=s.temperature, progress=progress,
+               noise_vt_count=s.noise_vt_count if method == "noise_control" else None,
                desc=f"{LABELS[method]} (seed {seed})")
     save_weights(model, path)
     return path
@@ -161,12 +175,14 @@ def supervised_stage(s: Settings, data: dict, warm: Path, out: Path, seed: int, 
     curve = ValidationCurve(processor, data["validation"], reference, s.eval_every)
     curve.record(model, 0)
 
+    steps = s.supervised_steps or s.opsd_steps
+
     def on_step(step: int) -> dict:
-        curve.maybe_record(model, step, s.opsd_steps)
+        curve.maybe_record(model, step, steps)
         return curve.postfix()
 
-    losses = warm_start(model, _contexts(processor), data["train"], steps=s.opsd_steps, batch_size=s.opsd_batch,
-                        lr=s.supervised_lr, warmup=max(1, s.opsd_steps // 20), teacher_share=0.0, seed=seed,
+    losses = warm_start(model, _contexts(processor), data["train"], steps=steps, batch_size=s.opsd_batch,
+                        lr=s.supervised_lr, warmup=max(1, steps // 20), teacher_share=0.0, seed=seed,
                         progress=progress, desc=f"{LABELS['supervised']} (seed {seed})", on_step=on_step)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "history.json").write_text(json.dumps({"log": [{"step": i + 1, "loss": x} for i, x in

@@ -172,10 +172,15 @@ def plot_curves(histories: dict, path: Path) -> None:
 
 
 def headline(results: dict) -> str:
-    """One line: the student's accuracy before and after Visual-OPSD, and against the supervised baseline."""
+    """One line: the student's accuracy before and after Visual-OPSD, and against the supervised baseline. It names
+    the distillation seeds it averages; a one-seed run says where the docs' 3-seed mean is (seeds differ by several
+    points, and the README's run is one of them)."""
     g = by_method(results)
     acc = {m: statistics.mean(r["accuracy"] for r in runs) for m, runs in g.items()}
-    return (f"Visual-OPSD: student {_pct(acc['student_before'])} -> {_pct(acc['visual_opsd'])} "
+    seeds = sorted(int(re.search(r"_seed(\d+)$", name).group(1)) for name in results if method_of(name) == "visual_opsd")
+    which = (f"distillation seed {seeds[0]}, one seed; the 3-seed mean and range are in docs/quickstart.md"
+             if len(seeds) == 1 else f"mean of distillation seeds {', '.join(map(str, seeds))}")
+    return (f"Visual-OPSD ({which}): student {_pct(acc['student_before'])} -> {_pct(acc['visual_opsd'])} "
             f"({100 * (acc['visual_opsd'] - acc['student_before']):+.1f} points; supervised baseline "
             f"{_pct(acc['supervised'])}, noise-VT control {_pct(acc['noise_control'])}, teacher with VTs "
             f"{_pct(acc['teacher_with_vt'])})")

@@ -28,7 +28,7 @@ MOVES = "LDRU"  # gym FrozenLake-v1 action ids 0..3; also the BFS tie-break orde
 DELTAS = {"L": (0, -1), "D": (1, 0), "R": (0, 1), "U": (-1, 0)}
 WORDS = {"left": "L", "down": "D", "right": "R", "up": "U"}
 RULES = ("vsp", "gym")
-ANSWER_FORMATS = ("plain", "numbered")
+ANSWER_FORMATS = ("plain", "numbered", "cells")
 
 # Colours chosen to stay distinct after resizing: each cell's content lives inside its own cell.
 ICE, GRID_LINE = (205, 228, 245), (150, 175, 200)
@@ -43,7 +43,8 @@ PROMPTS = {
     ),
     "short": "solve maze answer",  # the word-level vocabulary of the CPU quickstart's tiny model
 }
-_HINTS = {"plain": "separated by spaces", "numbered": "each preceded by its step number"}
+_HINTS = {"plain": "separated by spaces", "numbered": "each preceded by its step number",
+          "cells": "each followed by the number of the cell it reaches (1 to size*size, row by row)"}
 
 # A token is a word (any case) or a compact run of upper-case move letters ("R", "RRD").
 _TOKEN = re.compile(r"(?<![A-Za-z])(?:(?i:left|down|right|up)|[LDRU]+)(?![A-Za-z])")
@@ -218,18 +219,24 @@ def score(meta: str | dict, completion: str, rules: str | None = None) -> bool:
     return moves is not None and simulate(meta["grid"], moves, rules or meta.get("rules", "vsp"))
 
 
-def format_answer(moves: str, answer_format: str = "plain") -> str:
+def format_answer(moves: str, answer_format: str = "plain", start: tuple[int, int] = (0, 0), size: int = 3) -> str:
+    """The reference answer text. `cells`: after each move the cell it reaches, numbered 1..size*size row by row
+    ("R 2 D 5" from the top-left corner of a 3x3 maze): an intermediate step the newest VT's dot shows."""
     if answer_format == "plain":
         return " ".join(moves)
     if answer_format == "numbered":
         return " ".join(f"{i} {m}" for i, m in enumerate(moves, 1))
+    if answer_format == "cells":
+        cells = path_cells(start, moves)[1:]
+        return " ".join(f"{m} {r * size + c + 1}" for m, (r, c) in zip(moves, cells, strict=True))
     raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
 
 
 def question(size: int, prompt: str = "full", answer_format: str = "plain") -> str:
     """The question text: a preset name from PROMPTS or a custom template with {size}, {hint}, {example}."""
     template = PROMPTS.get(prompt, prompt)
-    return template.format(size=size, hint=_HINTS[answer_format], example=format_answer("RD", answer_format))
+    return template.format(size=size, hint=_HINTS[answer_format], example=format_answer("RD", answer_format,
+                                                                                         size=size))
 
 
 # ---------------------------------------------------------------- rendering
@@ -323,7 +330,7 @@ def make_rows(
                 "prompt": user_prompt(1, text),
                 "images": [image],
                 "vt_images": render_vts(maze, moves, cell_px, base=image),
-                "answer": format_answer(moves, answer_format),
+                "answer": format_answer(moves, answer_format, maze.start, maze.size),
                 "task": "maze",
                 "meta": dump_meta({"grid": list(maze.grid), "rules": rules, "path": moves}),
             }

@@ -1,0 +1,144 @@
+"""`opsd-trl quickstart --levers`: validation experiments toward Visual-OPSD above the supervised baseline, each a
+row written from its run folder (validation split only; the test split is never read here).
+
+A lever is the default `Settings` with a few fields changed and the methods it trains from the warm-start those
+settings key (its own warm-start when it changes one). A row gives, per distillation seed, the validation accuracy
+of the teacher with VTs and of the student before (the warm-start), then each trained method's accuracy at its last
+step and KL-gap closure (KL(T‖S) to that warm-start's teacher, start -> end), and the command that reproduces it.
+Finished runs are reused. The default lever reuses the quickstart's own runs in the same `--out` folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from ..eval import Contexts, evaluate
+from .advice import decision_accuracy
+from .model import TEACHER_INTRO, TEACHER_TRANSITION, load_weights
+from .pipeline import Settings, _contexts, datasets, method_stage, vt_cache, warmstart_stage
+
+# name -> (methods, Settings overrides). Every lever keeps today's defaults for everything it does not name.
+LEVERS: dict[str, tuple[tuple[str, ...], dict]] = {
+    "default (route VTs, numbered answers)": (("visual_opsd", "supervised"), {}),
+    "cells: after each move the cell it reaches": (("visual_opsd", "supervised"), {"answer_format": "cells"}),
+    "leak-free noise control (3 noise VTs per maze)": (("noise_control",), {"noise_vt_count": 3}),
+    "supervised to its plateau (900 steps)": (("supervised",), {"supervised_steps": 900}),
+    "Visual-OPSD for 900 steps": (("visual_opsd",), {"opsd_steps": 900}),
+}
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def lever_folder(out: Path, name: str) -> Path:
+    """The default lever's runs are the quickstart's own (`out`); the others live under `out/levers/<slug>/`."""
+    return out if not LEVERS[name][1] else out / "levers" / _slug(name)
+
+
+def teacher_accuracy(s: Settings, data: dict, warm: Path, folder: Path, progress: bool) -> float:
+    """Validation accuracy of the warm-start with its VTs (the teacher), computed once per warm-start folder."""
+    path = folder / "teacher_validation.json"
+    if not path.exists():
+        model, processor = load_weights(warm, s.seed)
+        metrics = evaluate(model, processor, data["validation"], teacher_context=True, contexts=_contexts(processor),
+                           progress=progress, desc="validation: teacher with VTs")
+        path.write_text(json.dumps({"accuracy": metrics["accuracy"]}))
+    return json.loads(path.read_text())["accuracy"]
+
+
+def run_levers(out: Path, names: list[str] | None = None, seeds: int = 1, progress: bool = True) -> dict:
+    """Train each named lever (all by default) for distillation seeds 0..seeds-1; returns every row recorded so far
+    in `out/levers.json` (rows of earlier invocations are kept)."""
+    base = Settings()
+    record = out / "levers.json"
+    rows = json.loads(record.read_text()) if record.exists() else {}
+    for name in names or list(LEVERS):
+        if name not in LEVERS:
+            raise ValueError(f"unknown lever {name!r}; known: {sorted(LEVERS)}")
+        methods, overrides = LEVERS[name]
+        s = replace(base, **overrides)
+        folder = lever_folder(out, name)
+        folder.mkdir(parents=True, exist_ok=True)
+        data = datasets(s)
+        warm = warmstart_stage(s, data, folder, rebuild=False, progress=progress)
+        cache = None
+        if any(m != "supervised" for m in methods):
+            model, processor = load_weights(warm, s.seed)
+            same_start = s.warmstart_key() == base.warmstart_key()
+            cache = vt_cache(model, processor, data["train"], (out if same_start else folder) / "vt_cache",
+                             progress=progress)
+        teacher = teacher_accuracy(s, data, warm, folder, progress)
+        for seed in range(seeds):
+            runs = {}
+            for method in methods:
+                method_stage(method, s, data, warm, folder, cache, seed, progress)
+                runs[method] = json.loads((folder / method / f"seed{seed}" / "history.json").read_text())["validation"]
+            rows[f"{name} / seed {seed}"] = {"lever": name, "seed": seed, "overrides": overrides,
+                                             "teacher": teacher, "runs": runs}
+    record.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def command(name: str, seed: int) -> str:
+    seeds = f" --seeds {seed + 1}" if seed else ""
+    return f"`opsd-trl quickstart --levers \"{name}\"{seeds} --out quickstart_3seeds`"
+
+
+def levers_table(rows: dict) -> str:
+    """One line per (lever, seed): validation accuracy of the teacher, the warm-start student and each trained method
+    (last step), each method's KL-gap closure, and the command."""
+    lines = ["| lever (validation, 200 mazes) | seed | teacher with VTs | student before | Visual-OPSD (closure) | "
+             "supervised baseline (closure) | noise-VT control (closure) | command |", "|---|---|---|---|---|---|---|---|"]
+    order = list(LEVERS)
+    for row in sorted(rows.values(), key=lambda r: (order.index(r["lever"]) if r["lever"] in order else len(order),
+                                                    r["seed"])):
+        start = next(iter(row["runs"].values()))[0]
+        cells = []
+        for method in ("visual_opsd", "supervised", "noise_control"):
+            points = row["runs"].get(method)
+            if points is None:
+                cells.append("")
+                continue
+            kl0, kl1 = points[0]["kl_teacher_student"], points[-1]["kl_teacher_student"]
+            steps = f", {points[-1]['step']} steps" if method == "supervised" else ""
+            cells.append(f"{100 * points[-1]['accuracy']:.1f}% ({100 * (kl0 - kl1) / kl0:+.1f}%{steps})")
+        lines.append(f"| {row['lever']} | {row['seed']} | {100 * row['teacher']:.1f}% | {100 * start['accuracy']:.1f}% "
+                     f"| {' | '.join(cells)} | {command(row['lever'], row['seed'])} |")
+    return "\n".join(lines)
+
+
+# What each noise-VT control leaves the teacher: (label, Contexts options, teacher context?).
+LEAK_ROWS = (("teacher with VTs", {}, True),
+             ("noised teacher, as many noise VTs as moves (the paper's control)", {"noise_vt": True}, True),
+             ("noised teacher, 3 noise VTs per maze (leak-free)", {"noise_vt": True, "noise_vt_count": 3}, True),
+             ("student (no VTs)", {}, False))
+
+
+def noise_leak(out: Path, progress: bool = True) -> dict:
+    """The default warm-start, teacher-forced on the validation reference answers: how often each context's top token
+    is right at the move decisions and at the stop/go decisions (`advice.decision_accuracy`); `out/noise_leak.json`."""
+    path = out / "noise_leak.json"
+    if not path.exists():
+        s = Settings()
+        data = datasets(s)
+        warm = warmstart_stage(s, data, out, rebuild=False, progress=progress)
+        model, processor = load_weights(warm, s.seed)
+        rows = list(data["validation"])
+        result = {label: decision_accuracy(model, Contexts(processor, intro=TEACHER_INTRO,
+                                                           transition=TEACHER_TRANSITION, **options), rows, teacher)
+                  for label, options, teacher in LEAK_ROWS}
+        path.write_text(json.dumps(result, indent=1))
+    return json.loads(path.read_text())
+
+
+def leak_table(leak: dict) -> str:
+    lines = ["| context (warm-start, validation reference answers, teacher-forced) | move decisions right | stop/go "
+             "decisions right |", "|---|---|---|"]
+    for label, counts in leak.items():
+        cells = [f"{100 * counts[k]['right'] / counts[k]['decisions']:.1f}% of {counts[k]['decisions']}"
+                 for k in ("move", "stop_go")]
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    return "\n".join(lines)

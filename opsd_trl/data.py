@@ -35,6 +35,7 @@ import re
 from collections.abc import Sequence
 
 from .images import BadImageError, check_image, decode_image, open_image
+from .markers import IMAGE_SKIP_MARKER
 
 STANDARD_COLUMNS = ("id", "prompt", "images", "vt_images", "answer")
 OPTIONAL_COLUMNS = ("vt_text", "privileged_context", "task", "meta")
@@ -219,6 +220,8 @@ def multimodal_tokens(processing_class) -> list[str]:
     found = {getattr(processing_class, a, None) for a in ("image_token", "video_token")}
     added = getattr(tokenizer, "get_added_vocab", dict)()
     found |= {t for t in added if any(w in t.lower() for w in ("vision", "image", "video"))}
+    # The image-skip marker is text a policy writes (and the reference's system prompt names), not an image slot.
+    found.discard(IMAGE_SKIP_MARKER)
     return sorted(t for t in found if isinstance(t, str) and t)
 
 

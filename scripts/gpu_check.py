@@ -88,10 +88,10 @@ def build_models(out: Path, size: str, layers: int) -> dict:
     from datasets import Dataset
     from PIL import Image
 
+    from opsd_trl.models.qwen_vl_processors import TinyQwen2_5_VLProcessor
     from opsd_trl.testing.tiny_bagel import build_tiny_bagel, save_bagel_release, tiny_bagel_config
     from opsd_trl.testing.tiny_models import (
         CHAT_TEMPLATE,
-        TinyQwen2_5_VLProcessor,
         build_tiny_qwen2_5_vl,
         build_tiny_tokenizer,
         build_tiny_vl,

@@ -236,6 +236,24 @@ def test_image_marker_text_in_a_prompt_names_the_sample(tmp_path, qwen25, marker
         trainer.train()
 
 
+def test_the_image_skip_marker_and_the_reference_system_prompt_are_prompt_text():
+    """`<image_start>` is text a policy writes (BAGEL's tiny tokenizer has it as an added token): the reference's
+    system prompt names it, so it must not be refused as an image slot; the processor's image token still is."""
+    from opsd_trl.config import VLM_THINK_SYSTEM_PROMPT
+    from opsd_trl.data import check_prompt_text, multimodal_tokens
+    from opsd_trl.markers import IMAGE_SKIP_MARKER
+    from opsd_trl.testing.tiny_bagel import build_tiny_bagel
+
+    _, processor = build_tiny_bagel()
+    reserved = multimodal_tokens(processor)
+    assert IMAGE_SKIP_MARKER in processor.tokenizer.get_added_vocab()  # the case the name rule alone would refuse
+    assert IMAGE_SKIP_MARKER not in reserved and processor.image_token in reserved
+    check_prompt_text({"id": "s0", "prompt": [{"role": "system", "content": VLM_THINK_SYSTEM_PROMPT}]}, reserved)
+    with pytest.raises(ValueError, match="sample 's1': the prompt text contains"):
+        check_prompt_text({"id": "s1", "prompt": [{"role": "user", "content": f"a {processor.image_token}"}]},
+                          reserved)
+
+
 # ------------------------------------------------------------------------------------------------ image_processor_kwargs
 @pytest.mark.parametrize("value,message", [
     ("notjson", "image_processor_kwargs must be a JSON object of image-processor settings"),

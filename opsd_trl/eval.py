@@ -261,10 +261,10 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 def _check_has_weights(path: str) -> None:
     """A transformers folder with a config but no weights (a LoRA run's adapter-only folder, a DeepSpeed checkpoint
     saved without gathered weights) would otherwise end in a loader error about missing files."""
-    from .models.bagel.convert import is_bagel_checkpoint
+    from .models.loading import is_release_folder
 
-    if not os.path.isfile(os.path.join(path, "config.json")) or is_bagel_checkpoint(path):
-        return  # load_pretrained names what a folder without config.json lacks; BAGEL folders have their own files
+    if not os.path.isfile(os.path.join(path, "config.json")) or is_release_folder(path):
+        return  # load_pretrained names what a folder without config.json lacks; release folders have their own files
     if not any(os.path.isfile(os.path.join(path, name)) for name in WEIGHT_FILES):
         raise ValueError(
             f"checkpoint {path} has a config.json but no model weights ({' / '.join(WEIGHT_FILES[::2])}; it holds "

@@ -69,8 +69,7 @@ def validate(script_args, training_args, model_args, launch: Launch | None = Non
 
 
 def load_model_config(model_args, trust_remote_code: bool = False, bagel_weights: str | None = None):
-    from .models.bagel.convert import is_bagel_checkpoint
-    from .models.loading import load_config, tiny_name
+    from .models.loading import is_release_folder, load_config, tiny_name
 
     path = model_args.model_name_or_path
     if tiny_name(path) is not None:
@@ -79,7 +78,7 @@ def load_model_config(model_args, trust_remote_code: bool = False, bagel_weights
         return load_config(path, revision=model_args.model_revision, trust_remote_code=trust_remote_code,
                            bagel_weights=bagel_weights)
     except (OSError, ValueError) as e:
-        if is_bagel_checkpoint(path):  # a release folder: its configs and safetensors headers say what is wrong
+        if is_release_folder(path):  # a release folder: its configs and safetensors headers say what is wrong
             raise StartupError(str(e)) from e
         raise StartupError(f"cannot read the config of model_name_or_path={path!r} ({e}); "
                            "give a local folder, a reachable hub id, or a `tiny:` model.") from e

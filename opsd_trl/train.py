@@ -165,6 +165,7 @@ def load_model(script_args: ScriptArguments, model_args: ModelConfig, trust_remo
     """`(model, processing_class)` for a `tiny:` spec, a saved model folder of any supported family
     (`opsd_trl.models.loading`) or a hub id. `trust_remote_code` is `VisualOPSDConfig.trust_remote_code`
     (TRL's `ModelConfig` has no such field)."""
+    from .models.adapters import get_adapter
     from .models.loading import apply_image_processor_kwargs, init_weights_path, load_pretrained
 
     path = model_args.model_name_or_path
@@ -176,8 +177,8 @@ def load_model(script_args: ScriptArguments, model_args: ModelConfig, trust_remo
     apply_image_processor_kwargs(processing_class, script_args.image_processor_kwargs)
     if script_args.init_weights:
         _load_init_weights(model, init_weights_path(script_args.init_weights), path)
-    if script_args.freeze_vision_tower and hasattr(getattr(model, "model", model), "visual"):
-        getattr(model, "model", model).visual.requires_grad_(False)
+    if script_args.freeze_vision_tower:
+        get_adapter(model).freeze_vision(model)
     return model.train(), processing_class
 
 
@@ -198,12 +199,15 @@ def _load_init_weights(model, file: str, model_name: str) -> None:
 
 
 def peft_config(script_args: ScriptArguments, model_args: ModelConfig, model):
-    """TRL's LoRA config from `ModelConfig`; a frozen vision tower stays out of it (its MLP names match the LM's)."""
+    """TRL's LoRA config from `ModelConfig`; a frozen vision tower stays out of it (the adapter's pattern)."""
     from trl import get_peft_config
 
+    from .models.adapters import get_adapter
+
     config = get_peft_config(model_args)
-    if config is not None and script_args.freeze_vision_tower and hasattr(getattr(model, "model", model), "visual"):
-        config.exclude_modules = r".*\.visual\..*"
+    exclude = get_adapter(model).lora_exclude_modules
+    if config is not None and script_args.freeze_vision_tower and exclude is not None:
+        config.exclude_modules = exclude
     return config
 
 

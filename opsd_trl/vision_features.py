@@ -6,8 +6,8 @@ the problem images are encoded by one vision-tower call (or read from the VT cac
 the VTs), and both forwards splice those rows at the image placeholders, as the teacher splices VT features.
 With a trainable tower each forward keeps encoding its own images (the student's features need their gradient).
 
-Qwen-VL families only (the adapters whose student forward is the model's own splice + M-RoPE): BAGEL's student
-forward keeps its own path.
+Only for families whose adapter says `shares_problem_features` (Qwen-VL: the student forward is the model's own
+splice + M-RoPE); BAGEL's student forward keeps its own path.
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .models.adapters import SlotFeatures, unwrap_base
+from .models.adapters import SlotFeatures
 from .vt_cache import VTCacheMismatchError, problem_digest
 
 
 def reusable(adapter, model: nn.Module, enabled: bool) -> bool:
     """True when problem-image features are shared: `enabled` (the config's `reuse_problem_image_features`) and a
-    Qwen-VL policy whose vision tower (and projector) has no trainable parameter."""
-    if not enabled or adapter.family != "qwen_vl":
+    policy whose adapter shares them and whose vision tower (and projector) has no trainable parameter."""
+    if not enabled or not adapter.shares_problem_features:
         return False
-    return not any(p.requires_grad for p in unwrap_base(model).model.visual.parameters())
+    return not any(p.requires_grad for p in adapter.vision_tower(model).parameters())
 
 
 def cached_problem_slots(cache, samples: list[dict], grid_thw: torch.Tensor | None,

@@ -8,6 +8,7 @@ lazy import is still a dependency; it only moves the failure to run time). Impor
 from __future__ import annotations
 
 import ast
+import re
 import textwrap
 from pathlib import Path
 
@@ -18,6 +19,8 @@ PACKAGE_DIR = Path(opsd_trl.__file__).parent
 # Modules outside `opsd_trl.quickstart` that may import it, with the reason.
 QUICKSTART_IMPORTERS = {
     "opsd_trl.cli": "the CLI front end dispatches `opsd-trl quickstart`; nothing in the package imports the CLI",
+    "opsd_trl.models.loading": "the name `tiny:quickstart` builds the quickstart's policy (`quickstart.policy`, "
+                               "imported only when that name is loaded)",
 }
 # Modules (or packages, with everything under them) outside `opsd_trl.testing` that may import it, with the reason.
 TESTING_IMPORTERS: dict[str, str] = {}
@@ -137,7 +140,34 @@ def test_the_graph_sees_lazy_and_relative_imports():
     graph = import_graph(PACKAGE_DIR)
     assert "opsd_trl.models.adapters" in graph["opsd_trl.models.bagel.adapter"]  # from ..adapters import ...
     assert "opsd_trl.models.loading" in graph["opsd_trl.vt_cache.encoders"]  # inside load_encoder
-    assert "opsd_trl.models.bagel" in graph["opsd_trl.models.loading"]  # from . import bagel
+    assert "opsd_trl.quickstart.policy" in graph["opsd_trl.models.loading"]  # from ..quickstart.policy import ...
+
+
+# ----------------------------------------------------------------------------------------------- model families
+# Family knowledge (the Qwen-VL family, a list of vision families, the vision tower's attribute) outside the family
+# adapters and ports (docs/models.md "Adding a family"). Text files only: the shipped warm-start's tensor names
+# (`model.visual.*`) are weights, not code.
+FAMILY_KNOWLEDGE = re.compile(r"qwen_vl|VISION_FAMILIES|\.visual\b")
+
+
+def test_family_knowledge_lives_under_models():
+    found = []
+    for file in sorted(PACKAGE_DIR.rglob("*")):
+        rel = file.relative_to(PACKAGE_DIR)
+        if not file.is_file() or rel.parts[0] == "models" or file.suffix in (".safetensors", ".pyc"):
+            continue
+        for number, line in enumerate(file.read_text().splitlines(), 1):
+            if FAMILY_KNOWLEDGE.search(line):
+                found.append(f"{rel}:{number}: {line.strip()}")
+    assert found == []
+
+
+def test_the_loader_and_the_registry_import_no_port():
+    graph = import_graph(PACKAGE_DIR)
+    ports = [m for m in graph if m.startswith("opsd_trl.models.") and m.count(".") >= 3]  # models/<port>/...
+    assert "opsd_trl.models.bagel.adapter" in ports
+    for module in ("opsd_trl.models.loading", "opsd_trl.models.adapters"):
+        assert not [p for p in ports if p in graph[module]], module
 
 
 # ----------------------------------------------------------------------------------------------- the checker

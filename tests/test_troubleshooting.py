@@ -26,6 +26,7 @@ WILDCARD = r"[^|]{0,120}?"  # a variable part (within one table cell); the page 
 # Messages that are not user-facing errors, by the start of their literal text, with the reason.
 IGNORE = {
     "module 'opsd_trl' has no attribute": "Python's standard AttributeError from the lazy module __getattr__",
+    "module 'opsd_trl.quickstart' has no attribute": "the same, from the quickstart package's lazy __getattr__",
 }
 
 Segments = list  # str: literal text; None: a variable part

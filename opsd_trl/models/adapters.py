@@ -6,14 +6,16 @@ and visual thoughts), soft-prefix placeholders for text-only LMs. Each adapter t
 `(input_ids, attention_mask, slot_mask, slot_embeds)` into the backbone's last hidden states, calling the model's
 own submodules so that ZeRO-3 gathers each weight on use (never the raw embedding matrix).
 
-`ModelAdapter` is the contract; `get_adapter` picks one by `model_type` from `ADAPTERS`. A model port registers its
-own with `register_adapter` when its package is imported (BAGEL: `opsd_trl.models.bagel`), so this module imports
-no port.
+`ModelAdapter` is the contract, and an adapter owns everything the package knows of its family: loading the model
+and its processor, the vision tower, pixel geometry, whether problem-image features can be shared, the VT-cache key,
+the freeze and LoRA-exclude patterns, the vision delimiters. `ADAPTERS` (by `model_type`) is the one registry:
+`get_adapter` picks from it for a model, `adapter_class` for a config. A model port registers its own with
+`register_adapter` when its package is imported; every subpackage of `opsd_trl.models` is imported by `load_ports`
+(BAGEL: `opsd_trl.models.bagel`), so neither this module nor the loader imports a port by name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -35,11 +37,33 @@ class SlotFeatures:
 
 
 class ModelAdapter(Protocol):
-    """How the trainer, eval and the VT cache builder run one model family's teacher pass (docs/architecture.md)."""
+    """One model family as the trainer, eval, the loader and the VT cache see it (docs/models.md)."""
 
     family: str  # "text" | "qwen_vl" | "bagel" | ...: names the family in messages
     uses_images: bool  # VTs are images (spliced as vision features); False: soft-prefix embeddings or `vt_text`
+    shares_problem_features: bool  # the student forward splices features at the image placeholders as the teacher
+    # does, so a frozen tower's problem-image features can be encoded once for both (`opsd_trl.vision_features`)
+    lora_exclude_modules: str | None  # regex of the vision tower's modules, kept out of LoRA while it is frozen
+    vision_delimiters: tuple[str, ...]  # tokens around image blocks: never sampled (with the image token)
     config: object  # the transformers config of the (unwrapped) model
+
+    @classmethod
+    def load(cls, path: str, model_kwargs: dict, hub_kwargs: dict, processing: str) -> tuple[nn.Module, object]:
+        """`(model, processing_class)` of a saved folder or hub id of this family (`models.loading.load_pretrained`)."""
+
+    @classmethod
+    def vt_cache_key(cls, config) -> dict:
+        """The VT-cache fingerprint fields a config alone determines (`opsd_trl.vt_cache.config_fingerprint`)."""
+
+    def vision_tower(self, model: nn.Module) -> nn.Module | None:
+        """The vision tower + projector module (what the VT cache hashes and a frozen tower leaves out); None
+        without one."""
+
+    def freeze_vision(self, model: nn.Module) -> None:
+        """No gradient for the vision tower + projector (a no-op without one)."""
+
+    def pixel_dim(self) -> int:
+        """Width of one row of `pixel_values` (the noise-VT control draws pixels of this width)."""
 
     def hidden_size(self) -> int:
         """Width `H` of the language model's hidden states (and of every slot row)."""
@@ -66,9 +90,33 @@ class TextLMAdapter:
 
     family = "text"
     uses_images = False
+    shares_problem_features = False
+    lora_exclude_modules = None
+    vision_delimiters = ()
 
     def __init__(self, model: nn.Module):
         self.config = unwrap_base(model).config
+
+    @classmethod
+    def load(cls, path, model_kwargs, hub_kwargs, processing):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        return (AutoModelForCausalLM.from_pretrained(path, **model_kwargs),
+                AutoTokenizer.from_pretrained(path, **hub_kwargs))
+
+    @classmethod
+    def vt_cache_key(cls, config) -> dict:
+        return {"model_family": "text", "hidden_size": getattr(config, "text_config", config).hidden_size}
+
+    def vision_tower(self, model):
+        return None
+
+    def freeze_vision(self, model) -> None:
+        pass
+
+    def pixel_dim(self) -> int:
+        raise ValueError("a text-only LM has no pixels: the noise-VT control noises its VT embeddings "
+                         "(noise_vt_space: embeddings).")
 
     def hidden_size(self) -> int:
         return self.config.get_text_config().hidden_size
@@ -95,19 +143,66 @@ class TextLMAdapter:
         raise ValueError("a text-only LM has no vision tower: give VTs as `vt_text` or as cached embeddings.")
 
 
-class QwenVLAdapter:
+class ImageAdapter:
+    """What the image families share: a transformers `*ForConditionalGeneration` whose inner model holds the vision
+    tower + projector as `.visual`, loaded by `AutoModelForImageTextToText` (a family overrides what differs)."""
+
+    uses_images = True
+    shares_problem_features = False
+    lora_exclude_modules = r".*\.visual\..*"  # the tower's MLP names match the language model's
+    vision_delimiters = ("<|vision_start|>", "<|vision_end|>")
+
+    @classmethod
+    def load(cls, path, model_kwargs, hub_kwargs, processing):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        return (AutoModelForImageTextToText.from_pretrained(path, **model_kwargs),
+                AutoProcessor.from_pretrained(path, **hub_kwargs))
+
+    @classmethod
+    def vt_cache_key(cls, config) -> dict:
+        vision = config.vision_config
+        return {
+            "model_family": config.model_type,
+            "hidden_size": getattr(config, "text_config", config).hidden_size,
+            "spatial_merge_size": getattr(vision, "spatial_merge_size", 1),
+            "deepstack_levels": len(getattr(vision, "deepstack_visual_indexes", None) or []),
+        }
+
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        return unwrap_base(model).model.visual
+
+    def freeze_vision(self, model: nn.Module) -> None:
+        self.vision_tower(model).requires_grad_(False)
+
+
+class QwenVLAdapter(ImageAdapter):
     """Qwen2-VL / Qwen2.5-VL / Qwen3-VL: image features spliced at `<|image_pad|>` positions, M-RoPE positions from
     the model's own `get_rope_index` over the spliced sequence, and (Qwen3-VL) deepstack features added at the
     visual positions of the first decoder layers."""
 
     family = "qwen_vl"
-    uses_images = True
+    shares_problem_features = True  # the student forward is the model's own splice + M-RoPE
 
     def __init__(self, model: nn.Module):
         base = unwrap_base(model)
         self.config = base.config
         self.image_token_id = base.config.image_token_id
         self.has_deepstack = bool(getattr(base.config.vision_config, "deepstack_visual_indexes", None))
+
+    @classmethod
+    def load(cls, path, model_kwargs, hub_kwargs, processing):
+        from transformers import AutoImageProcessor, AutoModelForImageTextToText
+
+        from .qwen_vl_processors import PROCESSOR_CLASSES, saved_processor_class
+
+        name = saved_processor_class(path)
+        if name not in PROCESSOR_CLASSES and processing != "image":
+            return super().load(path, model_kwargs, hub_kwargs, processing)
+        model = AutoModelForImageTextToText.from_pretrained(path, **model_kwargs)
+        if name in PROCESSOR_CLASSES:  # AutoProcessor would silently return only the tokenizer for these
+            return model, PROCESSOR_CLASSES[name].from_pretrained(path)
+        return model, AutoImageProcessor.from_pretrained(path, backend="pil")  # no video processor: no torchvision
 
     def hidden_size(self) -> int:
         return self.config.get_text_config().hidden_size
@@ -188,28 +283,64 @@ def scatter_slots(embeds: torch.Tensor, slot_mask: torch.Tensor, slots: list[Slo
     return embeds.masked_scatter(slot_mask.unsqueeze(-1), values)
 
 
-# model_type -> adapter class; text-only causal LMs (no `vision_config`) fall back to `TextLMAdapter`.
-ADAPTERS: dict[str, Callable[[nn.Module], ModelAdapter]] = {
+# model_type -> adapter class, the one registry of model families; text-only causal LMs (no `vision_config`) fall
+# back to `TextLMAdapter`.
+ADAPTERS: dict[str, type[ModelAdapter]] = {
     "qwen2_vl": QwenVLAdapter,
     "qwen2_5_vl": QwenVLAdapter,
     "qwen3_vl": QwenVLAdapter,
 }
+_ports_loaded = False
 
 
-def register_adapter(model_type: str, adapter: Callable[[nn.Module], ModelAdapter]) -> None:
-    """Make `get_adapter` pick `adapter` for models of `model_type` (a model port calls this when imported)."""
+def register_adapter(model_type: str, adapter: type[ModelAdapter]) -> None:
+    """Make `get_adapter` / `adapter_class` pick `adapter` for `model_type` (a model port calls this when imported)."""
     ADAPTERS[model_type] = adapter
 
 
-def get_adapter(model: nn.Module) -> ModelAdapter:
-    """Pick the adapter for a (possibly PEFT-wrapped) transformers model."""
-    config = unwrap_base(model).config
-    model_type = getattr(config, "model_type", "")
+def load_ports() -> None:
+    """Import every subpackage of `opsd_trl.models` once: each is a model port that registers its adapter (and its
+    config with transformers' Auto classes) on import. A port outside the package registers itself when imported."""
+    global _ports_loaded
+    if _ports_loaded:
+        return
+    import importlib
+    import pkgutil
+
+    package = __name__.rpartition(".")[0]
+    for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
+        if info.ispkg:
+            importlib.import_module(f"{package}.{info.name}")
+    _ports_loaded = True
+
+
+def adapter_for_type(model_type: str | None, has_vision: bool = False) -> type[ModelAdapter] | None:
+    """The adapter class registered for `model_type`; `TextLMAdapter` for an unregistered text-only model; None for
+    an unregistered model with a vision config."""
+    load_ports()
     if model_type in ADAPTERS:
-        return ADAPTERS[model_type](model)
-    if getattr(config, "vision_config", None) is not None:
+        return ADAPTERS[model_type]
+    return None if has_vision else TextLMAdapter
+
+
+def adapter_class(config) -> type[ModelAdapter]:
+    """The adapter class of a transformers config (the loader and the VT cache read it before any weights load)."""
+    model_type = getattr(config, "model_type", "")
+    cls = adapter_for_type(model_type, getattr(config, "vision_config", None) is not None)
+    if cls is None:
         raise ValueError(
             f"model_type {model_type!r} is a vision-language model without a Visual-OPSD adapter; supported: "
             f"{', '.join(ADAPTERS)} and text-only causal LMs (see docs/models.md)."
         )
-    return TextLMAdapter(model)
+    return cls
+
+
+def vision_model_types() -> list[str]:
+    """The registered model types whose VTs are images (what a VT cache can be built with)."""
+    load_ports()
+    return [t for t, cls in ADAPTERS.items() if cls.uses_images]
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    """Pick the adapter for a (possibly PEFT-wrapped) transformers model."""
+    return adapter_class(unwrap_base(model).config)(model)

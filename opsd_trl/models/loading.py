@@ -1,22 +1,26 @@
-"""Loading a policy and its processor: the one place that knows the model families.
+"""Loading a policy and its processor, through its family's adapter.
 
 Every entry point that reads a model (`opsd-trl train` and `eval`, sweeps, the VT cache builder, the start-up
 checks) goes through `load_pretrained` / `load_config`. A model is a `tiny:` name (an in-code model, below), a
 folder written by `save_pretrained` of the model + its processor / tokenizer (`config.json`, `model.safetensors`,
-tokenizer files, `processor_config.json` / `preprocessor_config.json`), or a hub id. The family is read from
-`config.json` (`FAMILIES`):
+tokenizer files, `processor_config.json` / `preprocessor_config.json`), or a hub id. The family is the adapter
+registered for `config.json`'s `model_type` (`models.adapters.adapter_class`; text LMs without `vision_config`:
+`TextLMAdapter`), and its `load` builds the model and processing class:
 
-| family | model class | processing class |
+| adapter | model class | processing class |
 |---|---|---|
-| `text`: text LM (no `vision_config`) | `AutoModelForCausalLM` | `AutoTokenizer` |
-| `qwen_vl`: Qwen2-VL / Qwen2.5-VL / Qwen3-VL | `AutoModelForImageTextToText` | the torchvision-free processors (`qwen_vl_processors`) when `processor_config.json` names one, else `AutoProcessor` (`processing="image"`: `AutoImageProcessor`, PIL backend) |
-| `bagel` (`model_type: bagel`) | `BagelForConditionalGeneration` | `BagelProcessor` |
+| `TextLMAdapter`: text LM (no `vision_config`) | `AutoModelForCausalLM` | `AutoTokenizer` |
+| `QwenVLAdapter`: Qwen2-VL / Qwen2.5-VL / Qwen3-VL | `AutoModelForImageTextToText` | the torchvision-free processors (`qwen_vl_processors`) when `processor_config.json` names one, else `AutoProcessor` (`processing="image"`: `AutoImageProcessor`, PIL backend) |
+| `BagelAdapter` (`model_type: bagel`) | `BagelForConditionalGeneration` | `BagelProcessor` |
 | BAGEL / ThinkMorph release folder (`llm_config.json` + `vit_config.json`) | the same, converted on load | the same, at the reference's image sizes |
 
-A release folder is read with `opsd_trl.models.bagel.convert` (its weight set chosen with `bagel_weights`).
+A folder in a family's own release layout is read by the adapter that claims it (`release_folder_adapter`;
+BAGEL's, with its weight set chosen by `bagel_weights`). Ports register themselves (`models.adapters.load_ports`):
+this module names none.
 
-In-code models: `tiny:quickstart`, `tiny:text_lm`, `tiny:qwen2_5_vl`, `tiny:qwen3_vl` are built by
-`opsd_trl.models.tiny` (the CPU recipes, the quickstart and the tests name them); `init_weights: warmstart` is the
+In-code models: `tiny:text_lm`, `tiny:qwen2_5_vl`, `tiny:qwen3_vl` are built by `opsd_trl.models.tiny`,
+`tiny:quickstart` by the quickstart's `opsd_trl.quickstart.policy` (the CPU recipes, the quickstart and the tests
+name them); `init_weights: warmstart` is the
 quickstart's shipped warm-start file.
 
 `load_checkpoint_weights` loads a checkpoint's `model.safetensors` into an already built model (trainer resume).
@@ -35,6 +39,7 @@ from contextlib import contextmanager
 import torch
 
 from ..checkpoints import INCOMPLETE_MARKER, check_safetensors
+from .adapters import ADAPTERS, adapter_class, load_ports
 
 CONFIG_FILE = "config.json"
 SAFE_WEIGHTS = "model.safetensors"
@@ -60,14 +65,6 @@ def read_folder_config(path: str) -> dict | None:
         return json.load(f)
 
 
-def _processor_class(path: str) -> str | None:
-    file = os.path.join(path, "processor_config.json")
-    if not os.path.isfile(file):
-        return None
-    with open(file) as f:
-        return json.load(f).get("processor_class")
-
-
 @contextmanager
 def _whole_on_this_rank():
     """Build a model in code whole on this rank. Under ZeRO-3 transformers would partition it *while* building it
@@ -83,63 +80,35 @@ def _whole_on_this_rank():
         hf_deepspeed._hf_deepspeed_config_weak_ref = ref
 
 
-def _load_bagel_release(path: str, dtype, weights: str | None):
-    """A BAGEL / ThinkMorph release folder, built whole on this rank (as `tiny:` models)."""
-    from .bagel.convert import bagel_processor, load_bagel_checkpoint
-
-    with _whole_on_this_rank():
-        model, _ = load_bagel_checkpoint(path, None if dtype == "auto" else dtype, weights=weights)
-    model.config.name_or_path = path
-    return model, bagel_processor(path)
-
-
 # ----------------------------------------------------------------------------------------------- families
-def _load_text(path: str, model_kwargs: dict, hub_kwargs: dict, processing: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(path, **model_kwargs), AutoTokenizer.from_pretrained(path, **hub_kwargs)
-
-
-def _load_qwen_vl(path: str, model_kwargs: dict, hub_kwargs: dict, processing: str):
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor
-
-    from .qwen_vl_processors import PROCESSOR_CLASSES
-
-    model = AutoModelForImageTextToText.from_pretrained(path, **model_kwargs)
-    name = _processor_class(path) if os.path.isdir(path) else None
-    if name in PROCESSOR_CLASSES:  # AutoProcessor would silently return only the tokenizer for these
-        return model, PROCESSOR_CLASSES[name].from_pretrained(path)
-    if processing == "image":  # the image processor alone: no video processor, so no torchvision
-        return model, AutoImageProcessor.from_pretrained(path, backend="pil")
-    return model, AutoProcessor.from_pretrained(path, **hub_kwargs)
+def release_folder_adapter(path: str):
+    """The adapter class that reads `path` in its family's own release layout (no transformers `config.json`
+    needed: BAGEL's `llm_config.json` + `vit_config.json`), or None for any other folder, a hub id or a `tiny:`
+    name. Every registered adapter with an `is_release_folder` classmethod is asked."""
+    path = os.fspath(path)
+    if path.startswith(TINY_PREFIX):
+        return None
+    load_ports()
+    for cls in dict.fromkeys(ADAPTERS.values()):
+        reads = getattr(cls, "is_release_folder", None)
+        if reads is not None and reads(path):
+            return cls
+    return None
 
 
-def _load_bagel(path: str, model_kwargs: dict, hub_kwargs: dict, processing: str):
-    from .bagel import BagelForConditionalGeneration, BagelProcessor
-
-    return BagelForConditionalGeneration.from_pretrained(path, **model_kwargs), BagelProcessor.from_pretrained(path)
-
-
-# family -> loader `(path, model_kwargs, hub_kwargs, processing) -> (model, processing_class)`.
-FAMILIES = {"text": _load_text, "qwen_vl": _load_qwen_vl, "bagel": _load_bagel}
-
-
-def family_of(config) -> str:
-    """The `FAMILIES` key of a transformers config."""
-    if config.model_type == "bagel":
-        return "bagel"
-    return "text" if getattr(config, "vision_config", None) is None else "qwen_vl"
+def is_release_folder(path: str) -> bool:
+    """A folder in a family's own release layout (read converted in memory, see `release_folder_adapter`)."""
+    return release_folder_adapter(path) is not None
 
 
 def local_model_type(path: str) -> str | None:
     """`model_type` of a local model folder ("bagel" for a BAGEL release folder), read without loading weights;
     None for a `tiny:` name or a hub id."""
-    from .bagel.convert import is_bagel_checkpoint
-
     if tiny_name(path) is not None:
         return None
-    if is_bagel_checkpoint(path):
-        return "bagel"
+    release = release_folder_adapter(path)
+    if release is not None:
+        return release.release_model_type
     config = read_folder_config(path)
     return None if config is None else config.get("model_type")
 
@@ -180,9 +149,6 @@ def load_pretrained(path: str, *, dtype=None, attn_implementation: str | None = 
     the VT cache builder needs; other families return their processor)."""
     from transformers import AutoConfig
 
-    from . import bagel  # noqa: F401  (registers model_type "bagel" with AutoConfig / AutoModelForImageTextToText)
-    from .bagel.convert import is_bagel_checkpoint
-
     path = os.fspath(path)
     name = tiny_name(path)
     if name is not None:
@@ -192,8 +158,13 @@ def load_pretrained(path: str, *, dtype=None, attn_implementation: str | None = 
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     check_saved_folder(path)
-    if is_bagel_checkpoint(path):
-        return _load_bagel_release(path, dtype, bagel_weights)
+    release = release_folder_adapter(path)  # also registers the ports (their configs with AutoConfig)
+    if release is not None:  # built whole on this rank, as `tiny:` models
+        with _whole_on_this_rank():
+            model, processing_class = release.load_release_folder(path, None if dtype == "auto" else dtype,
+                                                                   bagel_weights)
+        model.config.name_or_path = path
+        return model, processing_class
     hub_kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
     model_kwargs = dict(dtype=dtype or "auto", **hub_kwargs)
     if attn_implementation is not None:
@@ -204,7 +175,7 @@ def load_pretrained(path: str, *, dtype=None, attn_implementation: str | None = 
     # fills the weights) left a Qwen2.5-VL folder's embedding empty at the first generation ("Padding_idx must be
     # within num_embeddings"); DeepSpeed partitions the loaded model when the trainer prepares it.
     with _whole_on_this_rank():
-        return FAMILIES[family_of(config)](path, model_kwargs, hub_kwargs, processing)
+        return adapter_class(config).load(path, model_kwargs, hub_kwargs, processing)
 
 
 def load_config(path: str, *, revision: str | None = None, trust_remote_code: bool = False,
@@ -213,14 +184,12 @@ def load_config(path: str, *, revision: str | None = None, trust_remote_code: bo
     built: it is cheap; a BAGEL release folder is read from its configs and safetensors headers)."""
     from transformers import AutoConfig
 
-    from . import bagel  # noqa: F401  (registers model_type "bagel")
-    from .bagel.convert import bagel_config, is_bagel_checkpoint
-
     name = tiny_name(path)
     if name is not None:
         return build_tiny(name)[0].config
-    if is_bagel_checkpoint(path):
-        return bagel_config(path, weights=bagel_weights)
+    release = release_folder_adapter(path)  # also registers the ports (their configs with AutoConfig)
+    if release is not None:
+        return release.release_folder_config(path, bagel_weights)
     return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
 
 
@@ -240,11 +209,17 @@ def shipped_warmstart(suffix: str = ""):
     return resources.files("opsd_trl") / "quickstart" / (SHIPPED_WARMSTART_FILE + suffix)
 
 
+def _build_quickstart():
+    from ..quickstart.policy import build_quickstart_model  # the quickstart owns its policy
+
+    return build_quickstart_model()
+
+
 def _tiny_builders() -> dict:
     from . import tiny
 
     return {
-        "quickstart": tiny.build_quickstart_model,
+        "quickstart": _build_quickstart,
         "text_lm": tiny.build_tiny_text_lm,
         "qwen2_5_vl": tiny.build_tiny_qwen2_5_vl,
         "qwen3_vl": tiny.build_tiny_qwen3_vl,
@@ -404,8 +379,6 @@ def ema_start_weights(spec: str, model) -> tuple[dict[str, torch.Tensor] | None,
     EMA teacher from them) or a folder with an `ema.safetensors`; else None (the EMA teacher starts from the policy)."""
     from safetensors.torch import load_file
 
-    from .bagel.convert import is_bagel_checkpoint, read_bagel_state_dict
-
     folder = spec
     if spec == "auto":
         folder = getattr(model.config, "name_or_path", None) or getattr(model.config, "_name_or_path", "")
@@ -416,9 +389,10 @@ def ema_start_weights(spec: str, model) -> tuple[dict[str, torch.Tensor] | None,
             return None, f"{folder} has no ema*.safetensors"
     if os.path.isfile(folder):
         return to_module_keys(model, load_file(folder, device="cpu")), folder
-    if os.path.isdir(folder) and is_bagel_checkpoint(folder):
-        state, report = read_bagel_state_dict(folder, "ema")
-        return state, f"{folder} ({', '.join(report['files'])})"
+    release = release_folder_adapter(folder) if os.path.isdir(folder) else None
+    if release is not None:
+        state, files = release.release_folder_ema(folder)
+        return state, f"{folder} ({', '.join(files)})"
     if os.path.isfile(os.path.join(folder, "ema.safetensors")):
         path = os.path.join(folder, "ema.safetensors")
         return to_module_keys(model, load_file(path, device="cpu")), path

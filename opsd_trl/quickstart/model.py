@@ -1,4 +1,4 @@
-"""The quickstart's policy: the `tiny:quickstart` model (`opsd_trl.models.tiny.build_quickstart_model`), the words
+"""The quickstart's policy: the `tiny:quickstart` model (`opsd_trl.quickstart.policy`), the words
 of its contexts, and its checkpoints: weights-only `.safetensors` files (the architecture and tokenizer are built in
 code), the shipped warm-start among them, read for `opsd-trl eval` beside the model folders every other checkpoint
 is."""
@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from ..eval import load_checkpoint as load_model_folder
 from ..models.loading import SHIPPED_WARMSTART_FILE, shipped_warmstart
-from ..models.tiny import QUICKSTART_VOCAB_SIZE, QUICKSTART_WORDS, build_quickstart_model, build_word_tokenizer
+from .policy import QUICKSTART_VOCAB_SIZE, QUICKSTART_WORDS, build_quickstart_model, build_word_tokenizer
 
 __all__ = [
     "QUICKSTART_VOCAB_SIZE",

@@ -13,14 +13,14 @@ from transformers.trainer_callback import PrinterCallback
 
 from .. import VisualOPSDConfig, VisualOPSDTrainer
 from ..eval import Contexts, evaluate, vision_token_ids
+from ..models.adapters import get_adapter
 from ..vt_cache import VisionEncoder, VTCache, build_vt_cache
 from .model import TEACHER_INTRO, TEACHER_TRANSITION
 
 
 def freeze_vision(model) -> None:
     """The vision tower stays at its warm-start weights, so cached VT features stay exact during training."""
-    for p in model.model.visual.parameters():
-        p.requires_grad_(False)
+    get_adapter(model).freeze_vision(model)
 
 
 def vt_cache(model, processor, dataset, path: Path, progress: bool = True) -> VTCache:

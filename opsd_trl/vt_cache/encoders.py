@@ -1,8 +1,9 @@
 """Encoders turn VT images into the rows that replace image placeholder tokens.
 
 The cache builder only needs the :class:`VTEncoder` protocol, so the format is testable with a cheap stand-in
-(``opsd_trl.testing.synthetic_encoder``); :class:`VisionEncoder` is the real one for the Qwen2-VL / Qwen2.5-VL /
-Qwen3-VL and BAGEL families. An encoder's fingerprint (:func:`encoder_fingerprint`) goes into the cache manifest.
+(``opsd_trl.testing.synthetic_encoder``); :class:`VisionEncoder` is the real one for every family whose adapter
+takes images (``opsd_trl.models.adapters``). An encoder's fingerprint (:func:`encoder_fingerprint`) goes into the cache
+manifest; what a model config contributes to it is its adapter's ``vt_cache_key``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ FINGERPRINT_FIELDS = (
     "vision_weights_sha256",
     "processor_sha256",
 )
-VISION_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "bagel")
 
 
 @dataclass
@@ -72,17 +72,11 @@ def encoder_fingerprint(*, model_family: str, hidden_size: int, spatial_merge_si
 
 
 def config_fingerprint(model_config) -> dict:
-    """The fingerprint fields a model config alone determines (the weights and processor hashes need the model)."""
-    text = getattr(model_config, "text_config", model_config)
-    if model_config.model_type not in VISION_FAMILIES:
-        return {"model_family": "text", "hidden_size": text.hidden_size}
-    vision = model_config.vision_config
-    return {
-        "model_family": model_config.model_type,
-        "hidden_size": text.hidden_size,
-        "spatial_merge_size": getattr(vision, "spatial_merge_size", 1),
-        "deepstack_levels": len(getattr(vision, "deepstack_visual_indexes", None) or []),
-    }
+    """The fingerprint fields a model config alone determines (the weights and processor hashes need the model):
+    its family adapter's ``vt_cache_key``."""
+    from ..models.adapters import adapter_class
+
+    return adapter_class(model_config).vt_cache_key(model_config)
 
 
 def processor_config(image_processor) -> dict:
@@ -91,28 +85,17 @@ def processor_config(image_processor) -> dict:
     return to_jsonable({k: v for k, v in cfg.items() if not k.startswith("_") and k != "processor_class"})
 
 
-def vision_inner(model):
-    """The ``*Model`` holding ``.visual`` (accepts the ``ForConditionalGeneration`` wrapper or the model)."""
-    inner = model.model if hasattr(model, "model") and hasattr(model.model, "visual") else model
-    if not hasattr(inner, "visual"):
-        raise TypeError(f"{type(model).__name__} has no vision tower (.visual)")
-    return inner
-
-
-def model_family(model) -> str:
-    config = model.config
-    return config.model_type if config.model_type in VISION_FAMILIES else "text"
-
-
 class VisionEncoder:
-    """Image processor -> the policy adapter's `encode_images` (vision tower + projector): Qwen2/2.5/3-VL, BAGEL."""
+    """Image processor -> the policy adapter's `encode_images` (vision tower + projector), for any image family."""
 
     def __init__(self, model, processor):
         from ..models.adapters import get_adapter
 
         self.model = model
         self.adapter = get_adapter(model)
-        self.inner = vision_inner(model)
+        self.tower = self.adapter.vision_tower(model)
+        if self.tower is None:
+            raise TypeError(f"{type(model).__name__} has no vision tower ({self.adapter.family} family)")
         self.config = model.config
         self.image_processor = getattr(processor, "image_processor", processor)
         self._fingerprint = None
@@ -121,7 +104,7 @@ class VisionEncoder:
         if self._fingerprint is None:  # hashing a real tower takes seconds; do it once
             self._fingerprint = encoder_fingerprint(
                 **config_fingerprint(self.config),
-                vision_weights_sha256=weights_sha256(self.inner.visual),
+                vision_weights_sha256=weights_sha256(self.tower),
                 processor_config=processor_config(self.image_processor),
             )
         return self._fingerprint
@@ -130,7 +113,7 @@ class VisionEncoder:
     def encode(self, images: list) -> list[EncodedImage]:
         if not images:
             return []
-        device = next(self.inner.visual.parameters()).device
+        device = next(self.tower.parameters()).device
         batch = self.image_processor(images=images, return_tensors="pt")
         # The trainer's own encoder (online VT mode) computes the features: the cache stores exactly those.
         slots = self.adapter.encode_images(self.model, batch["pixel_values"].to(device), batch["image_grid_thw"].to(device))
@@ -143,18 +126,19 @@ def load_encoder(path: str | Path, dtype: torch.dtype = torch.float32, device: s
     a tiny model saved in code, BAGEL in transformers' or in its own release layout) or hub id for cache building.
     ``bagel_weights`` / ``image_processor_kwargs``: as the training fields of the same names (the cache is checked
     against the policy's processor settings)."""
+    from opsd_trl.models.adapters import get_adapter, vision_model_types
     from opsd_trl.models.loading import apply_image_processor_kwargs, load_pretrained, local_model_type
 
     model_type = local_model_type(str(path))
-    if model_type is not None and model_type not in VISION_FAMILIES:  # refused before any weights load
+    if model_type is not None and model_type not in vision_model_types():  # refused before any weights load
         raise ValueError(
-            f"{path}: model_type {model_type!r} has no VT encoder; supported: {', '.join(VISION_FAMILIES)}"
+            f"{path}: model_type {model_type!r} has no VT encoder; supported: {', '.join(vision_model_types())}"
         )
     model, processor = load_pretrained(str(path), dtype=dtype, bagel_weights=bagel_weights, processing="image")
-    if model_family(model) not in VISION_FAMILIES:
+    if not get_adapter(model).uses_images:
         raise ValueError(
             f"{path}: model_type {model.config.model_type!r} has no VT encoder; "
-            f"supported: {', '.join(VISION_FAMILIES)}"
+            f"supported: {', '.join(vision_model_types())}"
         )
     apply_image_processor_kwargs(processor, image_processor_kwargs)
     return VisionEncoder(model.eval().to(device), processor)

@@ -7,14 +7,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from .encoders import (
-    FINGERPRINT_FIELDS,
-    VISION_FAMILIES,
-    VisionEncoder,
-    config_fingerprint,
-    model_family,
-    vision_inner,
-)
+from ..models.adapters import get_adapter
+from .encoders import FINGERPRINT_FIELDS, VisionEncoder, config_fingerprint
 from .format import (
     FORMAT_VERSION,
     INDEX,
@@ -112,7 +106,7 @@ def _check_header(shard: Path, expected: dict[str, list[int]], st_dtype: str) ->
 
 def policy_fingerprint(model, processor=None) -> dict:
     """The manifest fields a cache must match to be used with ``model`` (a Qwen-VL model or a text LM)."""
-    if model_family(model) in VISION_FAMILIES:
+    if get_adapter(model).uses_images:
         if processor is None:
             raise ValueError("a Qwen-VL policy needs its processor to check a VT cache")
         return VisionEncoder(model, processor).fingerprint()
@@ -141,8 +135,8 @@ def check_compatible(
                 f"VT cache does not match the policy: manifest field {field!r} is {manifest.get(field)!r}, "
                 f"the policy gives {policy[field]!r}{detail}; rebuild the cache with this model"
             )
-    if model_family(model) in VISION_FAMILIES:
-        trainable = [n for n, p in vision_inner(model).visual.named_parameters() if p.requires_grad]
+    if get_adapter(model).uses_images:
+        trainable = [n for n, p in get_adapter(model).vision_tower(model).named_parameters() if p.requires_grad]
         if trainable:
             msg = (
                 f"the vision tower has {len(trainable)} trainable parameters (e.g. {trainable[0]}); cached VT "

@@ -11,14 +11,52 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..adapters import SlotFeatures, scatter_slots, unwrap_base
+from ..adapters import ImageAdapter, SlotFeatures, scatter_slots, unwrap_base
 
 
-class BagelAdapter:
-    """`opsd_trl.models.adapters.ModelAdapter` for BAGEL."""
+class BagelAdapter(ImageAdapter):
+    """`opsd_trl.models.adapters.ModelAdapter` for BAGEL; it also reads BAGEL's own release layout (`convert.py`)."""
 
-    family = "bagel"
-    uses_images = True
+    family = "bagel"  # the student forward keeps BAGEL's own path: problem-image features are not shared
+
+    @classmethod
+    def load(cls, path, model_kwargs, hub_kwargs, processing):
+        from .modeling_bagel import BagelForConditionalGeneration
+        from .processing_bagel import BagelProcessor
+
+        return BagelForConditionalGeneration.from_pretrained(path, **model_kwargs), BagelProcessor.from_pretrained(path)
+
+    # A release folder (`llm_config.json` + `vit_config.json`, BAGEL's weight names): `models.loading` asks every
+    # registered adapter whether it reads a folder that has no transformers `config.json`.
+    release_model_type = "bagel"
+
+    @classmethod
+    def is_release_folder(cls, path) -> bool:
+        from .convert import is_bagel_checkpoint
+
+        return is_bagel_checkpoint(path)
+
+    @classmethod
+    def load_release_folder(cls, path, dtype, weights: str | None):
+        """`(model, processor)` converted in memory; `weights`: "ema" | "model" (`bagel_weights`)."""
+        from .convert import bagel_processor, load_bagel_checkpoint
+
+        model, _ = load_bagel_checkpoint(path, dtype, weights=weights)
+        return model, bagel_processor(path)
+
+    @classmethod
+    def release_folder_config(cls, path, weights: str | None):
+        from .convert import bagel_config
+
+        return bagel_config(path, weights=weights)
+
+    @classmethod
+    def release_folder_ema(cls, path) -> tuple[dict, list[str]]:
+        """The folder's EMA weights under the model's names, and the files they came from."""
+        from .convert import read_bagel_state_dict
+
+        state, report = read_bagel_state_dict(path, "ema")
+        return state, report["files"]
 
     def __init__(self, model: nn.Module):
         self.config = unwrap_base(model).config

@@ -28,9 +28,9 @@ from .config import TEACHER_INTRO, TEACHER_TRANSITION
 from .data import decode_sample_images
 from .diagnostics import full_vocab_kl
 from .generation import HFGenerator, SamplingSettings
-from .models.adapters import get_adapter
+from .models.adapters import get_adapter, vision_delimiters
 from .models.head import OutputHead
-from .models.loading import load_pretrained
+from .models.loading import is_release_folder, load_pretrained
 from .tasks.common import load_meta
 from .tasks.scorers import Scorer, get_scorer
 from .teacher_context import TeacherContext, load_context_words, placeholders_per_image
@@ -149,7 +149,7 @@ def vision_token_ids(processor) -> list[int]:
     be read as image slots, so generation suppresses them (an untrained policy samples them otherwise)."""
     vocab = getattr(processor, "tokenizer", processor).get_vocab()
     names = [getattr(processor, "image_token", None), getattr(processor, "video_token", None)]
-    names += ["<|vision_start|>", "<|vision_end|>"]  # Qwen-VL delimiters
+    names += vision_delimiters()  # the image-block delimiters of the families' adapters
     return sorted({vocab[n] for n in names if n in vocab})
 
 
@@ -261,8 +261,6 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 def _check_has_weights(path: str) -> None:
     """A transformers folder with a config but no weights (a LoRA run's adapter-only folder, a DeepSpeed checkpoint
     saved without gathered weights) would otherwise end in a loader error about missing files."""
-    from .models.loading import is_release_folder
-
     if not os.path.isfile(os.path.join(path, "config.json")) or is_release_folder(path):
         return  # load_pretrained names what a folder without config.json lacks; release folders have their own files
     if not any(os.path.isfile(os.path.join(path, name)) for name in WEIGHT_FILES):

@@ -341,6 +341,12 @@ def vision_model_types() -> list[str]:
     return [t for t, cls in ADAPTERS.items() if cls.uses_images]
 
 
+def vision_delimiters() -> list[str]:
+    """Every registered family's image-block delimiters (a tokenizer may hold another family's: none is sampled)."""
+    load_ports()
+    return list(dict.fromkeys(d for cls in ADAPTERS.values() for d in cls.vision_delimiters))
+
+
 def get_adapter(model: nn.Module) -> ModelAdapter:
     """Pick the adapter for a (possibly PEFT-wrapped) transformers model."""
     return adapter_class(unwrap_base(model).config)(model)

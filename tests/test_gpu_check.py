@@ -19,7 +19,7 @@ def test_gpu_check_runs_every_part_at_tiny_size(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     results = report["results"]
-    assert set(results) == {"train_qwen", "train_bagel", "loss", "bagel_teacher"}
+    assert set(results) == {"train_qwen", "train_bagel", "loss", "bagel_teacher", "vllm_bagel"}
     assert all(r["ok"] for r in results.values())
     for name in ("train_qwen", "train_bagel"):
         assert results[name]["final"]["step"] == 2 and results[name]["peak_mb"] > 0

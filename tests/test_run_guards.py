@@ -46,15 +46,24 @@ def _finish(run: subprocess.Popen, folder: Path) -> None:
     assert run.returncode == 0, err[-3000:]
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_second_run_in_a_live_output_dir_is_refused_naming_the_first(tiny_model_dirs, tmp_path):
+    """While a run holds its output_dir, a second one is refused naming the first: in one process, and on 2 processes
+    every rank fails at once (neither waits for the other). Once the first has ended the folder is free."""
     model_dir = tiny_model_dirs["text_lm"]
     first = _start_paused(model_dir, tmp_path)
     try:
         with pytest.raises(RuntimeError, match=rf"output_dir {tmp_path / 'run'} is in use by another training run "
                                                rf"\(pid {first.pid} on .*another output_dir"):
             load_script("train_opsd").run(["--out", str(tmp_path / "b.json"), "--model-dir", model_dir])
+        with pytest.raises(RuntimeError, match=r"exit code") as error:
+            launch("train_opsd", "cpu_ddp", ["--model-dir", model_dir, "--steps", "2"], tmp_path, timeout=900)
     finally:
         _finish(first, tmp_path)
+    output = str(error.value)
+    assert f"is in use by another training run (pid {first.pid} on" in output
+    assert len(re.findall(r"RuntimeError: output_dir .* is in use", output)) == 2  # both ranks, neither waits
     assert json.loads((tmp_path / "run" / LOCK_FILE).read_text())["pid"] == first.pid
     # Once the first run has ended, the folder is free (its lock file is only a record).
     load_script("train_opsd").run(["--out", str(tmp_path / "b.json"), "--model-dir", model_dir])
@@ -73,21 +82,6 @@ def test_fresh_run_over_an_earlier_runs_checkpoints_is_refused(tiny_model_dirs, 
                                          rf"{tmp_path / 'run' / 'checkpoint-3'} instead"):  # the run's folder itself
         run([*common, "--steps", "4", "--resume", str(tmp_path / "run")])
     assert len(run([*common, "--steps", "4", "--resume", "last"])["runs"]["self"]["loss"]) == 4  # continuing is fine
-
-
-@pytest.mark.distributed
-@pytest.mark.slow
-def test_every_rank_fails_together_when_the_output_dir_is_in_use(tiny_model_dirs, tmp_path):
-    model_dir = tiny_model_dirs["text_lm"]
-    first = _start_paused(model_dir, tmp_path)
-    try:
-        with pytest.raises(RuntimeError, match=r"exit code") as error:
-            launch("train_opsd", "cpu_ddp", ["--model-dir", model_dir, "--steps", "2"], tmp_path, timeout=900)
-    finally:
-        _finish(first, tmp_path)
-    output = str(error.value)
-    assert f"is in use by another training run (pid {first.pid} on" in output
-    assert len(re.findall(r"RuntimeError: output_dir .* is in use", output)) == 2  # both ranks, neither waits
 
 
 def test_empty_training_set_is_refused_before_any_step(tmp_path):

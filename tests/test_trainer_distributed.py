@@ -9,10 +9,13 @@ absolute. A wrong normalisation or teacher would be off by the size of the loss 
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from distributed import launch, load_script
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 RTOL = 1e-5
 
@@ -34,9 +37,40 @@ def _compare(dist: dict, single: dict) -> None:
         torch.testing.assert_close(w_dist[name], ref, rtol=RTOL, atol=RTOL * ref.abs().max().item(), msg=name)
 
 
+def _with_ema_file(model_dir: str, folder: Path) -> str:
+    """A copy of `model_dir` whose `ema.safetensors` differs from its `model.safetensors` in every tensor (a release
+    folder's layout: the reference starts its EMA teacher from the former, its student from the latter)."""
+    shutil.copytree(model_dir, folder)
+    state = load_file(folder / "model.safetensors")
+    gen = torch.Generator().manual_seed(1)
+    save_file({k: (v + 0.05 * torch.randn(v.shape, generator=gen)).contiguous() for k, v in state.items()},
+              str(folder / "ema.safetensors"))
+    return str(folder)
+
+
+def _check_ema_start(probe: Path, model_dir: str, decay: float = 0.5) -> None:
+    """`ema_init_weights: auto`: the weights the teacher pass sees (gathered from the ZeRO-3 partitions of the
+    swapped-in shadow) start as the folder's ema.safetensors exactly, the student's as its model.safetensors; after step 1 the
+    teacher is decay * ema + (1 - decay) * student after step 1 (the reference's EMA update from those starts)."""
+    ema, policy = load_file(f"{model_dir}/ema.safetensors"), load_file(f"{model_dir}/model.safetensors")
+    teacher, student, teacher1, student1 = (load_file(probe / f"ema-{tag}.safetensors") for tag in
+                                            ("start-teacher", "start-student", "step1-teacher", "step1-student"))
+    assert teacher.keys() == student.keys() and set(teacher) <= set(ema) and len(teacher) >= len(ema) - 1  # tied head
+    for name in teacher:
+        assert not torch.equal(ema[name], policy[name]), name
+        torch.testing.assert_close(teacher[name], ema[name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(student[name], policy[name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(teacher1[name], decay * ema[name] + (1 - decay) * student1[name], rtol=1e-6,
+                                   atol=1e-8, msg=name)
+        assert not torch.equal(student1[name], student[name]), name  # the step moved the policy
+
+
 ALL_MODES = "ema,self,fixed"
 CASES = [
-    pytest.param("text_lm", "text", ALL_MODES, "cpu_zero3", [], id="text-zero3"),
+    # The EMA teacher starts from the folder's ema.safetensors (ema_init_weights: auto); the other cases start it
+    # from the policy.
+    pytest.param("text_lm", "text", ALL_MODES, "cpu_zero3", ["--ema-init", "auto", "--probe-teacher", "1"],
+                 id="text-zero3"),
     pytest.param("qwen2_5_vl", "vl", ALL_MODES, "cpu_zero3", [], id="qwen2.5vl-zero3"),
     pytest.param("text_lm", "text", ALL_MODES, "cpu_zero3", ["--global-batch", "4", "--ga", "2"],
                  marks=pytest.mark.slow, id="text-zero3-ga2"),
@@ -54,8 +88,13 @@ CASES = [
 @pytest.mark.parametrize("model, kind, modes, config, extra", CASES)
 def test_two_processes_equal_one(model, kind, modes, config, extra, tiny_model_dirs, tmp_path):
     args = ["--kind", kind, "--mode", modes, *extra]
-    dist = launch("train_opsd", config, ["--model-dir", tiny_model_dirs[model], *args], tmp_path / "dist", timeout=900)
-    single = _single_process(tiny_model_dirs[model], tmp_path / "single", args)
+    model_dir = tiny_model_dirs[model]
+    if "--ema-init" in extra:
+        model_dir = _with_ema_file(model_dir, tmp_path / "model")
+    dist = launch("train_opsd", config, ["--model-dir", model_dir, *args], tmp_path / "dist", timeout=900)
+    single = _single_process(model_dir, tmp_path / "single", args)
+    if "--probe-teacher" in extra:
+        _check_ema_start(tmp_path / "dist", model_dir)
     assert dist["world_size"] == 2 and single["world_size"] == 1
     full = sum(t.numel() for t in load_file(single["runs"][modes.split(",")[0]]["weights"]).values())
     for mode in modes.split(","):

@@ -6,8 +6,11 @@ import importlib.util
 from collections.abc import Iterator
 
 import torch
+from transformers.utils import logging
 
 from ..zero3 import gathered
+
+logger = logging.get_logger(__name__)
 
 # --- weights, one parameter at a time --------------------------------------------------------------------------
 
@@ -18,17 +21,35 @@ def _vllm_name(name: str) -> str:
     return name.replace("modules_to_save.default.", "").replace("_checkpoint_wrapped_module.", "")
 
 
+def _checkpoint_namer(model):
+    """`name -> the name vLLM loads it under, or None (not pushed)`: the HF name, or for BAGEL upstream BAGEL's
+    (vLLM's `BagelForConditionalGeneration` loads BAGEL's names), its qk-norm weights left out (vLLM's BAGEL has
+    none: `opsd_trl.models.bagel.convert.to_vllm_bagel_name`)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(getattr(base, "config", None), "model_type", None) != "bagel":
+        return _vllm_name
+    from ..models.bagel.convert import to_vllm_bagel_name
+
+    logger.warning_once("vLLM's BAGEL has no qk-norm: the policy's q_norm / k_norm weights are not pushed, and vLLM "
+                        "samples without them (docs/generation.md, 'BAGEL through vLLM').")
+    return lambda name: to_vllm_bagel_name(_vllm_name(name))
+
+
 def iter_policy_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `(checkpoint name, full tensor)` for every weight of the policy, one at a time.
+    """Yield `(checkpoint name, full tensor)` for every weight of the policy, one at a time (BAGEL: under upstream
+    BAGEL's names, qk-norm left out, `_checkpoint_namer`).
 
     Under ZeRO-3 each parameter (or one LoRA layer's base + A + B) is gathered only while it is yielded: every rank
     must iterate. A PEFT LoRA model yields merged weights, computed per layer without touching the module.
     """
     modules = dict(model.named_modules())
     lora = _lora_layers(model, modules)
+    vllm_name = _checkpoint_namer(model)
     for name, param in model.named_parameters():
         if "lora_" in name or "original_module" in name or "lora_magnitude_vector" in name:
             continue  # adapters are folded into the base weight below; original_module is shadowed by modules_to_save
+        if vllm_name(name) is None:
+            continue
         owner = name.rsplit(".", 2)[0] if name.endswith(".base_layer.weight") else None
         if owner in lora:
             layer = modules[owner]
@@ -38,11 +59,11 @@ def iter_policy_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
                 weight = param.data
                 for a in adapters:
                     weight = weight + layer.get_delta_weight(a).to(weight.dtype)
-                yield _vllm_name(name), weight
+                yield vllm_name(name), weight
         else:
             with gathered([param]):
                 # vLLM buffers a fused layer's inputs (q, k, v) until complete: copy what ZeRO-3 will free.
-                yield _vllm_name(name), param.data.clone() if hasattr(param, "ds_id") else param.data
+                yield vllm_name(name), param.data.clone() if hasattr(param, "ds_id") else param.data
 
 
 def _lora_layers(model, modules) -> set[str]:

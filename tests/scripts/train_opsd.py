@@ -44,6 +44,12 @@ def parse_args(argv=None):
     parser.add_argument("--final-save", type=int, default=0, help="1: save_model(output_dir) after training")
     parser.add_argument("--kill-during-final-save", type=int, default=0,
                         help="1: SIGKILL this process once save_model has written the weights, before the processor")
+    parser.add_argument("--then-resume-from", type=int, default=0,
+                        help="N: after each mode's run, run it again in this process resumed from its checkpoint-N "
+                             "(into <out dir>/resumed; its result under 'resumed')")
+    parser.add_argument("--ema-init", default=None, help="ema_init_weights (e.g. auto)")
+    parser.add_argument("--probe-teacher", type=int, default=0,
+                        help="1: in ema mode, save the full teacher and student weights at the start and after step 1")
     return parser.parse_args(argv)
 
 
@@ -85,6 +91,39 @@ def PauseAt(step: int, out_dir: Path):
     return _PauseAt()
 
 
+def TeacherProbe(trainer, out_dir: Path, mode: str):
+    """A callback saving the full (ZeRO-3: gathered) weights the teacher pass sees and the student's, once training
+    has begun (`<mode>-start-{teacher,student}`) and after the EMA update of step 1 (`<mode>-step1-...`)."""
+    from safetensors.torch import save_file
+    from transformers import TrainerCallback
+
+    from opsd_trl.zero3 import gathered
+
+    def full(model) -> dict:
+        params = dict(model.named_parameters())
+        with gathered(list(params.values())):  # every rank: a collective under ZeRO-3
+            return {n: p.detach().clone().contiguous() for n, p in params.items()}
+
+    def save(tag):
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        with trainer._teacher_weights(unwrapped):  # the swap the teacher pass runs under
+            teacher = full(unwrapped)
+        student = full(unwrapped)
+        if trainer.accelerator.is_main_process:
+            save_file(teacher, str(out_dir / f"{mode}-{tag}-teacher.safetensors"))
+            save_file(student, str(out_dir / f"{mode}-{tag}-student.safetensors"))
+
+    class _TeacherProbe(TrainerCallback):  # added after the trainer's EMA update: on_step_end sees the new shadow
+        def on_train_begin(self, args, state, control, **kwargs):
+            save("start")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                save("step1")
+
+    return _TeacherProbe()
+
+
 def train_one(args, mode: str, out_dir: Path) -> dict:
     """Train with one teacher mode; return losses, grad norms, the final full weights' file and the shadow size."""
     from safetensors.torch import save_file
@@ -115,6 +154,7 @@ def train_one(args, mode: str, out_dir: Path) -> dict:
         ddp_backend="gloo" if world > 1 else None,
         max_completion_length=6,
         loss_normalization=args.norm,
+        ema_init_weights=args.ema_init if mode == "ema" else None,
     )
     trainer = VisualOPSDTrainer(model=model, args=config, train_dataset=dataset, processing_class=processing_class)
     if not args.sample:
@@ -142,6 +182,8 @@ def train_one(args, mode: str, out_dir: Path) -> dict:
         trainer._save_checkpoint = save_then_die
     if args.pause_at_step:
         trainer.add_callback(PauseAt(args.pause_at_step, out_dir))
+    if args.probe_teacher and mode == "ema":
+        trainer.add_callback(TeacherProbe(trainer, out_dir, mode))
     trainer.train(resume_from_checkpoint=True if args.resume == "last" else args.resume)
     if args.kill_during_final_save:
         def save_processor_then_die(*a, **k):  # the weights are on disk, the tokenizer files are not
@@ -185,6 +227,13 @@ def run(argv=None) -> dict:
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         "runs": {mode: train_one(args, mode, out.parent) for mode in args.mode.split(",")},
     }
+    if args.then_resume_from:  # a second trainer and engine in this process (a launch costs far more than a run)
+        assert "," not in args.mode, "--then-resume-from takes one mode (the modes share <out dir>/run)"
+        checkpoint = out.parent / "run" / f"checkpoint-{args.then_resume_from}"
+        resumed = argparse.Namespace(**{**vars(args), "resume": str(checkpoint)})
+        (out.parent / "resumed").mkdir(exist_ok=True)
+        for mode in args.mode.split(","):
+            result["runs"][mode]["resumed"] = train_one(resumed, mode, out.parent / "resumed")
     if int(os.environ.get("RANK", "0")) == 0:
         out.write_text(json.dumps(result))
     return result

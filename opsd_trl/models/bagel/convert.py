@@ -265,6 +265,67 @@ def to_bagel_state_dict(model) -> dict:
     return {to_bagel_name(k): v for k, v in model.state_dict().items()}
 
 
+# vLLM 0.31's `BagelForConditionalGeneration` builds its LLM as a plain Qwen2, which has no qk-norm: loading a
+# `q_norm` / `k_norm` weight fails ("There is no module or parameter named 'layers.0.self_attn.k_norm' in
+# Qwen2Model"), so these weights cannot reach it (docs/generation.md, "BAGEL through vLLM").
+VLLM_UNSUPPORTED = (".self_attn.q_norm.", ".self_attn.k_norm.")
+
+
+def to_vllm_bagel_name(name: str) -> str | None:
+    """The name vLLM's BAGEL loads this model's weight `name` under (upstream BAGEL's), or None for the qk-norm
+    weights, which vLLM's BAGEL lacks."""
+    return None if any(s in name for s in VLLM_UNSUPPORTED) else to_bagel_name(name)
+
+
+def save_for_vllm(model, tokenizer, path: str | os.PathLike) -> str:
+    """A folder vLLM 0.31's `BagelForConditionalGeneration` loads: `config.json` (`model_type` "bagel", the
+    `llm_config` / `vit_config` it reads, the tower at its real depth: vLLM corrects only a depth of 27 to 26),
+    a SigLIP `preprocessor_config.json` at the tower's `image_size` (vLLM resizes every image to it), the tokenizer,
+    and `model.safetensors` under upstream BAGEL's names without the qk-norm weights (`to_vllm_bagel_name`). What
+    it serves differs from this model: no qk-norm, sequential positions and causal attention for image tokens."""
+    from safetensors.torch import save_file
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    t, v = model.config.text_config, model.config.vision_config
+    llm = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": t.vocab_size,
+           "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+           "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
+           "num_key_value_heads": t.num_key_value_heads, "head_dim": t.head_dim, "hidden_act": t.hidden_act,
+           "max_position_embeddings": t.max_position_embeddings, "rms_norm_eps": t.rms_norm_eps,
+           "rope_theta": t.rope_theta, "tie_word_embeddings": False}
+    vit = {"model_type": "siglip_vision_model", "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+           "num_hidden_layers": v.num_hidden_layers, "num_attention_heads": v.num_attention_heads,
+           "num_channels": v.num_channels, "image_size": v.image_size, "patch_size": v.patch_size,
+           "hidden_act": v.hidden_act, "layer_norm_eps": v.layer_norm_eps}
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["BagelForConditionalGeneration"], "model_type": "bagel", "llm_config": llm,
+        "vit_config": vit, "vit_max_num_patch_per_side": model.config.vit_max_num_patch_per_side,
+        "connector_act": "gelu_pytorch_tanh", "visual_gen": False, "visual_und": True,
+        "torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}, indent=2))
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "SiglipImageProcessor", "size": {"height": v.image_size, "width": v.image_size},
+        "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}, indent=2))
+    state = {to_vllm_bagel_name(k): w.detach().clone().contiguous() for k, w in model.state_dict().items()}
+    save_file({k: w for k, w in state.items() if k is not None}, str(folder / "model.safetensors"))
+    tokenizer.save_pretrained(folder)
+    return os.fspath(folder)
+
+
+def as_vllm_serves_it(model) -> BagelForConditionalGeneration:
+    """A copy of `model` computing what vLLM 0.31's BAGEL computes from the `save_for_vllm` folder: sequential
+    positions and causal attention for image tokens, no qk-norm (the reference its logprobs are checked against)."""
+    import copy
+
+    config = copy.deepcopy(model.config)
+    config.image_rope, config.image_attention, config.text_config.qk_norm = "sequential", "causal", False
+    other = BagelForConditionalGeneration(config).to(next(model.parameters()).dtype)
+    state = {k: v for k, v in model.state_dict().items() if to_vllm_bagel_name(k) is not None}
+    other.load_state_dict(state, strict=True)
+    return other.eval()
+
+
 def bagel_processor(folder: str | os.PathLike, image_processor: BagelImageProcessor | None = None) -> BagelProcessor:
     """`BagelProcessor` of a BAGEL folder: its Qwen2.5 tokenizer with BAGEL's chat format, and the understanding
     transform at the Visual-OPSD reference's sizes (`REFERENCE_IMAGE_TRANSFORM`) unless one is given, with the

@@ -273,7 +273,7 @@ def fresh_split(s: Settings, data: dict):
 
 
 def score_fresh(out: str | os.PathLike, *, seeds: int = 3, force: bool = False, progress: bool = True,
-                threads: int = 1, docs: str | os.PathLike | None = None) -> dict:
+                threads: int = 1, docs: str | os.PathLike | None = None, settings: Settings | None = None) -> dict:
     """Score every model of a finished quickstart folder (the defaults' `seeds` distillation seeds; missing stages
     are trained first) on the fresh test split, once: `out/test2/scored.json` records when, and a second scoring is
     refused unless `force`. With `docs`, writes that page's `fresh` section."""
@@ -282,7 +282,11 @@ def score_fresh(out: str | os.PathLike, *, seeds: int = 3, force: bool = False, 
     if stamp.exists() and not force:
         raise ValueError(f"{stamp}: the fresh test split was already scored ({json.loads(stamp.read_text())['when']}); "
                          "it is scored once, after the defaults are frozen: pass --force-fresh to score it again")
-    s = replace(Settings(), seeds=seeds)
+    if force and stamp.exists():  # a forced scoring evaluates again (eval_stage would reuse the earlier files)
+        for path in (out / FRESH).iterdir():
+            if path.name != FRESH_STAMP:
+                path.unlink()
+    s = replace(settings or Settings(), seeds=seeds)
     run_quickstart(out, threads=threads, progress=progress, settings=s)
     data = datasets(s)
     data[FRESH] = fresh_split(s, data)

@@ -215,15 +215,22 @@ def _quickstart(args) -> int:
 
         import torch
 
-        from opsd_trl.quickstart.levers import leak_table, levers_table, noise_leak, run_levers
+        from opsd_trl.quickstart.levers import leak_table, levers_table, noise_leak, paired_levers_table, run_levers
         from opsd_trl.quickstart.report import replace_section
 
         torch.set_num_threads(args.threads)
-        table = levers_table(run_levers(Path(args.out), names=args.levers or None, seeds=args.seeds or 1))
+        rows = run_levers(Path(args.out), names=args.levers or None, seeds=args.seeds or 1)
+        paired = paired_levers_table(rows)
+        table = levers_table(rows) + (f"\n\n{paired}" if paired else "")
         table += "\n\n" + leak_table(noise_leak(Path(args.out)))
         if args.docs:
             replace_section(Path(args.docs), "levers", table)
         print(table)
+        return 0
+    if args.score_fresh:
+        from opsd_trl.quickstart.pipeline import score_fresh
+
+        score_fresh(args.out, seeds=args.seeds or 3, force=args.force_fresh, threads=args.threads, docs=args.docs)
         return 0
     if args.tune:
         from pathlib import Path
@@ -256,6 +263,10 @@ def _add_quickstart(sub) -> None:
     p.add_argument("--tune", action="store_true",
                    help="instead: the validation runs behind the defaults (opsd_trl/quickstart/tuning.py), as a table")
     p.add_argument("--tune-only", nargs="+", default=None, metavar="NAME", help="with --tune: these candidates only")
+    p.add_argument("--score-fresh", action="store_true",
+                   help="instead: score the --out folder's models (--seeds, default 3) on the fresh test split test2, "
+                   "once, after the defaults are frozen (docs/quickstart.md)")
+    p.add_argument("--force-fresh", action="store_true", help="with --score-fresh: score test2 again (recorded)")
     p.add_argument("--levers", nargs="*", default=None, metavar="NAME",
                    help="instead: the lever experiments on validation (opsd_trl/quickstart/levers.py; all, or the named "
                    "ones) for --seeds seeds, as a table")

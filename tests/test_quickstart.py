@@ -153,3 +153,64 @@ def test_levers_are_options_on_the_defaults(tmp_path):
     with pytest.raises(ValueError, match="unknown lever 'nope'"):
         run_levers(tmp_path, ["nope"])
     assert not any(tmp_path.iterdir())
+
+
+def test_warmstart_key_tracks_the_policy_map_options():
+    default = Settings().warmstart_key()
+    assert Settings(vts="policy_map").warmstart_key() != default
+    assert Settings(sft_detour_share=0.5).warmstart_key() not in (default, Settings(vts="policy_map").warmstart_key())
+
+
+def test_exact_mcnemar_equals_a_full_enumeration_of_the_discordant_pairs():
+    """Dense re-statement: under the null each discordant pair is won by either system with probability 1/2; the
+    two-sided p-value is the share of all 2^n outcomes at least as far from n/2 as the observed split."""
+    import itertools
+
+    from opsd_trl.quickstart.report import mcnemar_exact
+
+    for n in range(13):
+        wins = [sum(o) for o in itertools.product((0, 1), repeat=n)]
+        for k in range(n + 1):
+            extreme = sum(abs(w - n / 2) >= abs(k - n / 2) for w in wins) / len(wins)
+            assert mcnemar_exact(k, n - k) == pytest.approx(extreme, rel=1e-12, abs=1e-15), (k, n)
+    assert mcnemar_exact(0, 30) < 2e-8 < mcnemar_exact(1, 30)
+
+
+def test_paired_table_pairs_by_seed_and_maze(tmp_path):
+    """Pairs are the same maze under the same distillation seed; the counts equal a direct count."""
+    import random
+
+    from opsd_trl.quickstart.report import mcnemar_exact, paired_table
+
+    rng = random.Random(0)
+    outcomes = {(m, k): [rng.random() < p for _ in range(40)] for m, p in (("visual_opsd", 0.6), ("supervised", 0.4),
+                                                                            ("noise_control", 0.2)) for k in (0, 1)}
+    (tmp_path / "test").mkdir()
+    for (method, seed), correct in outcomes.items():
+        order = list(range(40))
+        rng.shuffle(order)  # each file in its own order: pairing must go by id
+        lines = [json.dumps({"id": f"m{i}", "correct": correct[i]}) for i in order]
+        (tmp_path / "test" / f"{method}_seed{seed}.predictions.jsonl").write_text("\n".join(lines))
+    results = {f"{m}_seed{k}": {} for m, k in outcomes}
+    table = paired_table(tmp_path, results)
+    pairs = [xy for k in (0, 1) for xy in zip(outcomes["visual_opsd", k], outcomes["supervised", k], strict=True)]
+    a, b = sum(x and not y for x, y in pairs), sum(y and not x for x, y in pairs)
+    assert f"| Visual-OPSD vs supervised baseline | 80 | {a} | {b} | {mcnemar_exact(a, b):.2g} |" in table
+
+
+def test_fresh_split_is_new_layouts_and_is_scored_once(tmp_path):
+    from opsd_trl.quickstart.pipeline import FRESH, FRESH_STAMP, datasets, fresh_split, score_fresh
+    from opsd_trl.tasks import split_of
+
+    s = Settings(n_train=300, n_validation=40, n_test=40)
+    data = datasets(s)
+    fresh = fresh_split(s, data)
+    keys = {name: {"/".join(json.loads(m)["grid"]) for m in ds["meta"]} for name, ds in {**data, FRESH: fresh}.items()}
+    assert len(keys[FRESH]) == len(fresh) == s.n_test
+    assert not keys[FRESH] & (keys["train"] | keys["validation"] | keys["test"])
+    assert all(split_of(k) == "train" for k in keys[FRESH]) and fresh[0]["id"].startswith("maze3-test2-")
+    (tmp_path / FRESH).mkdir()
+    (tmp_path / FRESH / FRESH_STAMP).write_text(json.dumps({"when": "2026-01-01 00:00 UTC", "scorings": []}))
+    with pytest.raises(ValueError, match="already scored .2026-01-01 00:00 UTC.*--force-fresh"):
+        score_fresh(tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [FRESH]  # refused before training anything

@@ -142,6 +142,65 @@ def test_determinism_by_seed():
     assert j1["meta"] == j2["meta"] and [r[0].tobytes() for r in j1["images"]] == [r[0].tobytes() for r in j2["images"]]
 
 
+def reference_arrows(grid) -> set:
+    """(row, col, move) for every move one step closer to the goal from every cell that can reach it: BFS from the
+    goal over the non-hole cells, written independently of the package."""
+    n = len(grid)
+    goal = next((r, c) for r in range(n) for c in range(n) if grid[r][c] == "G")
+    dist, frontier = {goal: 0}, [goal]
+    while frontier:
+        nxt = []
+        for r, c in frontier:
+            for dr, dc in DELTA.values():
+                q = (r + dr, c + dc)
+                if 0 <= q[0] < n and 0 <= q[1] < n and grid[q[0]][q[1]] != "H" and q not in dist:
+                    dist[q] = dist[r, c] + 1
+                    nxt.append(q)
+        frontier = nxt
+    return {(r, c, m) for (r, c), d in dist.items() if d > 0 for m, (dr, dc) in DELTA.items()
+            if dist.get((r + dr, c + dc)) == d - 1}
+
+
+def drawn_arrows(img, size, cell_px) -> set:
+    """(row, col, move) wherever the pixel a third of a cell from the cell's centre toward that neighbour is the
+    arrow colour."""
+    return {(r, c, m) for r in range(size) for c in range(size) for m, (dr, dc) in DELTA.items()
+            if img.getpixel((c * cell_px + cell_px // 2 + dc * cell_px // 3,
+                             r * cell_px + cell_px // 2 + dr * cell_px // 3)) == maze.ARROW}
+
+
+@settings(max_examples=60, deadline=None)
+@given(mazes, st.sampled_from([28, 32]))
+def test_policy_map_vt_draws_an_arrow_toward_every_shortest_way_neighbour(drawn, cell_px):
+    m, _ = drawn
+    img = maze.render_policy_map(m, cell_px)
+    assert drawn_arrows(img, m.size, cell_px) == reference_arrows(m.grid)
+
+
+def test_policy_map_rows_and_detour_answers():
+    ds = make_dataset("maze", "train", 20, vts="policy_map", answer_format="numbered", seed=3)
+    assert all(len(vts) == 1 for vts in ds["vt_images"])
+    for row in ds:
+        assert drawn_arrows(row["vt_images"][0], 3, 28) == reference_arrows(json.loads(row["meta"])["grid"])
+    solved = 0
+    for row in make_dataset("maze", "train", 60, answer_format="numbered", seed=4):
+        meta = json.loads(row["meta"])
+        detour = maze.detour_answer(meta, "numbered", random.Random(0))
+        if detour is None:
+            continue
+        moves = maze.parse_moves(" ".join(detour))
+        first = (r, c) = next((r, c) for r in range(3) for c in range(3) if meta["grid"][r][c] == "S")
+        after = (r + DELTA[moves[0]][0], c + DELTA[moves[0]][1])
+        on_route = {(r, c) for r, c, _ in reference_arrows(meta["grid"])}
+        # the detour leaves every shortest way (no arrow of the start points there), to a cell that can still reach
+        # the goal, and then takes a shortest way: two moves longer than the reference answer
+        assert (first[0], first[1], moves[0]) not in reference_arrows(meta["grid"]) and after in on_route
+        assert detour[0] == f"1 {moves[0]}" and len(moves) == len(meta["path"]) + 2
+        assert reference_simulate(meta["grid"], moves, "vsp")
+        solved += 1
+    assert solved > 10
+
+
 def grid_key(row):
     return "/".join(json.loads(row)["grid"])
 

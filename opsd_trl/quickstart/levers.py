@@ -17,12 +17,15 @@ from pathlib import Path
 from ..eval import Contexts, evaluate
 from .advice import decision_accuracy
 from .model import TEACHER_INTRO, TEACHER_TRANSITION, load_weights
-from .pipeline import Settings, _contexts, datasets, method_stage, vt_cache, warmstart_stage
+from .pipeline import Settings, _contexts, datasets, method_stage, run_dir, vt_cache, warmstart_stage
+from .report import LABELS, PAIRED_HEAD, paired_counts, paired_line
 
 # name -> (methods, Settings overrides). Every lever keeps today's defaults for everything it does not name.
 LEVERS: dict[str, tuple[tuple[str, ...], dict]] = {
     "default (route VTs, numbered answers)": (("visual_opsd", "supervised"), {}),
     "cells: after each move the cell it reaches": (("visual_opsd", "supervised"), {"answer_format": "cells"}),
+    "policy map: one VT of shortest-way arrows, half the warm-start's teacher samples with a detour first": (
+        ("visual_opsd", "supervised"), {"vts": "policy_map", "sft_detour_share": 0.5}),
     "leak-free noise control (3 noise VTs per maze)": (("noise_control",), {"noise_vt_count": 3}),
     "supervised to its plateau (900 steps)": (("supervised",), {"supervised_steps": 900}),
     "Visual-OPSD for 900 steps": (("visual_opsd",), {"opsd_steps": 900}),
@@ -49,6 +52,19 @@ def teacher_accuracy(s: Settings, data: dict, warm: Path, folder: Path, progress
     return json.loads(path.read_text())["accuracy"]
 
 
+def validation_correct(s: Settings, data: dict, folder: Path, method: str, seed: int, points: list[dict]) -> list:
+    """Per-maze validation outcomes of a run's final model, in validation order: its last curve point's (runs made
+    before curves kept them are evaluated once and cached as `validation_correct.json`)."""
+    if "correct" in points[-1]:
+        return points[-1]["correct"]
+    path = run_dir(folder, method, seed) / "validation_correct.json"
+    if not path.exists():
+        model, processor = load_weights(run_dir(folder, method, seed) / "final.safetensors", s.seed)
+        metrics = evaluate(model, processor, data["validation"], contexts=_contexts(processor), progress=False)
+        path.write_text(json.dumps([p["correct"] for p in metrics["predictions"]]))
+    return json.loads(path.read_text())
+
+
 def run_levers(out: Path, names: list[str] | None = None, seeds: int = 1, progress: bool = True) -> dict:
     """Train each named lever (all by default) for distillation seeds 0..seeds-1; returns every row recorded so far
     in `out/levers.json` (rows of earlier invocations are kept)."""
@@ -72,12 +88,15 @@ def run_levers(out: Path, names: list[str] | None = None, seeds: int = 1, progre
                              progress=progress)
         teacher = teacher_accuracy(s, data, warm, folder, progress)
         for seed in range(seeds):
-            runs = {}
+            runs, correct = {}, {}
             for method in methods:
                 method_stage(method, s, data, warm, folder, cache, seed, progress)
                 runs[method] = json.loads((folder / method / f"seed{seed}" / "history.json").read_text())["validation"]
+                correct[method] = validation_correct(s, data, folder, method, seed, runs[method])
+                for point in runs[method]:
+                    point.pop("correct", None)  # levers.json keeps the final outcomes only
             rows[f"{name} / seed {seed}"] = {"lever": name, "seed": seed, "overrides": overrides,
-                                             "teacher": teacher, "runs": runs}
+                                             "teacher": teacher, "runs": runs, "correct": correct}
     record.write_text(json.dumps(rows, indent=1))
     return rows
 
@@ -108,6 +127,21 @@ def levers_table(rows: dict) -> str:
         lines.append(f"| {row['lever']} | {row['seed']} | {100 * row['teacher']:.1f}% | {100 * start['accuracy']:.1f}% "
                      f"| {' | '.join(cells)} | {command(row['lever'], row['seed'])} |")
     return "\n".join(lines)
+
+
+def paired_levers_table(rows: dict) -> str:
+    """Per lever with both methods: Visual-OPSD against the supervised baseline on the validation mazes, pooled
+    over the lever's seeds (each maze of each seed one pair), with the exact McNemar test."""
+    lines = [PAIRED_HEAD.replace("comparison (pooled", "lever: comparison (validation, pooled")]
+    for name in [n for n in LEVERS if n in {r["lever"] for r in rows.values()}]:
+        outcomes = {m: {(r["seed"], i): ok for r in rows.values() if r["lever"] == name
+                        for i, ok in enumerate(r.get("correct", {}).get(m, []))} for m in ("visual_opsd", "supervised")}
+        counts = paired_counts(outcomes["visual_opsd"], outcomes["supervised"])
+        if counts["pairs"]:
+            seeds = len({k[0] for k in outcomes["visual_opsd"].keys() & outcomes["supervised"].keys()})
+            lines.append(paired_line(f"{name}, {seeds} seed{'s' * (seeds > 1)}: {LABELS['visual_opsd']}",
+                                     LABELS["supervised"], counts))
+    return "\n".join(lines) if len(lines) > 1 else ""
 
 
 # What each noise-VT control leaves the teacher: (label, Contexts options, teacher context?).

@@ -42,8 +42,9 @@ class ValidationCurve(TrainerCallback):
     def record(self, model, step: int) -> None:
         metrics = evaluate(model, self.processor, self.dataset, reference=self.reference, contexts=self.contexts,
                            progress=False)
-        metrics.pop("predictions")
-        self.points.append({"step": step, **metrics})
+        predictions = metrics.pop("predictions")
+        # per-maze outcomes, in validation order: paired tests between methods (`levers.py`)
+        self.points.append({"step": step, **metrics, "correct": [p["correct"] for p in predictions]})
         model.train()
 
     def maybe_record(self, model, step: int, last: int) -> None:

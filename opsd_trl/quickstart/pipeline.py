@@ -22,6 +22,8 @@ import torch
 
 from ..eval import Contexts, evaluate, kl_gap_closure, write_predictions
 from ..tasks import make_dataset
+from ..tasks.common import to_dataset
+from ..tasks.maze import make_rows
 from .advice import teacher_advice
 from .model import (
     TEACHER_INTRO,
@@ -33,7 +35,7 @@ from .model import (
     shipped_warmstart,
 )
 from .opsd import ValidationCurve, freeze_vision, train_opsd, vt_cache
-from .report import LABELS, write_docs, write_report
+from .report import LABELS, write_docs, write_fresh_docs, write_report
 from .sft import warm_start
 
 # The trained students, each from the same warm-start with the same steps x batch: the method, the paper's control
@@ -74,7 +76,13 @@ class Settings:
     # `noise_vt_count`: the noise-VT control shows this many noise VTs per maze whatever its path length (None: as
     # many as the maze has VTs, the paper's control, whose count gives the path length away). `supervised_steps`:
     # the supervised baseline's steps (None: `opsd_steps`, the equal budget).
+    # `vts="policy_map"`: one VT per maze, an arrow toward every shortest-way neighbour in every live cell (the
+    # teacher can read the best move from any state the student reaches; `maze.render_policy_map`), and
+    # `sft_detour_share`: the share of the warm-start's teacher samples whose answer takes one detour move first (no
+    # loss on it), so the teacher learns to read the map off the route. Both change the warm-start (and its key).
     answer_format: str = "numbered"
+    vts: str = "route"
+    sft_detour_share: float = 0.0
     noise_vt_count: int | None = None
     supervised_steps: int | None = None
     seed: int = 0  # data and warm-start
@@ -86,13 +94,16 @@ class Settings:
         current ones."""
         fields = ("n_train", "sft_steps", "sft_batch", "sft_lr", "sft_teacher_share", "seed")
         key = {f: getattr(self, f) for f in fields}
+        if self.sft_detour_share:  # only when set, so the defaults keep the shipped warm-start's key
+            key["sft_detour_share"] = self.sft_detour_share
         key["task"] = self.maze() if task is None else task
         key["vocabulary"] = build_word_tokenizer().get_vocab() if vocabulary is None else vocabulary
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
     def maze(self) -> dict:
-        """The maze task's settings this run uses: `MAZE`, with its `answer_format`."""
-        return {**MAZE, "answer_format": self.answer_format}
+        """The maze task's settings this run uses: `MAZE`, with its `answer_format` (and its `vts` when not the
+        default route VTs, so the defaults' key is unchanged)."""
+        return {**MAZE, "answer_format": self.answer_format, **({"vts": self.vts} if self.vts != "route" else {})}
 
 
 SMOKE = Settings(n_train=64, n_validation=16, n_test=16, sft_steps=3, sft_batch=8, opsd_steps=2, opsd_batch=4,
@@ -132,7 +143,8 @@ def warmstart_stage(s: Settings, data: dict, out: Path, rebuild: bool, progress:
         return shipped
     model, processor = build_quickstart_model(s.seed)
     losses = warm_start(model, _contexts(processor), data["train"], steps=s.sft_steps, batch_size=s.sft_batch,
-                        lr=s.sft_lr, teacher_share=s.sft_teacher_share, seed=s.seed, progress=progress)
+                        lr=s.sft_lr, teacher_share=s.sft_teacher_share, seed=s.seed, progress=progress,
+                        detour_share=s.sft_detour_share, answer_format=s.answer_format)
     save_weights(model, path)
     (out / "warmstart.json").write_text(json.dumps({"key": s.warmstart_key(), "settings": asdict(s),
                                                     "losses": losses}))
@@ -199,14 +211,16 @@ def method_stage(method: str, s: Settings, data: dict, warm: Path, out: Path, ca
     return opsd_stage(method, s, data, warm, out, cache, seed, progress)
 
 
-def eval_stage(data: dict, warm: Path, runs: dict[str, Path], out: Path, seed: int, progress: bool) -> dict:
-    """Test-split metrics, once per model: the teacher with VTs, the student before, and each trained student.
-    Each model's per-sample predictions go to `out/test/<name>.predictions.jsonl`; metrics to `<name>.json`, with,
-    for the students, what the reference teacher advises on their own answers (`advice.py`)."""
-    folder = out / "test"
+def eval_stage(data: dict, warm: Path, runs: dict[str, Path], out: Path, seed: int, progress: bool,
+               split: str = "test") -> dict:
+    """Metrics on `split` (the held-out test split; `test2`: the fresh one), once per model: the teacher with VTs,
+    the student before, and each trained student. Each model's per-sample predictions go to
+    `out/<split>/<name>.predictions.jsonl`; metrics to `<name>.json`, with, for the students, what the reference
+    teacher advises on their own answers (`advice.py`)."""
+    folder = out / split
     folder.mkdir(parents=True, exist_ok=True)
     reference, processor = load_weights(warm, seed)
-    contexts, rows = _contexts(processor), list(data["test"])
+    contexts, rows = _contexts(processor), list(data[split])
     todo = {"teacher_with_vt": warm, "student_before": warm, **runs}
     for name, ckpt in todo.items():
         path, predictions = folder / f"{name}.json", folder / f"{name}.predictions.jsonl"
@@ -216,24 +230,75 @@ def eval_stage(data: dict, warm: Path, runs: dict[str, Path], out: Path, seed: i
             continue
         model = load_weights(ckpt, seed)[0] if student else reference
         if metrics is None:
-            metrics = evaluate(model, processor, data["test"], teacher_context=not student,
+            metrics = evaluate(model, processor, data[split], teacher_context=not student,
                                reference=reference if student else None, contexts=contexts, progress=progress,
-                               desc=f"test: {name}")
+                               desc=f"{split}: {name}")
             metrics = write_predictions(metrics, predictions)
         if student:
             texts = [json.loads(line)["completion"] for line in predictions.read_text().splitlines()]
             metrics["teacher_advice"] = teacher_advice(model, reference, contexts, rows, texts)
         path.write_text(json.dumps(metrics, indent=1))
-    return {name: metrics for name, metrics in load_results(out).items() if name in todo}
+    return {name: metrics for name, metrics in load_results(out, split).items() if name in todo}
 
 
-def load_results(out: Path) -> dict:
-    """The test metrics of every evaluated model in a quickstart folder, by name."""
-    results = {p.stem: json.loads(p.read_text()) for p in sorted((Path(out) / "test").glob("*.json"))}
+def load_results(out: Path, split: str = "test") -> dict:
+    """The metrics on `split` of every evaluated model in a quickstart folder, by name."""
+    results = {p.stem: json.loads(p.read_text()) for p in sorted((Path(out) / split).glob("*.json"))
+               if p.name != FRESH_STAMP}
     before = results["student_before"]["kl_teacher_student"]
     for name, metrics in results.items():
         if name not in ("teacher_with_vt", "student_before"):
             metrics["kl_gap_closure"] = kl_gap_closure(before, metrics["kl_teacher_student"])
+    return results
+
+
+FRESH, FRESH_STAMP = "test2", "scored.json"
+
+
+def fresh_split(s: Settings, data: dict):
+    """The fresh test split `test2`: `n_test` new maze layouts that none of the run's train, validation and test
+    splits contains. 3x3 mazes have ~370 layouts in the test part of the hash space and the test split holds 300 of
+    them, so these come from the train part, from layouts the training split (`n_train` draws, seed `seed`) never
+    drew: unseen by every model, but on average rarer layouts than a random draw. Drawn by their own random stream
+    (data seed + 1), deduplicated."""
+    used = {"/".join(json.loads(m)["grid"]) for split in ("train", "validation", "test") for m in data[split]["meta"]}
+    candidates = make_rows("train", 3 * s.n_test, dedupe=True, **s.maze(), seed=s.seed + 1)
+    rows = [r for r in candidates if "/".join(json.loads(r["meta"])["grid"]) not in used][: s.n_test]
+    if len(rows) < s.n_test:
+        raise ValueError(f"only {len(rows)} unused layouts for the fresh test split of {s.n_test} mazes; lower n_test "
+                         "or n_train")
+    for i, row in enumerate(rows):
+        row["id"] = f"maze{MAZE['size']}-{FRESH}-s{s.seed}-{i:05d}"
+    return to_dataset(rows)
+
+
+def score_fresh(out: str | os.PathLike, *, seeds: int = 3, force: bool = False, progress: bool = True,
+                threads: int = 1, docs: str | os.PathLike | None = None, settings: Settings | None = None) -> dict:
+    """Score every model of a finished quickstart folder (the defaults' `seeds` distillation seeds; missing stages
+    are trained first) on the fresh test split, once: `out/test2/scored.json` records when, and a second scoring is
+    refused unless `force`. With `docs`, writes that page's `fresh` section."""
+    out = Path(out)
+    stamp = out / FRESH / FRESH_STAMP
+    if stamp.exists() and not force:
+        raise ValueError(f"{stamp}: the fresh test split was already scored ({json.loads(stamp.read_text())['when']}); "
+                         "it is scored once, after the defaults are frozen: pass --force-fresh to score it again")
+    if force and stamp.exists():  # a forced scoring evaluates again (eval_stage would reuse the earlier files)
+        for path in (out / FRESH).iterdir():
+            if path.name != FRESH_STAMP:
+                path.unlink()
+    s = replace(settings or Settings(), seeds=seeds)
+    run_quickstart(out, threads=threads, progress=progress, settings=s)
+    data = datasets(s)
+    data[FRESH] = fresh_split(s, data)
+    warm = warmstart_stage(s, data, out, rebuild=False, progress=progress)
+    runs = {f"{method}_seed{seed}": run_dir(out, method, seed) / "final.safetensors"
+            for seed in range(s.seeds) for method in METHODS}
+    results = eval_stage(data, warm, runs, out, s.seed, progress, split=FRESH)
+    earlier = json.loads(stamp.read_text())["scorings"] if stamp.exists() else []
+    now = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "settings": asdict(s), "models": sorted(results)}
+    stamp.write_text(json.dumps({**now, "scorings": earlier + [now]}, indent=1))  # every scoring, forced ones too
+    if docs is not None:
+        write_fresh_docs(out, Path(docs), load_results(out, FRESH))
     return results
 
 

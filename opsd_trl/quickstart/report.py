@@ -4,6 +4,7 @@ the generated section of docs/quickstart.md. Every number comes from the run fol
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 from collections import defaultdict
@@ -54,11 +55,11 @@ def by_method(results: dict) -> dict[str, list[dict]]:
     return dict(groups)
 
 
-def predictions_by_method(out: Path, results: dict) -> dict[str, list[dict]]:
-    """Every evaluated model's per-sample test records (`test/<name>.predictions.jsonl`), pooled by method."""
+def predictions_by_method(out: Path, results: dict, split: str = "test") -> dict[str, list[dict]]:
+    """Every evaluated model's per-sample records on `split` (`<split>/<name>.predictions.jsonl`), pooled by method."""
     groups = defaultdict(list)
     for name in results:
-        lines = (out / "test" / f"{name}.predictions.jsonl").read_text().splitlines()
+        lines = (out / split / f"{name}.predictions.jsonl").read_text().splitlines()
         groups[method_of(name)] += [json.loads(line) for line in lines]
     return dict(groups)
 
@@ -69,13 +70,64 @@ def _spread(values: list[float], fmt) -> str:
     return f"{fmt(statistics.mean(values))} ({fmt(min(values))} to {fmt(max(values))})"
 
 
-def results_table(results: dict) -> str:
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar test on paired right/wrong outcomes: the sign test on the discordant pairs (`only_a`:
+    right for A only, `only_b`: for B only), Binomial(n, 1/2) under the null that A and B are equally accurate."""
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def paired_counts(a: dict[tuple, bool], b: dict[tuple, bool]) -> dict:
+    """Discordant counts of two systems' per-maze correctness, keyed alike (e.g. (seed, maze id)); only keys both
+    have are paired."""
+    keys = a.keys() & b.keys()
+    return {"pairs": len(keys), "only_a": sum(a[k] and not b[k] for k in keys),
+            "only_b": sum(b[k] and not a[k] for k in keys)}
+
+
+def paired_line(label_a: str, label_b: str, counts: dict) -> str:
+    """One table row: the pairs, each system's wins on the discordant pairs, the exact McNemar p-value."""
+    p = mcnemar_exact(counts["only_a"], counts["only_b"])
+    return (f"| {label_a} vs {label_b} | {counts['pairs']} | {counts['only_a']} | {counts['only_b']} "
+            f"| {p:.2g} |")
+
+
+PAIRED_HEAD = ("| comparison (pooled over seeds, paired by seed and maze) | pairs | solved by the first only | solved by "
+               "the second only | exact McNemar p (two-sided) |\n|---|---|---|---|---|")
+# The comparisons of the test table: the method against the supervised baseline and against the noise-VT control.
+PAIRED = (("visual_opsd", "supervised"), ("visual_opsd", "noise_control"))
+
+
+def _seed_correct(out: Path, results: dict, method: str, split: str) -> dict[tuple, bool]:
+    """(seed, maze id) -> correct, from every `<split>/<method>_seed<k>.predictions.jsonl` of the run folder."""
+    correct = {}
+    for name in results:
+        if method_of(name) == method and (m := re.search(r"_seed(\d+)$", name)):
+            for line in (out / split / f"{name}.predictions.jsonl").read_text().splitlines():
+                record = json.loads(line)
+                correct[int(m.group(1)), record["id"]] = record["correct"]
+    return correct
+
+
+def paired_table(out: Path, results: dict, split: str = "test") -> str:
+    """The paired tests of the test table (`PAIRED`), on the pooled per-maze predictions on `split`."""
+    lines = [PAIRED_HEAD]
+    for a, b in PAIRED:
+        counts = paired_counts(_seed_correct(out, results, a, split), _seed_correct(out, results, b, split))
+        if counts["pairs"]:
+            lines.append(paired_line(LABELS[a], LABELS[b], counts))
+    return "\n".join(lines)
+
+
+def results_table(results: dict, split_label: str = "held-out test") -> str:
     """One row per system: test accuracy, KL(T||S) to the reference teacher, KL-gap closure, mean output tokens;
     mean (min to max) over seeds; the paper's numbers beside."""
     groups = by_method(results)
     n_seeds = max(len(v) for v in groups.values())
     n = groups["student_before"][0]["n"]
-    head = (f"| system (held-out test, {n} mazes{f', {n_seeds} seeds: mean (min to max)' if n_seeds > 1 else ''}) "
+    head = (f"| system ({split_label}, {n} mazes{f', {n_seeds} seeds: mean (min to max)' if n_seeds > 1 else ''}) "
             "| accuracy | KL(T‖S), nats/token | KL-gap closure | output tokens | paper: accuracy | paper: closure |")
     lines = [head, "|---|---|---|---|---|---|---|"]
     for method, label in LABELS.items():
@@ -191,6 +243,8 @@ def report_text(results: dict, out: Path, *, settings: dict, minutes: float) -> 
     records = predictions_by_method(out, results)
     return (
         f"{headline(results)}\n\n{results_table(results)}\n\n"
+        "Paired tests on the same test mazes (each maze of each distillation seed is one pair; a system's wins are the "
+        f"pairs it alone solves):\n\n{paired_table(out, results)}\n\n"
         f"Accuracy by shortest-path length (test, pooled over {seeds} seed{'s' * (seeds > 1)}; mazes per length in "
         f"brackets):\n\n{length_table(records)}\n\n"
         f"Where the KL to the reference teacher sits (test, pooled over seeds):\n\n{kl_table(records)}\n\n"
@@ -218,3 +272,15 @@ def write_docs(out: Path, page: Path, results: dict) -> None:
     body = report_text(results, out, settings=meta["settings"], minutes=meta["minutes"])
     replace_section(page, "results", body + "\n![validation curves](quickstart_curves.png)")
     (page.parent / "quickstart_curves.png").write_bytes((out / "curves.png").read_bytes())
+
+
+def write_fresh_docs(out: Path, page: Path, results: dict) -> None:
+    """Replace the `fresh` section of `page` with the scoring of the fresh test split (`out/test2/`): when it was
+    scored, the comparison table, the paired tests and accuracy by path length."""
+    stamp = json.loads((out / "test2" / "scored.json").read_text())
+    when = "; ".join(f"scored {s['when']}" for s in stamp["scorings"])
+    records = predictions_by_method(out, results, "test2")
+    body = (f"{when} (`{out.name}/test2/scored.json`), settings `{json.dumps(stamp['settings'])}`.\n\n"
+            f"{results_table(results, 'fresh test split test2')}\n\n{paired_table(out, results, 'test2')}\n\n"
+            f"Accuracy by shortest-path length (test2, pooled over seeds):\n\n{length_table(records)}\n")
+    replace_section(page, "fresh", body)

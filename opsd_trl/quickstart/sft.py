@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..eval import Contexts, completion_logits
+from ..tasks.maze import detour_answer
 
 
 def answer_ids(tokenizer, answer: str) -> list[int]:
@@ -34,11 +35,15 @@ def answer_ids(tokenizer, answer: str) -> list[int]:
 
 def warm_start(model, contexts: Contexts, dataset, *, steps: int, batch_size: int = 32, lr: float = 2e-3,
                warmup: int = 30, teacher_share: float = 0.5, seed: int = 0, progress: bool = True,
-               desc: str = "warm-start SFT", on_step=None) -> list[float]:
+               desc: str = "warm-start SFT", on_step=None, detour_share: float = 0.0,
+               answer_format: str = "numbered") -> list[float]:
     """Train `model` in place; returns the loss per step. Pixels are preprocessed once per sample and context.
 
     `teacher_share=0` is the supervised baseline (reference answers in the student context only). `on_step(step)`,
-    if given, runs after every optimizer step (validation curves) and may return more numbers for the progress bar."""
+    if given, runs after every optimizer step (validation curves) and may return more numbers for the progress bar.
+    `detour_share`: the share of teacher-context samples whose answer first takes one move away from the goal
+    (`maze.detour_answer`, in `answer_format`), with no loss on that move: the teacher learns to read its VTs from a
+    state off the route (for the policy-map VT). At 0 the random stream is the one without detours, draw for draw."""
     rows = list(dataset)
     rng = random.Random(seed)
     pixels = {}  # (row index, teacher) -> processor output; the vision tower trains, so features are recomputed
@@ -66,9 +71,17 @@ def warm_start(model, contexts: Contexts, dataset, *, steps: int, batch_size: in
             idx = [i for i in batch if (rng.random() < teacher_share) == teacher]
             if not idx:
                 continue
-            targets = [answer_ids(contexts.tokenizer, rows[i]["answer"]) for i in idx]
+            targets, skips = [], []
+            for i in idx:
+                detour = (detour_answer(rows[i]["meta"], answer_format, rng)
+                          if teacher and detour_share > 0 and rng.random() < detour_share else None)
+                targets.append(answer_ids(contexts.tokenizer, rows[i]["answer"] if detour is None else " ".join(detour)))
+                skips.append(0 if detour is None else len(contexts.tokenizer(detour[0], add_special_tokens=False)
+                                                          ["input_ids"]))
             logits, mask = completion_logits(model, contexts, [rows[i] for i in idx], targets, teacher,
                                              pixels=[row_pixels(i, teacher) for i in idx])
+            for j, skip in enumerate(skips):
+                mask[j, :skip] = False  # no loss on the detour move itself
             labels = torch.nn.utils.rnn.pad_sequence([torch.tensor(t) for t in targets], batch_first=True)
             ce = torch.nn.functional.cross_entropy(logits[mask], labels[mask], reduction="sum")
             loss = loss + ce / mask.sum() * len(idx) / len(batch)

@@ -32,7 +32,7 @@ def make_dataset(task: str, split: str, n: int, *, seed: int = 0, **params) -> D
     """n samples of `task` for `split` ("train" | "validation" | "test"), deterministic in (seed, params).
 
     Task parameters (keyword only): see `maze.make_rows` (size, hole_prob, min_path_len, max_path_len, cell_px,
-    answer_format, prompt, rules, dedupe, split_fractions) and `jigsaw.make_rows` (rows, cols, piece_px, prompt,
+    answer_format, prompt, rules, vts, dedupe, split_fractions) and `jigsaw.make_rows` (rows, cols, piece_px, prompt,
     dedupe, split_fractions) and `arithmetic.make_rows` (n_ops, max_operand, ops, prompt, dedupe, split_fractions).
     """
     if task not in TASKS:

@@ -29,11 +29,15 @@ DELTAS = {"L": (0, -1), "D": (1, 0), "R": (0, 1), "U": (-1, 0)}
 WORDS = {"left": "L", "down": "D", "right": "R", "up": "U"}
 RULES = ("vsp", "gym")
 ANSWER_FORMATS = ("plain", "numbered", "cells")
+# What the VTs draw: "route" (VT k: the first k moves of the reference answer) or "policy_map" (one VT: from every
+# cell that can reach the goal, an arrow toward each neighbour one step closer to it).
+VT_KINDS = ("route", "policy_map")
 
 # Colours chosen to stay distinct after resizing: each cell's content lives inside its own cell.
 ICE, GRID_LINE = (205, 228, 245), (150, 175, 200)
 HOLE, START, GOAL = (25, 45, 95), (40, 170, 70), (240, 190, 30)
 PATH_OLD, PATH_NEW, DOT = (255, 150, 0), (220, 30, 30), (200, 0, 200)
+ARROW = (230, 40, 20)
 
 PROMPTS = {
     "full": (
@@ -108,14 +112,14 @@ def distances_to_goal(maze: Maze) -> dict[tuple[int, int], int]:
     return dist
 
 
-def shortest_path(maze: Maze) -> str | None:
-    """A shortest safe move string from S to G, or None if there is none.
+def shortest_path(maze: Maze, start: tuple[int, int] | None = None) -> str | None:
+    """A shortest safe move string from S (or `start`) to G, or None if there is none.
 
     Tie-break: the lexicographically smallest string in L < D < R < U order among shortest paths (distances
     by BFS from the goal, then a greedy walk trying moves in that order).
     """
     goal, dist = maze.goal, distances_to_goal(maze)
-    cell = maze.start
+    cell = maze.start if start is None else start
     if cell not in dist:
         return None
     path = []
@@ -143,7 +147,37 @@ def best_next(grid: Sequence[str], moves: str) -> set[str] | None:
         return None
     if dist[cell] == 0:
         return {"stop"}
+    return _closer(maze, dist, cell)
+
+
+def _closer(maze: Maze, dist: dict, cell: tuple[int, int]) -> set[str]:
+    """The moves from `cell` to a neighbour one step closer to the goal (`dist`: `distances_to_goal`)."""
     return {m for m in MOVES if (nxt := _step(maze, cell, m)) is not None and dist.get(nxt) == dist[cell] - 1}
+
+
+def policy_map(maze: Maze) -> dict[tuple[int, int], set[str]]:
+    """What the policy-map VT draws: for every cell that can reach the goal (the goal itself excluded), the moves
+    one step closer to it."""
+    dist = distances_to_goal(maze)
+    return {cell: _closer(maze, dist, cell) for cell, d in dist.items() if d > 0}
+
+
+def detour_answer(meta: str | dict, answer_format: str, rng: random.Random) -> tuple[str, str] | None:
+    """A reference answer that first takes one move away from the goal (to a cell that can still reach it), then a
+    shortest way on, split as (the detour move's text, the rest): training on the rest only teaches a teacher to
+    read its VTs from a state off the route. None when the start has no such move."""
+    meta = load_meta(meta)
+    maze = Maze(tuple(meta["grid"]))
+    dist = distances_to_goal(maze)
+    away = [m for m in MOVES if (nxt := _step(maze, maze.start, m)) is not None and nxt in dist
+            and dist[nxt] > dist[maze.start]]
+    if not away:
+        return None
+    move = rng.choice(away)
+    moves = move + shortest_path(maze, _step(maze, maze.start, move))
+    tokens = format_answer(moves, answer_format, maze.start, maze.size).split()
+    first = 1 if answer_format == "plain" else 2  # the tokens of one move: "R", "1 R", "R 2"
+    return " ".join(tokens[:first]), " ".join(tokens[first:])
 
 
 def generate(
@@ -288,6 +322,25 @@ def render_vts(maze: Maze, moves: str, cell_px: int = 28, base: Image.Image | No
     return vts
 
 
+def render_policy_map(maze: Maze, cell_px: int = 28, base: Image.Image | None = None) -> Image.Image:
+    """The policy-map VT: the problem image with, from the centre of every cell that can reach the goal, an ARROW
+    toward each neighbour one step closer (`policy_map`). Unlike the route VTs it shows the best move from every
+    state the student can reach, not only along the reference route."""
+    img = (base if base is not None else render(maze, cell_px)).copy()
+    draw = ImageDraw.Draw(img)
+    width, reach, head = max(1, cell_px // 10), cell_px * 9 // 20, max(2, cell_px // 6)
+    for cell, moves in policy_map(maze).items():
+        x, y = _center(cell, cell_px)
+        for move in moves:
+            dr, dc = DELTAS[move]
+            tip = (x + dc * reach, y + dr * reach)
+            draw.line([(x, y), tip], fill=ARROW, width=width)
+            back = (tip[0] - dc * head, tip[1] - dr * head)  # the head: a triangle pointing at the neighbour
+            draw.polygon([tip, (back[0] + dr * head, back[1] + dc * head), (back[0] - dr * head, back[1] - dc * head)],
+                         fill=ARROW)
+    return img
+
+
 # ---------------------------------------------------------------- dataset rows
 
 
@@ -310,12 +363,14 @@ def make_rows(
     answer_format: str = "plain",
     prompt: str = "full",
     rules: str = "vsp",
+    vts: str = "route",
     dedupe: bool = False,
     split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS,
 ) -> list[dict]:
-    """n samples of `split` in the standard layout (rows for `common.to_dataset`)."""
-    if answer_format not in ANSWER_FORMATS or rules not in RULES:
-        raise ValueError(f"answer_format in {ANSWER_FORMATS}, rules in {RULES}; got {answer_format!r}, {rules!r}")
+    """n samples of `split` in the standard layout (rows for `common.to_dataset`); `vts`: one of VT_KINDS."""
+    if answer_format not in ANSWER_FORMATS or rules not in RULES or vts not in VT_KINDS:
+        raise ValueError(f"answer_format in {ANSWER_FORMATS}, rules in {RULES}, vts in {VT_KINDS}; got "
+                         f"{answer_format!r}, {rules!r}, {vts!r}")
     draws = _draws(seed, split, size, hole_prob, min_path_len, max_path_len)
     kept = take_for_split(
         draws, lambda d: d[0].key(), split, n, dedupe=dedupe, fractions=split_fractions, max_draws=max(1000, 50 * n)
@@ -329,7 +384,8 @@ def make_rows(
                 "id": f"maze{size}-{split}-s{seed}-{i:05d}",
                 "prompt": user_prompt(1, text),
                 "images": [image],
-                "vt_images": render_vts(maze, moves, cell_px, base=image),
+                "vt_images": (render_vts(maze, moves, cell_px, base=image) if vts == "route"
+                              else [render_policy_map(maze, cell_px, base=image)]),
                 "answer": format_answer(moves, answer_format, maze.start, maze.size),
                 "task": "maze",
                 "meta": dump_meta({"grid": list(maze.grid), "rules": rules, "path": moves}),

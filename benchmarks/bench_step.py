@@ -73,18 +73,18 @@ class PhaseMeter:
 
     def __init__(self):
         self.closed: list[dict] = []
-        self.open: tuple[str, float] | None = None  # (name, RSS when it opened)
+        self.open: tuple[str, float, float] | None = None  # (name, RSS and time when it opened)
         # Resetting VmHWM resets ru_maxrss too (the same counter): the process's peak is the highest phase peak.
         self.highest = 0.0
 
     def mark(self, name: str) -> None:
-        rss = _proc_status_mb("VmRSS")
+        rss, now = _proc_status_mb("VmRSS"), time.perf_counter()
         if self.open is not None:
             peak = _proc_status_mb("VmHWM")
             self.highest = max(self.highest, peak)
             self.closed.append(dict(phase=self.open[0], start_mb=self.open[1], end_mb=rss, peak_mb=peak,
-                                    extra_mb=peak - self.open[1]))  # fmt: skip
-        self.open = (name, rss)
+                                    extra_mb=peak - self.open[1], seconds=now - self.open[2]))  # fmt: skip
+        self.open = (name, rss, now)
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
@@ -272,7 +272,7 @@ def worker(case: str, steps: int, warmup: int, out: str) -> None:
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.steps, self.cpu, self.peaks, self.lengths = [], [], [], []
+            self.steps, self.cpu, self.peaks, self.lengths, self.phase_s = [], [], [], [], []
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.t0, self.c0 = time.perf_counter(), time.process_time()
@@ -287,6 +287,10 @@ def worker(case: str, steps: int, warmup: int, out: str) -> None:
             sizes["optimizer state"] = _tensor_mb(
                 t for st in trainer.optimizer.state.values() for t in st.values() if torch.is_tensor(t))
             self.phases = meter.closed  # the last step's
+            seconds: dict[str, float] = {}
+            for p in meter.closed:  # a phase can open several times a step (one per micro-batch)
+                seconds[p["phase"]] = seconds.get(p["phase"], 0.0) + p["seconds"]
+            self.phase_s.append(seconds)
             self.steps.append(time.perf_counter() - self.t0)
             self.cpu.append(time.process_time() - self.c0)  # this process's CPU time: less sensitive to other jobs
             self.peaks.append(max(p["peak_mb"] for p in meter.closed))
@@ -317,7 +321,7 @@ def worker(case: str, steps: int, warmup: int, out: str) -> None:
         steps=step_timer.steps, cpu=step_timer.cpu, completion_len=step_timer.lengths, warmup=warmup,
         generation=timers["generation"], teacher=timers["teacher"],
         student_prompt_len=statistics.mean(prompt_lens), baseline_mb=baseline_mb, sizes=sizes,
-        phases=step_timer.phases, tower_calls=tower_calls,
+        phases=step_timer.phases, phase_s=step_timer.phase_s, tower_calls=tower_calls,
         teacher_prompt_len=statistics.mean(teacher_prompt) if teacher_prompt else None,
     )  # fmt: skip
     Path(f"{out}.rank{rank}.json").write_text(json.dumps(result))
@@ -370,6 +374,8 @@ def run_case(launch: str, case: str, steps: int, warmup: int, tmp: Path, timeout
         teacher_prompt_len=r0["teacher_prompt_len"], threads=r0["threads"], processes=len(ranks),
         load=(load0, os.getloadavg()[0]), wall_s=time.perf_counter() - t0,
         warmup=skip, baseline_mb=r0["baseline_mb"], sizes=r0["sizes"], phases=r0["phases"], tower_calls=r0["tower_calls"][skip:],
+        phase_s={group: statistics.median(sum(s.get(p, 0.0) for p in parts) for s in r0["phase_s"][skip:])
+                 for group, parts in PHASE_GROUPS.items()},
     )  # fmt: skip
 
 
@@ -382,6 +388,11 @@ LABELS = {"trl": "TRL DistillationTrainer, separate teacher", "self": "Visual-OP
 ORDER = {"1p": 0, "z3": 1, "trl": 0, "self": 1, "ema": 2, "sdft-live": 3, "sdft-ema": 4, "vl-each": 5, "vl-shared": 6,
          "vl-cached": 7}
 PHASES = ("generation", "forward (other)", "teacher forward", "student forward", "loss", "backward", "optimizer step")
+# Where a step's time goes, rank 0: the phases above, grouped (the loss and the forward's own preparation count with
+# the student's forward + backward; the optimizer step runs from the end of the backward to the end of the step).
+PHASE_GROUPS = {"generation": ("generation",), "teacher forward": ("teacher forward",),
+                "student forward + backward": ("forward (other)", "student forward", "loss", "backward"),
+                "optimizer step": ("optimizer step",)}
 
 
 def _baseline(rows: list[dict], r: dict) -> dict | None:
@@ -416,6 +427,16 @@ def table(rows: list[dict]) -> str:
             f"| {r['teacher_s']:.2f} | {peaks} | {r['init_peak_mb']:,.0f} | {ratio_t} ({ratio_c}) | {ratio_m} "
             f"| {calls} | {r['load'][0]:.1f}-{r['load'][1]:.1f} |"
         )
+    return "\n".join(lines)
+
+
+def phase_time_table(rows: list[dict]) -> str:
+    """Median seconds per measured step in each group of phases (rank 0), and its share of the step."""
+    lines = ["| launch | case | " + " | ".join(f"{g} s" for g in PHASE_GROUPS) + " | step s |",
+             "|---|---|" + "---|" * (len(PHASE_GROUPS) + 1)]
+    for r in _sorted(rows):
+        cells = [f"{r['phase_s'][g]:.2f} ({r['phase_s'][g] / r['step_s']:.0%})" for g in PHASE_GROUPS]
+        lines.append(f"| {_launch(r)} | {LABELS[r['case']]} | " + " | ".join(cells) + f" | {r['step_s']:.2f} |")
     return "\n".join(lines)
 
 
@@ -494,6 +515,8 @@ def main():
         f"transformers {transformers.__version__}, TRL {trl.__version__}, {os.cpu_count()} CPUs; load average per "
         f"case in the last column, `uptime` at the end: {uptime()}.",
         "", table(rows), "",
+        "Where the step's time goes (rank 0, median over the measured steps; phase boundaries as in the memory "
+        "table below):", "", phase_time_table(rows), "",
         "Memory of the last measured step, rank 0 (resident set; VmHWM reset at each phase boundary):", "",
         memory_table(rows),
     ])  # fmt: skip

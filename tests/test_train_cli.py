@@ -54,6 +54,24 @@ def test_vllm_without_package_or_gpu(tmp_path):
         validate(s, t, m, launch=replace(EIGHT_GPUS, gpus=0), model_config=config)
 
 
+def test_vllm_is_refused_for_a_family_it_does_not_serve_on_policy():
+    # vLLM 0.31 serves BAGEL without qk-norm and with other image positions/attention: off-policy samples.
+    s, t, m = parse_recipe(REPO / "recipes/thinkmorph_7b.yaml", "--use_vllm", "true")
+    config = MODEL_CONFIGS[m.model_name_or_path]()
+    with pytest.raises(StartupError, match="use_vllm=true.*'bagel'.*use_vllm: false"):
+        validate(s, t, m, launch=EIGHT_GPUS, model_config=config)
+    t.use_vllm = False
+    validate(s, t, m, launch=EIGHT_GPUS, model_config=config)
+    s, t, m, config = _qwen25_config(REPO / "recipes/qwen2_5_vl_7b_thinkmorph.yaml")
+    assert t.use_vllm  # a family vLLM serves as the loss sees it passes
+    validate(s, t, m, launch=EIGHT_GPUS, model_config=config)
+
+
+def _qwen25_config(recipe):
+    s, t, m = parse_recipe(recipe)
+    return s, t, m, MODEL_CONFIGS[m.model_name_or_path]()
+
+
 def test_fixed_teacher_copy_too_large_without_peft(tmp_path):
     s, t, m, config = _qwen25(tmp_path, "--teacher_mode", "fixed")
     one_gpu = Launch(world_size=1, gpus=1, device_memory=80 * GIB, zero_stage=None, vllm_installed=True)

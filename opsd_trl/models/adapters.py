@@ -45,6 +45,7 @@ class ModelAdapter(Protocol):
     # does, so a frozen tower's problem-image features can be encoded once for both (`opsd_trl.vision_features`)
     lora_exclude_modules: str | None  # regex of the vision tower's modules, kept out of LoRA while it is frozen
     vision_delimiters: tuple[str, ...]  # tokens around image blocks: never sampled (with the image token)
+    samples_on_vllm: bool  # vLLM serves the family as the loss sees it; False: `use_vllm` is refused at start-up
     config: object  # the transformers config of the (unwrapped) model
 
     @classmethod
@@ -93,6 +94,7 @@ class TextLMAdapter:
     shares_problem_features = False
     lora_exclude_modules = None
     vision_delimiters = ()
+    samples_on_vllm = True
 
     def __init__(self, model: nn.Module):
         self.config = unwrap_base(model).config
@@ -151,6 +153,7 @@ class ImageAdapter:
     shares_problem_features = False
     lora_exclude_modules = r".*\.visual\..*"  # the tower's MLP names match the language model's
     vision_delimiters = ("<|vision_start|>", "<|vision_end|>")
+    samples_on_vllm = True
 
     @classmethod
     def load(cls, path, model_kwargs, hub_kwargs, processing):

@@ -18,6 +18,9 @@ class BagelAdapter(ImageAdapter):
     """`opsd_trl.models.adapters.ModelAdapter` for BAGEL; it also reads BAGEL's own release layout (`convert.py`)."""
 
     family = "bagel"  # the student forward keeps BAGEL's own path: problem-image features are not shared
+    # vLLM 0.31 serves BAGEL as Qwen2 without qk-norm, with sequential positions and causal attention over image
+    # tokens, and cannot read this package's folders: sampling there would be off-policy, so training refuses it.
+    samples_on_vllm = False
 
     @classmethod
     def load(cls, path, model_kwargs, hub_kwargs, processing):

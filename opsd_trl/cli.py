@@ -241,7 +241,7 @@ def _quickstart(args) -> int:
         from opsd_trl.quickstart.tuning import run_tuning
 
         torch.set_num_threads(args.threads)
-        table = run_tuning(Path(args.out), names=args.tune_only)
+        table = run_tuning(Path(args.out), names=args.tune_only, seeds=args.seeds or 1)
         if args.docs:
             replace_section(Path(args.docs), "validation", table)
         print(table)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from .model import load_weights
 from .pipeline import Settings, datasets, method_stage, vt_cache, warmstart_stage
-from .report import LABELS
+from .levers import validation_correct
+from .report import LABELS, mcnemar_exact, paired_counts
 
 # name -> (method, Settings overrides). The defaults' own run is "default"; the others change one thing each.
 CANDIDATES: dict[str, tuple[str, dict]] = {
@@ -31,11 +32,16 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
 }
 
 
-def run_tuning(out: Path, names: list[str] | None = None, progress: bool = True) -> str:
-    """Train each named candidate (all by default) under `out/tuning/`, then return the markdown table."""
+def run_tuning(out: Path, names: list[str] | None = None, progress: bool = True, seeds: int = 1) -> str:
+    """Train each named candidate (all by default) under `out/tuning/` for distillation seeds 0..seeds-1, then return
+    the markdown tables (seed 0 per candidate; with more seeds, the final accuracy per seed and its mean).
+    `out/tuning.json` keeps the rows of earlier invocations."""
     base = Settings()
-    rows = {}
+    record = out / "tuning.json"
+    rows = json.loads(record.read_text()) if record.exists() else {}
     for name in names or list(CANDIDATES):
+        if name not in CANDIDATES:
+            raise ValueError(f"unknown tuning candidate {name!r} (--tune-only); known: {sorted(CANDIDATES)}")
         method, overrides = CANDIDATES[name]
         s = replace(base, **overrides)
         # The defaults' own runs are the quickstart's seed 0 in `out` (trained once, shared with its report).
@@ -49,11 +55,21 @@ def run_tuning(out: Path, names: list[str] | None = None, progress: bool = True)
             model, processor = load_weights(warm, s.seed)
             cache = vt_cache(model, processor, data["train"], (out if same_start else folder) / "vt_cache",
                              progress=progress)
-        method_stage(method, s, data, warm, folder, cache, 0, progress)
-        history = json.loads((folder / method / "seed0" / "history.json").read_text())
-        rows[name] = {"method": method, "overrides": overrides, "validation": history["validation"]}
-    (out / "tuning.json").write_text(json.dumps(rows, indent=1))
-    return tuning_table(rows, base)
+        finals = dict(rows.get(name, {}).get("final_by_seed", {}))
+        correct = dict(rows.get(name, {}).get("correct_by_seed", {}))
+        for seed in range(seeds):
+            method_stage(method, s, data, warm, folder, cache, seed, progress)
+            history = json.loads((folder / method / f"seed{seed}" / "history.json").read_text())
+            finals[str(seed)] = history["validation"][-1]["accuracy"]
+            if seeds > 1:  # per-maze outcomes, for the paired test against the default's seeds
+                correct[str(seed)] = validation_correct(s, data, folder, method, seed, history["validation"])
+            if seed == 0:
+                validation = [{k: v for k, v in p.items() if k != "correct"} for p in history["validation"]]
+                rows[name] = {"method": method, "overrides": overrides, "validation": validation}
+        rows[name].update(final_by_seed=finals, correct_by_seed=correct)
+    record.write_text(json.dumps(rows, indent=1))
+    seeded = seeds_table(rows, base)
+    return tuning_table(rows, base) + (f"\n\n{seeded}" if seeded else "")
 
 
 def _slug(name: str) -> str:
@@ -72,3 +88,30 @@ def tuning_table(rows: dict, base: Settings) -> str:
                      f"| {kl0:.3f} -> {kl1:.3f} | {100 * (kl0 - kl1) / kl0:.1f}% |")
     return "\n".join(lines)
 
+
+
+DEFAULT = "default (beta 1)"
+
+
+def seeds_table(rows: dict, base: Settings) -> str:
+    """Final validation accuracy per distillation seed and its mean, for the candidates trained on several seeds (the
+    defaults are chosen by this mean; the spread between seeds is the yardstick for a margin), and each one against
+    the default on the same mazes and seeds (paired, exact McNemar)."""
+    multi = {n: r for n, r in rows.items() if len(r.get("final_by_seed", {})) > 1}
+    if not multi:
+        return ""
+    lines = [f"| candidate (validation, {base.n_validation} mazes) | trains | final accuracy per seed | mean | "
+             "spread (max - min) | vs the default, paired by seed and maze: solved by it only / by the default only "
+             "(exact McNemar p) |", "|---|---|---|---|---|---|"]
+    default = {(k, i): ok for k, c in multi.get(DEFAULT, {}).get("correct_by_seed", {}).items() for i, ok in enumerate(c)}
+    for name, row in multi.items():
+        acc = [100 * row["final_by_seed"][k] for k in sorted(row["final_by_seed"], key=int)]
+        per_seed = " / ".join(f"{a:.1f}" for a in acc)
+        mine = {(k, i): ok for k, c in row.get("correct_by_seed", {}).items() for i, ok in enumerate(c)}
+        counts = paired_counts(mine, default)
+        paired = (f"{counts['only_a']} / {counts['only_b']} of {counts['pairs']} "
+                  f"(p = {mcnemar_exact(counts['only_a'], counts['only_b']):.2g})"
+                  if name != DEFAULT and counts["pairs"] else "")
+        lines.append(f"| {name} | {LABELS[row['method']]} | {per_seed}% ({len(acc)} seeds) | "
+                     f"{sum(acc) / len(acc):.1f}% | {max(acc) - min(acc):.1f} | {paired} |")
+    return "\n".join(lines)

@@ -240,6 +240,18 @@ def test_tuning_seeds_table_is_the_mean_over_seeds_and_pairs_with_the_default(tm
     assert f"| {statistics.mean(acc):.1f}% | {max(acc) - min(acc):.1f} |" in line
     assert f"{a} / {b} of 150 (p = {mcnemar_exact(a, b):.2g})" in line
     assert "forward KL" not in table and len(table.splitlines()) == 4  # header, separator, two candidates
+    # Candidates whose warm-start has the same key share one (the first listed trains it); the defaults' is `out`'s.
+    from dataclasses import replace
+
+    from opsd_trl.quickstart.tuning import CANDIDATES, warmstart_folder
+
+    folders = {n: warmstart_folder(tmp_path, n, replace(Settings(), **o)) for n, (_, o) in CANDIDATES.items()}
+    keys = {n: replace(Settings(), **o).warmstart_key() for n, (_, o) in CANDIDATES.items()}
+    for a in CANDIDATES:
+        for b in CANDIDATES:
+            assert (folders[a] == folders[b]) == (keys[a] == keys[b]) or keys[a] == keys[b] == Settings().warmstart_key()
+    assert folders["50/50 warm-start, supervised lr 2e-3"] == folders["50/50 warm-start (student share 0.5)"] != tmp_path
+    assert folders[DEFAULT] == tmp_path
     with pytest.raises(ValueError, match="unknown tuning candidate 'nope'"):
         run_tuning(tmp_path, ["nope"])
     assert not any(tmp_path.iterdir())

@@ -241,7 +241,7 @@ def _quickstart(args) -> int:
         from opsd_trl.quickstart.tuning import run_tuning
 
         torch.set_num_threads(args.threads)
-        table = run_tuning(Path(args.out), names=args.tune_only)
+        table = run_tuning(Path(args.out), names=args.tune_only, seeds=args.seeds or 1)
         if args.docs:
             replace_section(Path(args.docs), "validation", table)
         print(table)
@@ -261,7 +261,9 @@ def _add_quickstart(sub) -> None:
                    help="distillation seeds (default 1; 3 for the docs table); seeds already trained are reused")
     p.add_argument("--docs", default=None, help="also rewrite this page's generated section (docs/quickstart.md)")
     p.add_argument("--tune", action="store_true",
-                   help="instead: the validation runs behind the defaults (opsd_trl/quickstart/tuning.py), as a table")
+                   help="instead: the validation runs behind the defaults (opsd_trl/quickstart/tuning.py), as a table; "
+                   "with --seeds N also each candidate's final accuracy over seeds 0..N-1, its mean and a paired test "
+                   "against the default")
     p.add_argument("--tune-only", nargs="+", default=None, metavar="NAME", help="with --tune: these candidates only")
     p.add_argument("--score-fresh", action="store_true",
                    help="instead: score the --out folder's models (--seeds, default 3) on the fresh test split test2, "

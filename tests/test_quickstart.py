@@ -214,3 +214,44 @@ def test_fresh_split_is_new_layouts_and_is_scored_once(tmp_path):
     with pytest.raises(ValueError, match="already scored .2026-01-01 00:00 UTC.*--force-fresh"):
         score_fresh(tmp_path, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [FRESH]  # refused before training anything
+
+
+def test_tuning_seeds_table_is_the_mean_over_seeds_and_pairs_with_the_default(tmp_path):
+    """The multi-seed table: the mean and spread of the per-seed final accuracies (a direct re-statement), the
+    paired counts against the default by (seed, maze) counted directly, single-seed candidates left out; an unknown
+    candidate is refused before anything is trained or written."""
+    import random
+    import statistics
+
+    from opsd_trl.quickstart.report import mcnemar_exact
+    from opsd_trl.quickstart.tuning import DEFAULT, run_tuning, seeds_table
+
+    rng = random.Random(0)
+    outcomes = {name: {str(k): [rng.random() < p for _ in range(50)] for k in range(3)}
+                for name, p in ((DEFAULT, 0.4), ("beta 1, lr 1e-3", 0.5))}
+    rows = {name: {"method": "visual_opsd", "final_by_seed": {k: sum(c) / 50 for k, c in seeds.items()},
+                   "correct_by_seed": seeds} for name, seeds in outcomes.items()}
+    rows["beta 0 (forward KL)"] = {"method": "visual_opsd", "final_by_seed": {"0": 0.3}}
+    table = seeds_table(rows, Settings())
+    acc = [100 * sum(c) / 50 for c in outcomes["beta 1, lr 1e-3"].values()]
+    pairs = [(x, y) for k in "012" for x, y in zip(outcomes["beta 1, lr 1e-3"][k], outcomes[DEFAULT][k], strict=True)]
+    a, b = sum(x and not y for x, y in pairs), sum(y and not x for x, y in pairs)
+    line = next(line for line in table.splitlines() if line.startswith("| beta 1, lr 1e-3 |"))
+    assert f"| {statistics.mean(acc):.1f}% | {max(acc) - min(acc):.1f} |" in line
+    assert f"{a} / {b} of 150 (p = {mcnemar_exact(a, b):.2g})" in line
+    assert "forward KL" not in table and len(table.splitlines()) == 4  # header, separator, two candidates
+    # Candidates whose warm-start has the same key share one (the first listed trains it); the defaults' is `out`'s.
+    from dataclasses import replace
+
+    from opsd_trl.quickstart.tuning import CANDIDATES, warmstart_folder
+
+    folders = {n: warmstart_folder(tmp_path, n, replace(Settings(), **o)) for n, (_, o) in CANDIDATES.items()}
+    keys = {n: replace(Settings(), **o).warmstart_key() for n, (_, o) in CANDIDATES.items()}
+    for a in CANDIDATES:
+        for b in CANDIDATES:
+            assert (folders[a] == folders[b]) == (keys[a] == keys[b]) or keys[a] == keys[b] == Settings().warmstart_key()
+    assert folders["50/50 warm-start, supervised lr 2e-3"] == folders["50/50 warm-start (student share 0.5)"] != tmp_path
+    assert folders[DEFAULT] == tmp_path
+    with pytest.raises(ValueError, match="unknown tuning candidate 'nope'"):
+        run_tuning(tmp_path, ["nope"])
+    assert not any(tmp_path.iterdir())

@@ -29,6 +29,10 @@ LEVERS: dict[str, tuple[tuple[str, ...], dict]] = {
     "leak-free noise control (3 noise VTs per maze)": (("noise_control",), {"noise_vt_count": 3}),
     "supervised to its plateau (900 steps)": (("supervised",), {"supervised_steps": 900}),
     "Visual-OPSD for 900 steps": (("visual_opsd",), {"opsd_steps": 900}),
+    # The warm-start that won the defaults' choice on validation (docs/quickstart.md, "How the defaults were chosen"),
+    # with every method trained from it: what the defaults would become.
+    "50/50 warm-start (student share 0.5)": (("visual_opsd", "supervised", "noise_control"),
+                                             {"sft_teacher_share": 0.5}),
 }
 
 

@@ -262,6 +262,9 @@ def _hf_logprobs(model, enc, continuation):
     return logits[-n - 1 : -1].log_softmax(-1).gather(-1, torch.tensor(continuation)[:, None])[:, 0]
 
 
+_ENGINES_KEPT_ALIVE: list = []
+
+
 def test_bagel_loads_and_weight_sync_pushes_bagel_names(tmp_path):
     """vLLM's BAGEL loads the `save_for_vllm` folder and computes what `as_vllm_serves_it` computes (no qk-norm,
     sequential positions, causal image attention): logprobs within 1e-4 on a text and an image prompt. Weights
@@ -291,6 +294,9 @@ def test_bagel_loads_and_weight_sync_pushes_bagel_names(tmp_path):
         cases.append((images, processor(text=[text], images=[images] if images else None, return_tensors="pt")))
     llm = LLM(model=save_for_vllm(first, processor.tokenizer, tmp_path / "bagel"), dtype="float32",
               max_model_len=512, gpu_memory_utilization=0.3)
+    # Freeing an in-process engine tears down vLLM's process-wide parallel groups, which the module's other
+    # engines still use: this one lives until the session ends.
+    _ENGINES_KEPT_ALIVE.append(llm)
 
     def measure(model):
         served = as_vllm_serves_it(model)

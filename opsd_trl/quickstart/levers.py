@@ -36,13 +36,14 @@ LEVERS: dict[str, tuple[tuple[str, ...], dict]] = {
 }
 
 
-def _slug(name: str) -> str:
+def folder_slug(name: str) -> str:
+    """A lever's or a tuning candidate's name as a folder name."""
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
 def lever_folder(out: Path, name: str) -> Path:
     """The default lever's runs are the quickstart's own (`out`); the others live under `out/levers/<slug>/`."""
-    return out if not LEVERS[name][1] else out / "levers" / _slug(name)
+    return out if not LEVERS[name][1] else out / "levers" / folder_slug(name)
 
 
 def teacher_accuracy(s: Settings, data: dict, warm: Path, folder: Path, progress: bool) -> float:

@@ -13,9 +13,9 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from .levers import folder_slug, validation_correct
 from .model import load_weights
 from .pipeline import Settings, datasets, method_stage, vt_cache, warmstart_stage
-from .levers import validation_correct
 from .report import LABELS, mcnemar_exact, paired_counts
 
 # name -> (method, Settings overrides). The defaults' own run is "default"; the others change one thing each.
@@ -50,7 +50,7 @@ def run_tuning(out: Path, names: list[str] | None = None, progress: bool = True,
         method, overrides = CANDIDATES[name]
         s = replace(base, **overrides)
         # The defaults' own runs are the quickstart's seed 0 in `out` (trained once, shared with its report).
-        folder = out / "tuning" / _slug(name) if overrides else out
+        folder = out / "tuning" / folder_slug(name) if overrides else out
         folder.mkdir(parents=True, exist_ok=True)
         data = datasets(s)
         warm = warmstart_stage(s, data, warmstart_folder(out, name, s), rebuild=False, progress=progress)
@@ -86,12 +86,8 @@ def warmstart_folder(out: Path, name: str, s: Settings) -> Path:
             if other == name:
                 break
             if replace(Settings(), **overrides).warmstart_key() == key:
-                return out / "tuning" / _slug(other)
-    return out / "tuning" / _slug(name) if s != Settings() else out
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+                return out / "tuning" / folder_slug(other)
+    return out / "tuning" / folder_slug(name) if s != Settings() else out
 
 
 def tuning_table(rows: dict, base: Settings) -> str:

@@ -22,17 +22,13 @@ def _vllm_name(name: str) -> str:
 
 
 def _checkpoint_namer(model):
-    """`name -> the name vLLM loads it under, or None (not pushed)`: the HF name, or for BAGEL upstream BAGEL's
-    (vLLM's `BagelForConditionalGeneration` loads BAGEL's names), its qk-norm weights left out (vLLM's BAGEL has
-    none: `opsd_trl.models.bagel.convert.to_vllm_bagel_name`)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(getattr(base, "config", None), "model_type", None) != "bagel":
-        return _vllm_name
-    from ..models.bagel.convert import to_vllm_bagel_name
+    """`name -> the name vLLM loads it under, or None (not pushed)`: the family adapter's `vllm_weight_name` of the
+    unwrapped HF name (BAGEL: upstream BAGEL's names, its qk-norm weights left out)."""
+    from ..models.adapters import adapter_class
 
-    logger.warning_once("vLLM's BAGEL has no qk-norm: the policy's q_norm / k_norm weights are not pushed, and vLLM "
-                        "samples without them (docs/generation.md, 'BAGEL through vLLM').")
-    return lambda name: to_vllm_bagel_name(_vllm_name(name))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    family_name = adapter_class(base.config).vllm_weight_name
+    return lambda name: family_name(_vllm_name(name))
 
 
 def iter_policy_weights(model) -> Iterator[tuple[str, torch.Tensor]]:

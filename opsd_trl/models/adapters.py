@@ -46,7 +46,12 @@ class ModelAdapter(Protocol):
     lora_exclude_modules: str | None  # regex of the vision tower's modules, kept out of LoRA while it is frozen
     vision_delimiters: tuple[str, ...]  # tokens around image blocks: never sampled (with the image token)
     samples_on_vllm: bool  # vLLM serves the family as the loss sees it; False: `use_vllm` is refused at start-up
-    config: object  # the transformers config of the (unwrapped) model
+    config: object
+
+    @staticmethod
+    def vllm_weight_name(name: str) -> str | None:
+        """The name vLLM loads this family's (HF-named) weight under, or None for a weight vLLM's model lacks."""
+        ...  # the transformers config of the (unwrapped) model
 
     @classmethod
     def load(cls, path: str, model_kwargs: dict, hub_kwargs: dict, processing: str) -> tuple[nn.Module, object]:
@@ -95,6 +100,10 @@ class TextLMAdapter:
     lora_exclude_modules = None
     vision_delimiters = ()
     samples_on_vllm = True
+
+    @staticmethod
+    def vllm_weight_name(name: str) -> str | None:
+        return name  # vLLM's loader reads the HF checkpoint names
 
     def __init__(self, model: nn.Module):
         self.config = unwrap_base(model).config
@@ -154,6 +163,10 @@ class ImageAdapter:
     lora_exclude_modules = r".*\.visual\..*"  # the tower's MLP names match the language model's
     vision_delimiters = ("<|vision_start|>", "<|vision_end|>")
     samples_on_vllm = True
+
+    @staticmethod
+    def vllm_weight_name(name: str) -> str | None:
+        return name  # vLLM's loader reads the HF checkpoint names
 
     @classmethod
     def load(cls, path, model_kwargs, hub_kwargs, processing):

@@ -22,6 +22,17 @@ class BagelAdapter(ImageAdapter):
     # tokens, and cannot read this package's folders: sampling there would be off-policy, so training refuses it.
     samples_on_vllm = False
 
+    @staticmethod
+    def vllm_weight_name(name: str) -> str | None:
+        from transformers.utils import logging
+
+        from .convert import to_vllm_bagel_name
+
+        logging.get_logger(__name__).warning_once(
+            "vLLM's BAGEL has no qk-norm: the policy's q_norm / k_norm weights are not pushed, and vLLM samples "
+            "without them (docs/generation.md, 'BAGEL through vLLM').")
+        return to_vllm_bagel_name(name)  # upstream BAGEL's names, which vLLM's BagelForConditionalGeneration loads
+
     @classmethod
     def load(cls, path, model_kwargs, hub_kwargs, processing):
         from .modeling_bagel import BagelForConditionalGeneration

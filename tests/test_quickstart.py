@@ -82,17 +82,21 @@ def test_shipped_warmstart_is_refused_after_a_task_or_vocabulary_change():
 def test_cpu_recipe_follows_the_quickstart_defaults():
     from pathlib import Path
 
+    from opsd_trl.models.loading import init_weights_path
     from opsd_trl.train import parse_args
 
     s = Settings()
     recipe = Path(__file__).resolve().parents[1] / "recipes/cpu_quickstart.yaml"
-    _, t, _ = parse_args(["--config", str(recipe)])
+    script, t, _ = parse_args(["--config", str(recipe)])
     assert (t.beta, t.jsd_clip, t.teacher_mode, t.learning_rate, t.max_steps, t.per_device_train_batch_size) == (
         s.beta, s.jsd_clip, s.teacher_mode, s.opsd_lr, s.opsd_steps, s.opsd_batch)
+    # It starts from the defaults' warm-start (its teacher share included): the shipped one, keyed by them.
+    weights = Path(init_weights_path(script.init_weights))
+    assert json.loads(Path(f"{weights}.json").read_text())["key"] == s.warmstart_key()
 
 
 def test_teacher_advice_on_the_students_answers():
-    """On the shipped warm-start, the teacher with VTs (98% accurate on validation) is right at nearly every decision
+    """On the shipped warm-start, the teacher with VTs (far more accurate than its student) is right at nearly every decision
     while the student follows the VTs' path; a one-position misalignment of logits and decisions would break this."""
     from opsd_trl.eval import Contexts, evaluate
     from opsd_trl.quickstart.advice import teacher_advice
@@ -216,42 +220,83 @@ def test_fresh_split_is_new_layouts_and_is_scored_once(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [FRESH]  # refused before training anything
 
 
-def test_tuning_seeds_table_is_the_mean_over_seeds_and_pairs_with_the_default(tmp_path):
+def test_tuning_seeds_table_is_the_mean_over_seeds_and_pairs_with_its_start(tmp_path):
     """The multi-seed table: the mean and spread of the per-seed final accuracies (a direct re-statement), the
-    paired counts against the default by (seed, maze) counted directly, single-seed candidates left out; an unknown
+    paired counts by (seed, maze) counted directly: a candidate from another warm-start (the old default) against
+    the default, a change on that start against the old default; single-seed candidates left out; an unknown
     candidate is refused before anything is trained or written."""
     import random
     import statistics
 
+    from opsd_trl.quickstart.levers import OLD_SHARE
     from opsd_trl.quickstart.report import mcnemar_exact
     from opsd_trl.quickstart.tuning import DEFAULT, run_tuning, seeds_table
 
     rng = random.Random(0)
+    old, lr = "old default (beta 1, teacher share 0.85)", "teacher share 0.85: beta 1, lr 1e-3"
+    overrides = {DEFAULT: {}, old: OLD_SHARE, lr: {**OLD_SHARE, "opsd_lr": 1e-3}}
     outcomes = {name: {str(k): [rng.random() < p for _ in range(50)] for k in range(3)}
-                for name, p in ((DEFAULT, 0.4), ("beta 1, lr 1e-3", 0.5))}
-    rows = {name: {"method": "visual_opsd", "final_by_seed": {k: sum(c) / 50 for k, c in seeds.items()},
-                   "correct_by_seed": seeds} for name, seeds in outcomes.items()}
-    rows["beta 0 (forward KL)"] = {"method": "visual_opsd", "final_by_seed": {"0": 0.3}}
+                for name, p in ((DEFAULT, 0.4), (old, 0.3), (lr, 0.5))}
+    rows = {name: {"method": "visual_opsd", "overrides": overrides[name],
+                   "final_by_seed": {k: sum(c) / 50 for k, c in seeds.items()}, "correct_by_seed": seeds}
+            for name, seeds in outcomes.items()}
+    rows["teacher share 0.85: beta 0 (forward KL)"] = {"method": "visual_opsd", "final_by_seed": {"0": 0.3}}
     table = seeds_table(rows, Settings())
-    acc = [100 * sum(c) / 50 for c in outcomes["beta 1, lr 1e-3"].values()]
-    pairs = [(x, y) for k in "012" for x, y in zip(outcomes["beta 1, lr 1e-3"][k], outcomes[DEFAULT][k], strict=True)]
-    a, b = sum(x and not y for x, y in pairs), sum(y and not x for x, y in pairs)
-    line = next(line for line in table.splitlines() if line.startswith("| beta 1, lr 1e-3 |"))
-    assert f"| {statistics.mean(acc):.1f}% | {max(acc) - min(acc):.1f} |" in line
-    assert f"{a} / {b} of 150 (p = {mcnemar_exact(a, b):.2g})" in line
-    assert "forward KL" not in table and len(table.splitlines()) == 4  # header, separator, two candidates
-    # Candidates whose warm-start has the same key share one (the first listed trains it); the defaults' is `out`'s.
-    from dataclasses import replace
-
-    from opsd_trl.quickstart.tuning import CANDIDATES, warmstart_folder
-
-    folders = {n: warmstart_folder(tmp_path, n, replace(Settings(), **o)) for n, (_, o) in CANDIDATES.items()}
-    keys = {n: replace(Settings(), **o).warmstart_key() for n, (_, o) in CANDIDATES.items()}
-    for a in CANDIDATES:
-        for b in CANDIDATES:
-            assert (folders[a] == folders[b]) == (keys[a] == keys[b]) or keys[a] == keys[b] == Settings().warmstart_key()
-    assert folders["50/50 warm-start, supervised lr 2e-3"] == folders["50/50 warm-start (student share 0.5)"] != tmp_path
-    assert folders[DEFAULT] == tmp_path
+    for name, other in ((old, DEFAULT), (lr, old)):
+        acc = [100 * sum(c) / 50 for c in outcomes[name].values()]
+        pairs = [(x, y) for k in "012" for x, y in zip(outcomes[name][k], outcomes[other][k], strict=True)]
+        a, b = sum(x and not y for x, y in pairs), sum(y and not x for x, y in pairs)
+        line = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        assert f"| {statistics.mean(acc):.1f}% | {max(acc) - min(acc):.1f} |" in line
+        assert f"| {other} | {a} / {b} of 150 (p = {mcnemar_exact(a, b):.2g}) |" in line
+    assert "forward KL" not in table and len(table.splitlines()) == 5  # header, separator, three candidates
+    assert table.splitlines()[2].endswith("|  |  |")  # the default is paired with nobody
     with pytest.raises(ValueError, match="unknown tuning candidate 'nope'"):
         run_tuning(tmp_path, ["nope"])
     assert not any(tmp_path.iterdir())
+
+
+def test_candidates_and_levers_of_one_warmstart_share_it_and_none_repeats_the_defaults(tmp_path):
+    """Every tuning candidate and lever that is not the defaults' own changes something (the frozen defaults are not
+    listed twice under another name); all those whose warm-start has the same key find it, and its VT cache, in one
+    folder (trained once), the defaults' in `out` (the shipped one); the runs of the earlier defaults name their
+    warm-start share."""
+    from dataclasses import replace
+
+    from opsd_trl.quickstart.levers import LEVERS
+    from opsd_trl.quickstart.pipeline import warmstart_home
+    from opsd_trl.quickstart.tuning import CANDIDATES
+
+    settings = {**{f"lever {n}": replace(Settings(), **o) for n, (_, o) in LEVERS.items()},
+                **{f"candidate {n}": replace(Settings(), **o) for n, (_, o) in CANDIDATES.items()}}
+    overrides = [o for _, o in LEVERS.values()] + [o for _, o in CANDIDATES.values()]
+    assert all(s != Settings() for s, o in zip(settings.values(), overrides, strict=True) if o)
+    homes = {n: warmstart_home(tmp_path, s) for n, s in settings.items()}
+    for a, sa in settings.items():
+        for b, sb in settings.items():
+            assert (homes[a] == homes[b]) == (sa.warmstart_key() == sb.warmstart_key()), (a, b)
+        assert (homes[a] == tmp_path) == (sa.warmstart_key() == Settings().warmstart_key()), a
+    assert all("0.85" in n for n, s in settings.items() if s.sft_teacher_share == 0.85)
+    assert not any(tmp_path.iterdir())
+
+
+def test_one_seed_headline_quotes_the_docs_mean_of_the_same_settings(tmp_path):
+    """A one-seed run prints its seed and, beside it, the docs page's multi-seed headline when that page's results
+    were made with the same settings (but seeds); otherwise it only says where the mean is."""
+    from dataclasses import asdict, replace
+
+    from opsd_trl.quickstart.report import headline
+
+    results = {"teacher_with_vt": {"accuracy": 0.9}, "student_before": {"accuracy": 0.4},
+               **{f"{m}_seed0": {"accuracy": a} for m, a in (("visual_opsd", 0.5), ("supervised", 0.6),
+                                                              ("noise_control", 0.2))}}
+    one = asdict(Settings())
+    docs_line = "Visual-OPSD (mean of distillation seeds 0, 1, 2): student 40.0% -> 45.0% (+5.0 points; ...)"
+    start, end = markers("results")
+    page = tmp_path / "page.md"
+    for made_with, quoted in ((replace(Settings(), seeds=3), True), (replace(Settings(), seeds=3, opsd_lr=1e-3), False),
+                              (Settings(), False)):
+        page.write_text(f"prose\n{start}\n{docs_line}\n\nSettings: `{json.dumps(asdict(made_with))}`. Wall\n{end}\n")
+        text = headline(results, one, page)
+        assert text.startswith("Visual-OPSD (distillation seed 0, one seed; ") and "student 40.0% -> 50.0%" in text
+        assert (text.splitlines()[-1] == docs_line) == quoted and ("3-seed mean and range are in" in text) != quoted

@@ -5,7 +5,8 @@ A lever is the default `Settings` with a few fields changed and the methods it t
 settings key (its own warm-start when it changes one). A row gives, per distillation seed, the validation accuracy
 of the teacher with VTs and of the student before (the warm-start), then each trained method's accuracy at its last
 step and KL-gap closure (KL(T‖S) to that warm-start's teacher, start -> end), and the command that reproduces it.
-Finished runs are reused. The default lever reuses the quickstart's own runs in the same `--out` folder.
+Finished runs are reused. The default lever reuses the quickstart's own runs in the same `--out` folder; levers
+whose warm-start has the same key share it (`pipeline.warmstart_home`).
 """
 
 from __future__ import annotations
@@ -17,22 +18,25 @@ from pathlib import Path
 from ..eval import Contexts, evaluate
 from .advice import decision_accuracy
 from .model import TEACHER_INTRO, TEACHER_TRANSITION, load_weights
-from .pipeline import Settings, _contexts, datasets, method_stage, run_dir, vt_cache, warmstart_stage
+from .pipeline import Settings, _contexts, datasets, method_stage, run_dir, vt_cache, warmstart_home, warmstart_stage
 from .report import LABELS, PAIRED_HEAD, paired_counts, paired_line
 
+# The warm-start share of the defaults before it was chosen on validation (docs/quickstart.md, "How the defaults were
+# chosen"): the levers measured from that start name it, so their commands still reproduce them.
+OLD_SHARE = {"sft_teacher_share": 0.85}
 # name -> (methods, Settings overrides). Every lever keeps today's defaults for everything it does not name.
 LEVERS: dict[str, tuple[tuple[str, ...], dict]] = {
-    "default (route VTs, numbered answers)": (("visual_opsd", "supervised"), {}),
-    "cells: after each move the cell it reaches": (("visual_opsd", "supervised"), {"answer_format": "cells"}),
-    "policy map: one VT of shortest-way arrows, half the warm-start's teacher samples with a detour first": (
-        ("visual_opsd", "supervised"), {"vts": "policy_map", "sft_detour_share": 0.5}),
-    "leak-free noise control (3 noise VTs per maze)": (("noise_control",), {"noise_vt_count": 3}),
-    "supervised to its plateau (900 steps)": (("supervised",), {"supervised_steps": 900}),
-    "Visual-OPSD for 900 steps": (("visual_opsd",), {"opsd_steps": 900}),
-    # The warm-start that won the defaults' choice on validation (docs/quickstart.md, "How the defaults were chosen"),
-    # with every method trained from it: what the defaults would become.
-    "50/50 warm-start (student share 0.5)": (("visual_opsd", "supervised", "noise_control"),
-                                             {"sft_teacher_share": 0.5}),
+    "default (route VTs, numbered answers)": (("visual_opsd", "supervised", "noise_control"), {}),
+    "old default (teacher share 0.85)": (("visual_opsd", "supervised", "noise_control"), OLD_SHARE),
+    "cells: after each move the cell it reaches (teacher share 0.85)": (
+        ("visual_opsd", "supervised"), {"answer_format": "cells", **OLD_SHARE}),
+    "policy map: one VT of shortest-way arrows, half the warm-start's teacher samples with a detour first "
+    "(teacher share 0.85)": (("visual_opsd", "supervised"), {"vts": "policy_map", "sft_detour_share": 0.5, **OLD_SHARE}),
+    "leak-free noise control (3 noise VTs per maze, teacher share 0.85)": (("noise_control",),
+                                                                           {"noise_vt_count": 3, **OLD_SHARE}),
+    "supervised to its plateau (900 steps, teacher share 0.85)": (("supervised",),
+                                                                  {"supervised_steps": 900, **OLD_SHARE}),
+    "Visual-OPSD for 900 steps (teacher share 0.85)": (("visual_opsd",), {"opsd_steps": 900, **OLD_SHARE}),
 }
 
 
@@ -84,13 +88,12 @@ def run_levers(out: Path, names: list[str] | None = None, seeds: int = 1, progre
         folder = lever_folder(out, name)
         folder.mkdir(parents=True, exist_ok=True)
         data = datasets(s)
-        warm = warmstart_stage(s, data, folder, rebuild=False, progress=progress)
+        home = warmstart_home(out, s)
+        warm = warmstart_stage(s, data, home, rebuild=False, progress=progress)
         cache = None
         if any(m != "supervised" for m in methods):
             model, processor = load_weights(warm, s.seed)
-            same_start = s.warmstart_key() == base.warmstart_key()
-            cache = vt_cache(model, processor, data["train"], (out if same_start else folder) / "vt_cache",
-                             progress=progress)
+            cache = vt_cache(model, processor, data["train"], home / "vt_cache", progress=progress)
         teacher = teacher_accuracy(s, data, warm, folder, progress)
         for seed in range(seeds):
             runs, correct = {}, {}

@@ -223,26 +223,54 @@ def plot_curves(histories: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def headline(results: dict) -> str:
+# The page whose generated results a one-seed run's headline quotes (a source checkout has it; a wheel does not).
+DOCS_PAGE = Path(__file__).resolve().parents[2] / "docs" / "quickstart.md"
+
+
+def docs_headline(settings: dict, page: Path = DOCS_PAGE) -> str | None:
+    """The headline of `page`'s generated results when they were made with `settings` over several seeds (the same
+    settings but `seeds`), else None: what a one-seed run is read beside."""
+    try:
+        text = page.read_text()
+    except OSError:
+        return None
+    start, end = markers("results")
+    if start not in text or end not in text:
+        return None
+    body = text[text.index(start) + len(start):text.index(end)].strip()
+    found = re.search(r"^Settings: `(\{.*?\})`", body, re.M)
+    if not body or found is None:
+        return None
+    theirs = json.loads(found.group(1))
+    if theirs.get("seeds", 1) < 2 or {**theirs, "seeds": None} != {**settings, "seeds": None}:
+        return None
+    return body.splitlines()[0]
+
+
+def headline(results: dict, settings: dict | None = None, page: Path = DOCS_PAGE) -> str:
     """One line: the student's accuracy before and after Visual-OPSD, and against the supervised baseline. It names
-    the distillation seeds it averages; a one-seed run says where the docs' 3-seed mean is (seeds differ by several
-    points, and the README's run is one of them)."""
+    the distillation seeds it averages; a one-seed run (seeds differ by several points) adds, on a second line, the
+    docs' multi-seed headline when `page` holds one made with the same `settings`, else says where it is."""
     g = by_method(results)
     acc = {m: statistics.mean(r["accuracy"] for r in runs) for m, runs in g.items()}
     seeds = sorted(int(re.search(r"_seed(\d+)$", name).group(1)) for name in results if method_of(name) == "visual_opsd")
-    which = (f"distillation seed {seeds[0]}, one seed; the 3-seed mean and range are in docs/quickstart.md"
-             if len(seeds) == 1 else f"mean of distillation seeds {', '.join(map(str, seeds))}")
-    return (f"Visual-OPSD ({which}): student {_pct(acc['student_before'])} -> {_pct(acc['visual_opsd'])} "
+    docs = docs_headline(settings, page) if len(seeds) == 1 and settings is not None else None
+    which = (f"mean of distillation seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else
+             f"distillation seed {seeds[0]}, one seed; " + ("the same settings over more seeds, from docs/quickstart.md, "
+                                                           "below" if docs else "the 3-seed mean and range are in "
+                                                           "docs/quickstart.md"))
+    line = (f"Visual-OPSD ({which}): student {_pct(acc['student_before'])} -> {_pct(acc['visual_opsd'])} "
             f"({100 * (acc['visual_opsd'] - acc['student_before']):+.1f} points; supervised baseline "
             f"{_pct(acc['supervised'])}, noise-VT control {_pct(acc['noise_control'])}, teacher with VTs "
             f"{_pct(acc['teacher_with_vt'])})")
+    return f"{line}\n{docs}" if docs else line
 
 
 def report_text(results: dict, out: Path, *, settings: dict, minutes: float) -> str:
     seeds = settings["seeds"]
     records = predictions_by_method(out, results)
     return (
-        f"{headline(results)}\n\n{results_table(results)}\n\n"
+        f"{headline(results, settings)}\n\n{results_table(results)}\n\n"
         "Paired tests on the same test mazes (each maze of each distillation seed is one pair; a system's wins are the "
         f"pairs it alone solves):\n\n{paired_table(out, results)}\n\n"
         f"Accuracy by shortest-path length (test, pooled over {seeds} seed{'s' * (seeds > 1)}; mazes per length in "
@@ -262,7 +290,7 @@ def write_report(results: dict, histories: dict, out: Path, *, settings: dict, m
     text = report_text(results, out, settings=settings, minutes=minutes)
     (out / "results.md").write_text(f"# Visual-OPSD quickstart results\n\n{text}\n![validation curves](curves.png)\n")
     (out / "report.json").write_text(json.dumps({"settings": settings, "minutes": minutes}))
-    return f"{headline(results)}\n\n{results_table(results)}"
+    return f"{headline(results, settings)}\n\n{results_table(results)}"
 
 
 def write_docs(out: Path, page: Path, results: dict) -> None:

@@ -13,27 +13,28 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from .levers import folder_slug, validation_correct
+from .levers import OLD_SHARE, folder_slug, validation_correct
 from .model import load_weights
-from .pipeline import Settings, datasets, method_stage, vt_cache, warmstart_stage
+from .pipeline import Settings, datasets, method_stage, vt_cache, warmstart_home, warmstart_stage
 from .report import LABELS, mcnemar_exact, paired_counts
 
-# name -> (method, Settings overrides). The defaults' own run is "default"; the others change one thing each.
+# name -> (method, Settings overrides). The defaults' own runs are "default"; the others change one thing each. The
+# candidates of the earlier defaults' warm-start (teacher share 0.85; the share was chosen last, over three seeds, by
+# "default (beta 1)" against "old default (beta 1, teacher share 0.85)") name that share, so they still reproduce.
 CANDIDATES: dict[str, tuple[str, dict]] = {
     "default (beta 1)": ("visual_opsd", {}),
-    "beta 0 (forward KL)": ("visual_opsd", {"beta": 0.0}),
-    "beta 0.5 (the paper's)": ("visual_opsd", {"beta": 0.5}),
-    "beta 1, lr 1e-3": ("visual_opsd", {"opsd_lr": 1e-3}),
     "noise-VT control": ("noise_control", {}),
     "supervised, lr 5e-4": ("supervised", {"supervised_lr": 5e-4}),
     "supervised, lr 1e-3 (default)": ("supervised", {}),
     "supervised, lr 2e-3": ("supervised", {"supervised_lr": 2e-3}),
-    "50/50 warm-start (student share 0.5)": ("visual_opsd", {"sft_teacher_share": 0.5}),
-    # The supervised baseline's learning rate re-chosen from the 50/50 warm-start (it won the choice above by
-    # Visual-OPSD's final accuracy; the baseline gets its own best of three from the same start).
-    "50/50 warm-start, supervised lr 5e-4": ("supervised", {"sft_teacher_share": 0.5, "supervised_lr": 5e-4}),
-    "50/50 warm-start, supervised lr 1e-3": ("supervised", {"sft_teacher_share": 0.5}),
-    "50/50 warm-start, supervised lr 2e-3": ("supervised", {"sft_teacher_share": 0.5, "supervised_lr": 2e-3}),
+    "old default (beta 1, teacher share 0.85)": ("visual_opsd", OLD_SHARE),
+    "teacher share 0.85: beta 0 (forward KL)": ("visual_opsd", {"beta": 0.0, **OLD_SHARE}),
+    "teacher share 0.85: beta 0.5 (the paper's)": ("visual_opsd", {"beta": 0.5, **OLD_SHARE}),
+    "teacher share 0.85: beta 1, lr 1e-3": ("visual_opsd", {"opsd_lr": 1e-3, **OLD_SHARE}),
+    "teacher share 0.85: noise-VT control": ("noise_control", OLD_SHARE),
+    "teacher share 0.85: supervised, lr 5e-4": ("supervised", {"supervised_lr": 5e-4, **OLD_SHARE}),
+    "teacher share 0.85: supervised, lr 1e-3": ("supervised", OLD_SHARE),
+    "teacher share 0.85: supervised, lr 2e-3": ("supervised", {"supervised_lr": 2e-3, **OLD_SHARE}),
 }
 
 
@@ -53,13 +54,12 @@ def run_tuning(out: Path, names: list[str] | None = None, progress: bool = True,
         folder = out / "tuning" / folder_slug(name) if overrides else out
         folder.mkdir(parents=True, exist_ok=True)
         data = datasets(s)
-        warm = warmstart_stage(s, data, warmstart_folder(out, name, s), rebuild=False, progress=progress)
+        home = warmstart_home(out, s)
+        warm = warmstart_stage(s, data, home, rebuild=False, progress=progress)
         cache = None
         if method != "supervised":
-            same_start = s.warmstart_key() == base.warmstart_key()
             model, processor = load_weights(warm, s.seed)
-            cache = vt_cache(model, processor, data["train"], (out if same_start else folder) / "vt_cache",
-                             progress=progress)
+            cache = vt_cache(model, processor, data["train"], home / "vt_cache", progress=progress)
         finals = dict(rows.get(name, {}).get("final_by_seed", {}))
         correct = dict(rows.get(name, {}).get("correct_by_seed", {}))
         for seed in range(seeds):
@@ -77,19 +77,6 @@ def run_tuning(out: Path, names: list[str] | None = None, progress: bool = True,
     return tuning_table(rows, base) + (f"\n\n{seeded}" if seeded else "")
 
 
-def warmstart_folder(out: Path, name: str, s: Settings) -> Path:
-    """Where candidate `name` (settings `s`) finds its warm-start: the folder of the first candidate listed before it
-    whose warm-start has the same key (trained once), else its own (no file there: the shipped one when it fits)."""
-    key = s.warmstart_key()
-    if key != Settings().warmstart_key():
-        for other, (_, overrides) in CANDIDATES.items():
-            if other == name:
-                break
-            if replace(Settings(), **overrides).warmstart_key() == key:
-                return out / "tuning" / folder_slug(other)
-    return out / "tuning" / folder_slug(name) if s != Settings() else out
-
-
 def tuning_table(rows: dict, base: Settings) -> str:
     """Validation accuracy along the run and the KL(T||S) closure at its end, per candidate."""
     lines = [f"| candidate (validation, {base.n_validation} mazes, seed 0) | trains | accuracy: start -> lowest -> "
@@ -102,30 +89,44 @@ def tuning_table(rows: dict, base: Settings) -> str:
                      f"| {kl0:.3f} -> {kl1:.3f} | {100 * (kl0 - kl1) / kl0:.1f}% |")
     return "\n".join(lines)
 
-
-
 DEFAULT = "default (beta 1)"
+
+
+def paired_with(rows: dict, base: Settings) -> dict[str, str]:
+    """Whom each multi-seed candidate is paired with: the first one listed that trains its method from the same
+    warm-start (a change is judged against its own start), else the default (the choice between starts)."""
+    def start(row: dict) -> tuple:
+        return row["method"], replace(base, **row.get("overrides", {})).warmstart_key()
+
+    pairs = {}
+    for name, row in rows.items():
+        first = next(n for n, r in rows.items() if start(r) == start(row))
+        pairs[name] = first if first != name else DEFAULT
+    return {name: other for name, other in pairs.items() if other != name and other in rows}
 
 
 def seeds_table(rows: dict, base: Settings) -> str:
     """Final validation accuracy per distillation seed and its mean, for the candidates trained on several seeds (the
     defaults are chosen by this mean; the spread between seeds is the yardstick for a margin), and each one against
-    the default on the same mazes and seeds (paired, exact McNemar)."""
+    the candidate it is paired with (`paired_with`) on the same mazes and seeds (exact McNemar)."""
     multi = {n: r for n, r in rows.items() if len(r.get("final_by_seed", {})) > 1}
     if not multi:
         return ""
     lines = [f"| candidate (validation, {base.n_validation} mazes) | trains | final accuracy per seed | mean | "
-             "spread (max - min) | vs the default, paired by seed and maze: solved by it only / by the default only "
-             "(exact McNemar p) |", "|---|---|---|---|---|---|"]
-    default = {(k, i): ok for k, c in multi.get(DEFAULT, {}).get("correct_by_seed", {}).items() for i, ok in enumerate(c)}
+             "spread (max - min) | paired with (by seed and maze) | solved by it only / by that one only (exact "
+             "McNemar p) |", "|---|---|---|---|---|---|---|"]
+
+    def outcomes(row: dict) -> dict:
+        return {(k, i): ok for k, c in row.get("correct_by_seed", {}).items() for i, ok in enumerate(c)}
+
+    partner = paired_with(multi, base)
     for name, row in multi.items():
         acc = [100 * row["final_by_seed"][k] for k in sorted(row["final_by_seed"], key=int)]
         per_seed = " / ".join(f"{a:.1f}" for a in acc)
-        mine = {(k, i): ok for k, c in row.get("correct_by_seed", {}).items() for i, ok in enumerate(c)}
-        counts = paired_counts(mine, default)
+        other = partner.get(name)
+        counts = paired_counts(outcomes(row), outcomes(multi[other])) if other else {"pairs": 0}
         paired = (f"{counts['only_a']} / {counts['only_b']} of {counts['pairs']} "
-                  f"(p = {mcnemar_exact(counts['only_a'], counts['only_b']):.2g})"
-                  if name != DEFAULT and counts["pairs"] else "")
+                  f"(p = {mcnemar_exact(counts['only_a'], counts['only_b']):.2g})" if counts["pairs"] else "")
         lines.append(f"| {name} | {LABELS[row['method']]} | {per_seed}% ({len(acc)} seeds) | "
-                     f"{sum(acc) / len(acc):.1f}% | {max(acc) - min(acc):.1f} | {paired} |")
+                     f"{sum(acc) / len(acc):.1f}% | {max(acc) - min(acc):.1f} | {other if paired else ''} | {paired} |")
     return "\n".join(lines)

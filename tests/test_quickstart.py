@@ -300,3 +300,17 @@ def test_one_seed_headline_quotes_the_docs_mean_of_the_same_settings(tmp_path):
         text = headline(results, one, page)
         assert text.startswith("Visual-OPSD (distillation seed 0, one seed; ") and "student 40.0% -> 50.0%" in text
         assert (text.splitlines()[-1] == docs_line) == quoted and ("3-seed mean and range are in" in text) != quoted
+
+
+def test_a_folder_made_with_other_settings_is_refused_before_anything_runs(tmp_path):
+    """Stages are reused by path: a folder whose run had other settings (here an earlier warm-start share) is
+    refused, naming the field, before any stage runs; more seeds of the same settings are no change."""
+    from dataclasses import asdict, replace
+
+    (tmp_path / "report.json").write_text(json.dumps({"settings": asdict(replace(SMOKE, sft_teacher_share=0.85))}))
+    with pytest.raises(ValueError, match=r"other settings \(sft_teacher_share 0.85 there, 0.5 now\).*new --out"):
+        run_quickstart(tmp_path, smoke=True, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+    from opsd_trl.quickstart.pipeline import check_reuse
+
+    check_reuse(tmp_path, replace(SMOKE, sft_teacher_share=0.85, seeds=3))  # the same run with more seeds

@@ -310,6 +310,20 @@ def score_fresh(out: str | os.PathLike, *, seeds: int = 3, force: bool = False, 
     return results
 
 
+def check_reuse(out: Path, s: Settings) -> None:
+    """Finished stages are reused by their paths alone, so a folder holding a run made with other settings (another
+    default, an older version's) would mix its models into this run's report: refuse it before anything runs."""
+    record = out / "report.json"
+    if not record.exists():
+        return
+    theirs, mine = json.loads(record.read_text())["settings"], asdict(s)
+    differ = sorted(k for k in theirs.keys() & mine.keys() if k != "seeds" and theirs[k] != mine[k])
+    if differ:
+        changes = ", ".join(f"{k} {theirs[k]!r} there, {mine[k]!r} now" for k in differ)
+        raise ValueError(f"{out} holds a quickstart run made with other settings ({changes}); its finished stages would "
+                         "be reused as this run's: give a new --out (or remove that folder)")
+
+
 def run_quickstart(out: str | os.PathLike = "quickstart_out", *, smoke: bool = False, rebuild_warmstart: bool = False,
                    threads: int = 1, progress: bool = True, seeds: int | None = None,
                    settings: Settings | None = None, docs: str | os.PathLike | None = None) -> dict:
@@ -321,6 +335,7 @@ def run_quickstart(out: str | os.PathLike = "quickstart_out", *, smoke: bool = F
     torch.set_num_threads(threads)  # one thread: measured faster than two on a shared 2-core machine
     datasets_lib.disable_progress_bars()  # one bar per stage: the image-column casts add one per trainer
     out = Path(out)
+    check_reuse(out, s)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     data = datasets(s)

@@ -27,6 +27,9 @@ OLD_SHARE = {"sft_teacher_share": 0.85}
 # name -> (methods, Settings overrides). Every lever keeps today's defaults for everything it does not name.
 LEVERS: dict[str, tuple[tuple[str, ...], dict]] = {
     "default (route VTs, numbered answers)": (("visual_opsd", "supervised", "noise_control"), {}),
+    "leak-free noise control (3 noise VTs per maze)": (("noise_control",), {"noise_vt_count": 3}),
+    "supervised to its plateau (900 steps)": (("supervised",), {"supervised_steps": 900}),
+    "Visual-OPSD for 900 steps": (("visual_opsd",), {"opsd_steps": 900}),
     "old default (teacher share 0.85)": (("visual_opsd", "supervised", "noise_control"), OLD_SHARE),
     "cells: after each move the cell it reaches (teacher share 0.85)": (
         ("visual_opsd", "supervised"), {"answer_format": "cells", **OLD_SHARE}),

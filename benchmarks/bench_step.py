@@ -9,6 +9,9 @@ trainer's defaults otherwise (gradient checkpointing on for both), lr 1e-6.
   sdft-live / sdft-ema   TRL's `trl.experimental.sdft.SDFTTrainer` (teacher_model_kind "live" / "ema": a second
         model), its defaults (top-100 logits on the student's support) with one completion per prompt; the teacher's
         privileged context is a text of about the VT prefix's length (64 tokens)
+  self-text / ema-text   `VisualOPSDTrainer` (teacher_mode "self" / "ema", its defaults otherwise) on SDFT's dataset
+        contract: the same privileged text as the sdft cases, placed by the same default template, no VT prefix,
+        so its teacher reads the sequence SDFT's teacher reads (the comparison at equal inputs)
   vl-each / vl-shared / vl-cached   the tiny Qwen2.5-VL (frozen vision tower, VTs from a VT cache) with one
         448 px problem image per sample: each forward runs the tower on it (reuse_problem_image_features=False),
         teacher and student share one encoding per step, or its features come from the VT cache (problem columns)
@@ -20,6 +23,8 @@ median over the measured steps after warm-up step(s).
     python benchmarks/bench_step.py                      # ~10-15 min on 2 busy CPU cores
     python benchmarks/bench_step.py --steps 2 --cases 1p:trl,1p:self   # a quicker subset
     python benchmarks/bench_step.py --write docs/benchmarks.md           # also replace the generated section there
+    python benchmarks/bench_step.py --cases 1p:sdft-live,1p:self-text,1p:self,1p:sdft-ema,1p:ema-text,1p:ema \
+        --write docs/benchmarks.md --section sdft                         # the SDFT comparison at equal inputs
 Every case also records resident memory at the step's phase boundaries (generation, teacher forward, student
 forward, loss, backward, optimizer step; VmHWM is reset at each boundary) and the exact bytes of the weights,
 gradients and optimizer state: the memory table splits each case's peak into those parts.
@@ -48,8 +53,13 @@ from opsd_trl.testing.pretrained import MODEL_DIR, prepare_smollm2  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 COMPLETION = 64
 VT_TOKENS = 64
-CASES = "z3:trl,z3:self,z3:sdft-live,1p:self,1p:trl,1p:ema,1p:sdft-live,1p:sdft-ema,1p:vl-each,1p:vl-shared,1p:vl-cached"
+CASES = ("z3:trl,z3:self,z3:sdft-live,1p:self,1p:trl,1p:ema,1p:sdft-live,1p:self-text,1p:sdft-ema,1p:ema-text,"
+         "1p:vl-each,1p:vl-shared,1p:vl-cached")
 SDFT_CASES = ("sdft-live", "sdft-ema")
+# Visual-OPSD reading SDFT's privileged text (SDFT's dataset contract) instead of the VT prefix: the same teacher
+# sequence as SDFT's, so the two trainers compare at equal inputs.
+TEXT_CASES = ("self-text", "ema-text")
+PRIVILEGED_TEXT = " ".join(["Start from a concrete example, then name the general rule."] * 6)
 VL_CASES = ("vl-each", "vl-shared", "vl-cached")
 VL_IMAGE_PX = 448  # problem image side: 32 x 32 patches of 14 px, 256 tokens after the 2 x 2 merge
 
@@ -143,9 +153,8 @@ def worker(case: str, steps: int, warmup: int, out: str) -> None:
             dict(id=f"s{i}", prompt=[{"role": "user", "content": f"Explain {t} step by step, in simple words."}])
             for i, t in enumerate(topics * 2)
         ])  # fmt: skip
-        if case in SDFT_CASES:  # SDFT's teacher reads a privileged text in place of the VT prefix
-            hint = " ".join(["Start from a concrete example, then name the general rule."] * 6)
-            dataset = dataset.add_column("privileged_context", [hint] * len(dataset))
+        if case in (*SDFT_CASES, *TEXT_CASES):  # the teacher reads a privileged text in place of the VT prefix
+            dataset = dataset.add_column("privileged_context", [PRIVILEGED_TEXT] * len(dataset))
     common = dict(
         output_dir=tempfile.mkdtemp(prefix="bench_step_"), per_device_train_batch_size=2, max_steps=warmup + steps,
         bf16=False, learning_rate=1e-6, max_completion_length=COMPLETION,
@@ -209,6 +218,12 @@ def worker(case: str, steps: int, warmup: int, out: str) -> None:
                        problem_columns=["images"] if case == "vl-cached" else ())
         config = VisualOPSDConfig(**common, teacher_mode="self", vt_cache_dir=str(cache_dir),
                                   reuse_problem_image_features=case != "vl-each")
+        trainer = VisualOPSDTrainer(model=model, args=config, train_dataset=dataset, processing_class=tok)
+        trainer._teacher_pass = timed(trainer._teacher_pass, "teacher")
+    elif case in TEXT_CASES:
+        from opsd_trl import VisualOPSDConfig, VisualOPSDTrainer
+
+        config = VisualOPSDConfig(**common, teacher_mode=case.split("-")[0])
         trainer = VisualOPSDTrainer(model=model, args=config, train_dataset=dataset, processing_class=tok)
         trainer._teacher_pass = timed(trainer._teacher_pass, "teacher")
     else:
@@ -381,12 +396,14 @@ def run_case(launch: str, case: str, steps: int, warmup: int, tmp: Path, timeout
 
 LABELS = {"trl": "TRL DistillationTrainer, separate teacher", "self": "Visual-OPSD, teacher_mode=self",
           "ema": "Visual-OPSD, teacher_mode=ema",
+          "self-text": "Visual-OPSD, teacher_mode=self, SDFT's privileged text (no VTs)",
+          "ema-text": "Visual-OPSD, teacher_mode=ema, SDFT's privileged text (no VTs)",
           "sdft-live": "TRL SDFTTrainer, teacher_model_kind=live", "sdft-ema": "TRL SDFTTrainer, teacher_model_kind=ema",
           "vl-each": "tiny Qwen2.5-VL, each forward encodes the problem image",
           "vl-shared": "tiny Qwen2.5-VL, one encoding shared by teacher and student",
           "vl-cached": "tiny Qwen2.5-VL, problem-image features from the VT cache"}  # fmt: skip
-ORDER = {"1p": 0, "z3": 1, "trl": 0, "self": 1, "ema": 2, "sdft-live": 3, "sdft-ema": 4, "vl-each": 5, "vl-shared": 6,
-         "vl-cached": 7}
+ORDER = {"1p": 0, "z3": 1, "trl": 0, "self": 1, "ema": 2, "sdft-live": 3, "self-text": 4, "sdft-ema": 5,
+         "ema-text": 6, "vl-each": 7, "vl-shared": 8, "vl-cached": 9}
 PHASES = ("generation", "forward (other)", "teacher forward", "student forward", "loss", "backward", "optimizer step")
 # Where a step's time goes, rank 0: the phases above, grouped (the loss and the forward's own preparation count with
 # the student's forward + backward; the optimizer step runs from the end of the backward to the end of the step).
@@ -427,6 +444,23 @@ def table(rows: list[dict]) -> str:
             f"| {r['teacher_s']:.2f} | {peaks} | {r['init_peak_mb']:,.0f} | {ratio_t} ({ratio_c}) | {ratio_m} "
             f"| {calls} | {r['load'][0]:.1f}-{r['load'][1]:.1f} |"
         )
+    return "\n".join(lines)
+
+
+SDFT_PAIRS = (("self-text", "sdft-live"), ("ema-text", "sdft-ema"), ("self", "sdft-live"), ("ema", "sdft-ema"))
+
+
+def sdft_ratios(rows: list[dict]) -> str:
+    """Visual-OPSD over TRL's SDFTTrainer, same launch: step time (CPU time) and peak memory ratios."""
+    lines = []
+    for launch in ("1p", "z3"):
+        by = {r["case"]: r for r in rows if r["launch"] == launch}
+        for ours, theirs in SDFT_PAIRS:
+            if ours in by and theirs in by:
+                a, b = by[ours], by[theirs]
+                lines.append(f"- {_launch(a)}: {LABELS[ours]} / {LABELS[theirs]}: step time "
+                             f"{a['step_s'] / b['step_s']:.2f}x (CPU {a['cpu_s'] / b['cpu_s']:.2f}x), peak memory "
+                             f"{a['peak_mb'] / b['peak_mb']:.2f}x")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -486,6 +520,8 @@ def main():
     ap.add_argument("--json", help="also write the raw results here")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per case")
     ap.add_argument("--write", help="also write the tables into this page (docs/benchmarks.md), between the markers")
+    ap.add_argument("--section", default="", help="with --write: the page's section generated by 'bench_step.py "
+                    "SECTION' instead of the main one (a subset of cases, e.g. --section sdft for the SDFT comparison)")
     args = ap.parse_args()
     if args.worker:
         return worker(args.worker, args.steps, args.warmup, args.out)
@@ -515,6 +551,7 @@ def main():
         f"transformers {transformers.__version__}, TRL {trl.__version__}, {os.cpu_count()} CPUs; load average per "
         f"case in the last column, `uptime` at the end: {uptime()}.",
         "", table(rows), "",
+        *(["Visual-OPSD over TRL's SDFTTrainer (same run):", "", sdft_ratios(rows), ""] if sdft_ratios(rows) else []),
         "Where the step's time goes (rank 0, median over the measured steps; phase boundaries as in the memory "
         "table below):", "", phase_time_table(rows), "",
         "Memory of the last measured step, rank 0 (resident set; VmHWM reset at each phase boundary):", "",
@@ -522,7 +559,7 @@ def main():
     ])  # fmt: skip
     print("\n" + body)
     if args.write:
-        write_section(args.write, "bench_step.py", body)
+        write_section(args.write, " ".join(filter(None, ["bench_step.py", args.section])), body)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -280,6 +280,21 @@ def test_candidates_and_levers_of_one_warmstart_share_it_and_none_repeats_the_de
     assert not any(tmp_path.iterdir())
 
 
+def test_a_new_warmstart_is_trained_into_its_own_new_home(tmp_path):
+    """A lever or candidate whose warm-start is not the defaults' trains it into `out/warmstarts/<key>/`, a folder
+    that does not exist yet."""
+    from dataclasses import replace
+
+    from opsd_trl.quickstart.pipeline import datasets, warmstart_home, warmstart_stage
+
+    s = replace(SMOKE, sft_steps=1, sft_teacher_share=0.25)
+    home = warmstart_home(tmp_path, s)
+    assert home != tmp_path and not home.exists()
+    path = warmstart_stage(s, datasets(s), home, rebuild=False, progress=False)
+    assert path == home / "warmstart.safetensors" and path.exists()
+    assert json.loads((home / "warmstart.json").read_text())["key"] == s.warmstart_key()
+
+
 def test_one_seed_headline_quotes_the_docs_mean_of_the_same_settings(tmp_path):
     """A one-seed run prints its seed and, beside it, the docs page's multi-seed headline when that page's results
     were made with the same settings (but seeds); otherwise it only says where the mean is."""

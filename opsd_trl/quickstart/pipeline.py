@@ -153,6 +153,7 @@ def warmstart_stage(s: Settings, data: dict, out: Path, rebuild: bool, progress:
     losses = warm_start(model, _contexts(processor), data["train"], steps=s.sft_steps, batch_size=s.sft_batch,
                         lr=s.sft_lr, teacher_share=s.sft_teacher_share, seed=s.seed, progress=progress,
                         detour_share=s.sft_detour_share, answer_format=s.answer_format)
+    out.mkdir(parents=True, exist_ok=True)  # a lever's or candidate's own warm-start home is new (warmstart_home)
     save_weights(model, path)
     (out / "warmstart.json").write_text(json.dumps({"key": s.warmstart_key(), "settings": asdict(s),
                                                     "losses": losses}))

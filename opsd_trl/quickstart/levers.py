@@ -32,7 +32,8 @@ LEVERS: dict[str, tuple[tuple[str, ...], dict]] = {
     "Visual-OPSD for 900 steps": (("visual_opsd",), {"opsd_steps": 900}),
     "old default (teacher share 0.85)": (("visual_opsd", "supervised", "noise_control"), OLD_SHARE),
     # A stronger teacher: the warm-start (both contexts) trained three times longer, toward its plateau.
-    "warm-start to its plateau (1800 steps): a stronger teacher": (("visual_opsd", "supervised"), {"sft_steps": 1800}),
+    "warm-start to its plateau (1800 steps): a stronger teacher": (("visual_opsd", "supervised", "noise_control"),
+                                                                   {"sft_steps": 1800}),
     "cells: after each move the cell it reaches (teacher share 0.85)": (
         ("visual_opsd", "supervised"), {"answer_format": "cells", **OLD_SHARE}),
     "policy map: one VT of shortest-way arrows, half the warm-start's teacher samples with a detour first "

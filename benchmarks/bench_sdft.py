@@ -124,7 +124,7 @@ def _trainer(case: str, model, tok, train, a, steps: int | None = None, lr: floa
     common = dict(output_dir=tempfile.mkdtemp(prefix=f"bench_sdft_{case}_"), per_device_train_batch_size=a.batch,
                   max_steps=steps or a.steps, learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
                   logging_steps=1, report_to=[], save_strategy="no", bf16=False, gradient_checkpointing=False,
-                  seed=0, disable_tqdm=True, dataloader_pin_memory=False)  # fmt: skip
+                  seed=a.seed, disable_tqdm=True, dataloader_pin_memory=False)  # fmt: skip
     if case.startswith("opsd"):
         from opsd_trl import VisualOPSDConfig, VisualOPSDTrainer
 
@@ -173,7 +173,9 @@ def worker(case: str, a, out: str) -> None:
     from opsd_trl.eval import evaluate
     from opsd_trl.testing.pretrained import MODEL_DIR
 
-    torch.manual_seed(0)
+    if case == "warm":
+        a.seed = 0  # the warm start is one model whatever the runs' seed (its folder is named without it)
+    torch.manual_seed(a.seed)
     init = a.init or MODEL_DIR  # the warm start's folder, when there is one: every case starts from it
     tok = AutoTokenizer.from_pretrained(init)
     model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
@@ -224,7 +226,7 @@ def settings(a, split: str, case: str) -> dict:
     """What a case's result depends on besides its name: a finished result with the same settings is reused."""
     warm = warm_start_dir(a)
     lr = None if case in ("start", "teacher") else case_lr(case, a)
-    return dict(lr=lr, steps=a.steps, batch=a.batch, completion=a.completion, task=TASK_KWARGS, threads=a.threads,
+    return dict(lr=lr, seed=a.seed if lr is not None else 0, steps=a.steps, batch=a.batch, completion=a.completion, task=TASK_KWARGS, threads=a.threads,
                 n=a.val_n if split == "validation" else a.eval_n, warm_start=warm.name if warm else None)
 
 
@@ -232,7 +234,8 @@ def _worker_cmd(case: str, a, out: Path, split: str) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--worker", case, "--out", str(out), "--steps", str(a.steps),
             "--batch", str(a.batch), "--completion", str(a.completion), "--eval-n", str(a.eval_n), "--lr", str(a.lr),
             "--eval-batch", str(a.eval_batch), "--eval-split", split, "--val-n", str(a.val_n),
-            "--warm-start-steps", str(a.warm_start_steps), "--warm-start-lr", str(a.warm_start_lr)] + (
+            "--warm-start-steps", str(a.warm_start_steps), "--warm-start-lr", str(a.warm_start_lr),
+            "--seed", str(a.seed)] + (
            ["--init", str(a.init)] if a.init else [])  # fmt: skip
 
 
@@ -323,9 +326,14 @@ def curves(rows: list[dict], a, parts: int = 4) -> str:
             if lines else "")
 
 
-def paired(rows: list[dict], a) -> str:
+def seed_of(r: dict) -> int:
+    return r.get("settings", {}).get("seed", 0)  # results written before `--seed` existed: seed 0
+
+
+def paired(rows: list[dict], a, head: str = "Paired on the same test expressions") -> str:
     """Exact McNemar tests on the same test expressions: each distillation run against the start and against its
-    SDFT counterpart (`opsd_trl.quickstart.report`'s test)."""
+    SDFT counterpart (`opsd_trl.quickstart.report`'s test). They cover the test expressions' sampling only, not the
+    training's (another seed samples other completions: `other_seeds`)."""
     from opsd_trl.quickstart.report import paired_counts, paired_line
 
     by = {r["case"]: r for r in rows if r.get("correct")}
@@ -333,9 +341,26 @@ def paired(rows: list[dict], a) -> str:
         ("opsd-self", "sdft-live"), ("opsd-ema", "sdft-ema")]
     lines = [paired_line(label(x, a), label(y, a), paired_counts(by[x]["correct"], by[y]["correct"]))
              for x, y in pairs if x in by and y in by]
-    return ("\n\nPaired on the same test expressions:\n\n| comparison | pairs | right for the first only | right for "
+    return (f"\n\n{head}:\n\n| comparison | pairs | right for the first only | right for "
             "the second only | exact McNemar p (two-sided) |\n|---|---|---|---|---|\n" + "\n".join(lines)
             if lines else "")
+
+
+def other_seeds(rows: list[dict], other: list[dict], a) -> str:
+    """The training runs again with other seeds (`--seed`: other sampled completions; the same start, data and
+    settings): their accuracy beside the main run's, paired as the main run is."""
+    out = []
+    main = {r["case"]: r for r in rows}
+    for seed in sorted({seed_of(r) for r in other}):
+        runs = sorted((r for r in other if seed_of(r) == seed), key=lambda r: CASES.index(r["case"]))
+        listing = ", ".join(f"{label(r['case'], a)} {r['accuracy']:.0%}"
+                            + (f" (seed {a.seed}: {main[r['case']]['accuracy']:.0%})" if r["case"] in main else "")
+                            for r in runs)  # fmt: skip
+        refs = [main[c] for c in ("start", "teacher") if c in main]
+        out.append(f"\n\nThe same runs with seed {seed} (other sampled completions; the same start, data and "
+                   f"settings), on the same test expressions: {listing}."
+                   + paired(runs + refs, a, f"Seed {seed}, paired on the same test expressions"))  # fmt: skip
+    return "".join(out)
 
 
 def choices(val: list[dict], a) -> str:
@@ -384,6 +409,8 @@ def main():
                     help="first SFT the start model for this many steps (x --batch) on prompt -> worked solution, on "
                          "training expressions disjoint from the distillation ones; every case starts from it")
     ap.add_argument("--warm-start-lr", type=float, default=1e-5)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="the training runs' seed (sampling); the warm start and the data do not depend on it")
     ap.add_argument("--val-n", type=int, default=50, help="validation expressions (learning-rate choices)")
     ap.add_argument("--eval-split", default="test", help=argparse.SUPPRESS)
     ap.add_argument("--eval-n", type=int, default=100, help="held-out test expressions")
@@ -411,6 +438,8 @@ def main():
         rows = [r for r in saved if r.get("split", "test") == "test"]
         val = [r for r in saved if r.get("split") == "validation"]
         load0 = f"not recorded (the table rebuilt from {a.from_json})"
+        lrs = {r["lr"] for r in rows if r["case"].startswith(("opsd", "sdft"))}
+        a.lr = lrs.pop() if len(lrs) == 1 else a.lr  # the runs' own, when they share one
     else:
         a.init, warm_s = warm_start(a)
     reuse = [p for p in (a.reuse or "").split(",") if p] + ([a.json] if a.json and Path(a.json).exists() else [])
@@ -444,6 +473,7 @@ def main():
     wall = warm_s + sum(r["wall_s"] for r in rows + val)  # reused results count their own time
     if a.from_json:
         wall = sum(r["wall_s"] for r in rows + val)
+    rows, other = [r for r in rows if seed_of(r) == a.seed], [r for r in rows if seed_of(r) != a.seed]
     warm = warm_start_dir(a)
     start = (f"SmolLM2-135M-Instruct (fp32) after a warm start: SFT on prompt -> worked solution, {a.warm_start_steps} "
              f"steps x batch {a.batch} at lr {a.warm_start_lr:g}, on {a.warm_start_steps * a.batch} training "
@@ -454,7 +484,8 @@ def main():
             f"{a.steps * a.batch} training expressions for every trainer), distillation lr {a.lr:g}, "
             f"{a.completion}-token completions, {a.threads} torch thread(s) per case, one process, the cases one at a "
             f"time; evaluation on {a.eval_n} held-out test expressions, greedy. {machine()}; load average {load0} at "
-            f"the start; `uptime` at the end: {uptime()}.\n\n" + table(rows, a) + paired(rows, a) + choices(val, a))
+            f"the start; `uptime` at the end: {uptime()}.\n\n" + table(rows, a) + paired(rows, a)
+            + other_seeds(rows, other, a) + choices(val, a))
     print(body)
     if a.write:
         write_section(a.write, "bench_sdft.py" + (" (warm start)" if warm else ""), body)

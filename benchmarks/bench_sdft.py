@@ -30,6 +30,9 @@ as `--sft-lrs` does SFT's. `--json` results of the same settings are reused, not
     python benchmarks/bench_sdft.py                                   # ~30-40 min on 2 quiet CPU cores
     python benchmarks/bench_sdft.py --steps 2 --eval-n 8 --cases start,opsd-self,sdft-live    # a quick check
     python benchmarks/bench_sdft.py --write docs/benchmarks.md        # also rewrite its section there
+    python benchmarks/bench_sdft.py --steps 16 --warm-start-steps 16 --warm-start-lr 1e-5 --val-n 30 \
+        --lr-case opsd-self,opsd-ema --distill-lrs 3e-6,1e-5,3e-5 --sft-lrs 3e-6,1e-5,3e-5 --write docs/benchmarks.md
+                                                                      # the warm-start section (~1 h on 2 busy cores)
 """
 
 from __future__ import annotations

@@ -572,7 +572,7 @@ def main():
         f"transformers {transformers.__version__}, TRL {trl.__version__}, {os.cpu_count()} CPUs; load average per "
         f"case in the last column, `uptime` at the end: {uptime()}.",
         "", table(rows), "",
-        *(["Visual-OPSD over TRL's SDFTTrainer (same run):", "", sdft_ratios(rows), ""] if sdft_ratios(rows) else []),
+        *(["Visual-OPSD over TRL's SDFTTrainer (same run):", "", ratios, ""] if (ratios := sdft_ratios(rows)) else []),
         "Where the step's time goes (rank 0, median over the measured steps; phase boundaries as in the memory "
         "table below):", "", phase_time_table(rows), "",
         "Memory of the last measured step, rank 0 (resident set; VmHWM reset at each phase boundary):", "",

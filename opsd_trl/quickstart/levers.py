@@ -18,7 +18,7 @@ from pathlib import Path
 from ..eval import Contexts, evaluate
 from .advice import decision_accuracy
 from .model import TEACHER_INTRO, TEACHER_TRANSITION, load_weights
-from .pipeline import Settings, _contexts, datasets, method_stage, run_dir, vt_cache, warmstart_home, warmstart_stage
+from .pipeline import Settings, _contexts, datasets, method_stage, option_start, run_dir, warmstart_stage
 from .report import LABELS, PAIRED_HEAD, paired_counts, paired_line
 
 # The warm-start share of the defaults before it was chosen on validation (docs/quickstart.md, "How the defaults were
@@ -93,19 +93,13 @@ def run_levers(out: Path, names: list[str] | None = None, seeds: int = 1, progre
         s = replace(base, **overrides)
         folder = lever_folder(out, name)
         folder.mkdir(parents=True, exist_ok=True)
-        data = datasets(s)
-        home = warmstart_home(out, s)
-        warm = warmstart_stage(s, data, home, rebuild=False, progress=progress)
-        cache = None
-        if any(m != "supervised" for m in methods):
-            model, processor = load_weights(warm, s.seed)
-            cache = vt_cache(model, processor, data["train"], home / "vt_cache", progress=progress)
+        data, warm, cache = option_start(out, s, methods, progress)
         teacher = teacher_accuracy(s, data, warm, folder, progress)
         for seed in range(seeds):
             runs, correct = {}, {}
             for method in methods:
                 method_stage(method, s, data, warm, folder, cache, seed, progress)
-                runs[method] = json.loads((folder / method / f"seed{seed}" / "history.json").read_text())["validation"]
+                runs[method] = json.loads((run_dir(folder, method, seed) / "history.json").read_text())["validation"]
                 correct[method] = validation_correct(s, data, folder, method, seed, runs[method])
                 for point in runs[method]:
                     point.pop("correct", None)  # levers.json keeps the final outcomes only

@@ -24,6 +24,7 @@ from ..eval import Contexts, evaluate, kl_gap_closure, write_predictions
 from ..tasks import make_dataset
 from ..tasks.common import to_dataset
 from ..tasks.maze import make_rows
+from ..vt_cache import VTCache
 from .advice import teacher_advice
 from .model import (
     TEACHER_INTRO,
@@ -126,6 +127,19 @@ def warmstart_home(out: Path, s: Settings) -> Path:
     each warm-start is trained and cached once."""
     key = s.warmstart_key()
     return out if key == Settings().warmstart_key() else out / "warmstarts" / key
+
+
+def option_start(out: Path, s: Settings, methods, progress: bool) -> tuple[dict, Path, VTCache | None]:
+    """A tuning candidate's or lever's data, warm-start and VT cache (None when all `methods` are supervised, which
+    reads no VT), both kept in `warmstart_home`: trained and cached once for every option with that warm-start."""
+    data = datasets(s)
+    home = warmstart_home(out, s)
+    warm = warmstart_stage(s, data, home, rebuild=False, progress=progress)
+    cache = None
+    if any(m != "supervised" for m in methods):
+        model, processor = load_weights(warm, s.seed)
+        cache = vt_cache(model, processor, data["train"], home / "vt_cache", progress=progress)
+    return data, warm, cache
 
 
 def _shipped(s: Settings, **key_inputs) -> Path | None:

@@ -14,8 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .levers import OLD_SHARE, folder_slug, validation_correct
-from .model import load_weights
-from .pipeline import Settings, datasets, method_stage, vt_cache, warmstart_home, warmstart_stage
+from .pipeline import Settings, method_stage, option_start, run_dir
 from .report import LABELS, mcnemar_exact, paired_counts
 
 # name -> (method, Settings overrides). The defaults' own runs are "default"; the others change one thing each. The
@@ -53,18 +52,12 @@ def run_tuning(out: Path, names: list[str] | None = None, progress: bool = True,
         # The defaults' own runs are the quickstart's seed 0 in `out` (trained once, shared with its report).
         folder = out / "tuning" / folder_slug(name) if overrides else out
         folder.mkdir(parents=True, exist_ok=True)
-        data = datasets(s)
-        home = warmstart_home(out, s)
-        warm = warmstart_stage(s, data, home, rebuild=False, progress=progress)
-        cache = None
-        if method != "supervised":
-            model, processor = load_weights(warm, s.seed)
-            cache = vt_cache(model, processor, data["train"], home / "vt_cache", progress=progress)
+        data, warm, cache = option_start(out, s, [method], progress)
         finals = dict(rows.get(name, {}).get("final_by_seed", {}))
         correct = dict(rows.get(name, {}).get("correct_by_seed", {}))
         for seed in range(seeds):
             method_stage(method, s, data, warm, folder, cache, seed, progress)
-            history = json.loads((folder / method / f"seed{seed}" / "history.json").read_text())
+            history = json.loads((run_dir(folder, method, seed) / "history.json").read_text())
             finals[str(seed)] = history["validation"][-1]["accuracy"]
             if seeds > 1:  # per-maze outcomes, for the paired test against the default's seeds
                 correct[str(seed)] = validation_correct(s, data, folder, method, seed, history["validation"])

@@ -228,9 +228,14 @@ def _quickstart(args) -> int:
         print(table)
         return 0
     if args.score_fresh:
+        from pathlib import Path
+
+        from opsd_trl.quickstart.levers import plateau_runs
         from opsd_trl.quickstart.pipeline import score_fresh
 
-        score_fresh(args.out, seeds=args.seeds or 3, force=args.force_fresh, threads=args.threads, docs=args.docs)
+        seeds = args.seeds or 3
+        score_fresh(args.out, seeds=seeds, force=args.force_fresh, threads=args.threads, docs=args.docs,
+                    extra_runs=lambda: plateau_runs(Path(args.out), seeds))
         return 0
     if args.tune:
         from pathlib import Path
@@ -266,9 +271,10 @@ def _add_quickstart(sub) -> None:
                    "against the default")
     p.add_argument("--tune-only", nargs="+", default=None, metavar="NAME", help="with --tune: these candidates only")
     p.add_argument("--score-fresh", action="store_true",
-                   help="instead: score the --out folder's models (--seeds, default 3) on the fresh test split test2, "
+                   help="instead: score the --out folder's models (--seeds, default 3) and the supervised baseline run to its "
+                   "plateau (the lever of that name, trained when missing) on the fresh test split test3, "
                    "once, after the defaults are frozen (docs/quickstart.md)")
-    p.add_argument("--force-fresh", action="store_true", help="with --score-fresh: score test2 again (recorded)")
+    p.add_argument("--force-fresh", action="store_true", help="with --score-fresh: score test3 again (recorded)")
     p.add_argument("--levers", nargs="*", default=None, metavar="NAME",
                    help="instead: the lever experiments on validation (opsd_trl/quickstart/levers.py; all, or the named "
                    "ones) for --seeds seeds, as a table")

@@ -202,21 +202,37 @@ def test_paired_table_pairs_by_seed_and_maze(tmp_path):
     assert f"| Visual-OPSD vs supervised baseline | 80 | {a} | {b} | {mcnemar_exact(a, b):.2g} |" in table
 
 
-def test_fresh_split_is_new_layouts_and_is_scored_once(tmp_path):
-    from opsd_trl.quickstart.pipeline import FRESH, FRESH_STAMP, datasets, fresh_split, score_fresh
+def test_fresh_splits_are_new_layouts_each_and_the_current_one_is_scored_once(tmp_path):
+    """Every fresh split holds only layouts that no data split and no earlier fresh split holds, from the train part
+    of the hash space; the first one (test2) is still the draw it was before later splits existed (seed + 1, the
+    first unused layouts); a scored split is refused before anything trains, the extra models included."""
+    from opsd_trl.quickstart.pipeline import FRESH, FRESH_SPLITS, FRESH_STAMP, datasets, fresh_split, score_fresh
     from opsd_trl.tasks import split_of
+    from opsd_trl.tasks.maze import make_rows
 
     s = Settings(n_train=300, n_validation=40, n_test=40)
     data = datasets(s)
-    fresh = fresh_split(s, data)
-    keys = {name: {"/".join(json.loads(m)["grid"]) for m in ds["meta"]} for name, ds in {**data, FRESH: fresh}.items()}
-    assert len(keys[FRESH]) == len(fresh) == s.n_test
-    assert not keys[FRESH] & (keys["train"] | keys["validation"] | keys["test"])
-    assert all(split_of(k) == "train" for k in keys[FRESH]) and fresh[0]["id"].startswith("maze3-test2-")
+    grids = lambda ds: ["/".join(json.loads(m)["grid"]) for m in ds["meta"]]  # noqa: E731
+    seen = {g for name in ("train", "validation", "test") for g in grids(data[name])}
+    assert FRESH == FRESH_SPLITS[-1] == "test3"
+    for split in FRESH_SPLITS:
+        fresh = fresh_split(s, data, split)
+        keys = grids(fresh)
+        assert len(set(keys)) == len(fresh) == s.n_test and not set(keys) & seen
+        assert all(split_of(k) == "train" for k in keys) and fresh[0]["id"].startswith(f"maze3-{split}-")
+        seen |= set(keys)
+    first = [r for r in make_rows("train", 3 * s.n_test, dedupe=True, **s.maze(), seed=s.seed + 1)
+             if "/".join(json.loads(r["meta"])["grid"]) not in {g for n in ("train", "validation", "test")
+                                                                for g in grids(data[n])}][: s.n_test]
+    assert grids(fresh_split(s, data, "test2")) == ["/".join(json.loads(r["meta"])["grid"]) for r in first]
     (tmp_path / FRESH).mkdir()
     (tmp_path / FRESH / FRESH_STAMP).write_text(json.dumps({"when": "2026-01-01 00:00 UTC", "scorings": []}))
+
+    def extra_runs():
+        raise AssertionError("the extra models were asked for before the once-only check")
+
     with pytest.raises(ValueError, match="already scored .2026-01-01 00:00 UTC.*--force-fresh"):
-        score_fresh(tmp_path, progress=False)
+        score_fresh(tmp_path, progress=False, extra_runs=extra_runs)
     assert sorted(p.name for p in tmp_path.iterdir()) == [FRESH]  # refused before training anything
 
 
@@ -329,3 +345,24 @@ def test_a_folder_made_with_other_settings_is_refused_before_anything_runs(tmp_p
     from opsd_trl.quickstart.pipeline import check_reuse
 
     check_reuse(tmp_path, replace(SMOKE, sft_teacher_share=0.85, seeds=3))  # the same run with more seeds
+
+
+def test_an_interrupted_run_s_folder_is_refused_to_other_settings(tmp_path, monkeypatch):
+    """A run stopped before its report (here at its first stage) has left no report.json: its settings, recorded
+    before the first stage, still make a run with other settings refuse the folder."""
+    from dataclasses import replace
+
+    from opsd_trl.quickstart import pipeline
+
+    class Stopped(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stopped  # the run dies here, as under Ctrl-C or a crash
+
+    monkeypatch.setattr(pipeline, "warmstart_stage", stop)
+    with pytest.raises(Stopped):
+        run_quickstart(tmp_path, settings=replace(SMOKE, sft_teacher_share=0.85), progress=False)
+    assert not (tmp_path / "report.json").exists()
+    with pytest.raises(ValueError, match=r"other settings \(sft_teacher_share 0.85 there, 0.5 now\)"):
+        run_quickstart(tmp_path, smoke=True, progress=False)

@@ -16,12 +16,13 @@ matplotlib.use("Agg")  # files only; no display on a server
 import matplotlib.pyplot as plt  # noqa: E402
 
 LABELS = {"teacher_with_vt": "teacher with VTs", "student_before": "student before (warm-start)",
-          "visual_opsd": "Visual-OPSD", "noise_control": "noise-VT control", "supervised": "supervised baseline"}
+          "visual_opsd": "Visual-OPSD", "noise_control": "noise-VT control", "supervised": "supervised baseline",
+          "supervised_plateau": "supervised baseline to its plateau (900 steps)"}
 # For orientation only, not comparable in scale: the paper's Table 2 (average over 9 benchmarks, ThinkMorph-7B) and
 # its KL-gap closure (arXiv 2606.18974). Its teacher row is ThinkMorph drawing its own VTs; its supervised row is
 # text-only SFT; it reports no student-before average.
 PAPER = {"teacher_with_vt": ("70.6%", ""), "student_before": ("", ""), "visual_opsd": ("74.0%", "58.4%"),
-         "noise_control": ("64.2%", "3.5%"), "supervised": ("63.8%", "")}
+         "noise_control": ("64.2%", "3.5%"), "supervised": ("63.8%", ""), "supervised_plateau": ("", "")}
 
 
 def markers(section: str) -> tuple[str, str]:
@@ -96,8 +97,9 @@ def paired_line(label_a: str, label_b: str, counts: dict) -> str:
 
 PAIRED_HEAD = ("| comparison (pooled over seeds, paired by seed and maze) | pairs | solved by the first only | solved by "
                "the second only | exact McNemar p (two-sided) |\n|---|---|---|---|---|")
-# The comparisons of the test table: the method against the supervised baseline and against the noise-VT control.
-PAIRED = (("visual_opsd", "supervised"), ("visual_opsd", "noise_control"))
+# The comparisons of the test table: the method against the supervised baseline (and, where a fresh split scored
+# it, the baseline run to its plateau) and against the noise-VT control.
+PAIRED = (("visual_opsd", "supervised"), ("visual_opsd", "supervised_plateau"), ("visual_opsd", "noise_control"))
 
 
 def _seed_correct(out: Path, results: dict, method: str, split: str) -> dict[tuple, bool]:
@@ -302,13 +304,13 @@ def write_docs(out: Path, page: Path, results: dict) -> None:
     (page.parent / "quickstart_curves.png").write_bytes((out / "curves.png").read_bytes())
 
 
-def write_fresh_docs(out: Path, page: Path, results: dict) -> None:
-    """Replace the `fresh` section of `page` with the scoring of the fresh test split (`out/test2/`): when it was
-    scored, the comparison table, the paired tests and accuracy by path length."""
-    stamp = json.loads((out / "test2" / "scored.json").read_text())
+def write_fresh_docs(out: Path, page: Path, results: dict, split: str, stamp_name: str) -> None:
+    """Replace the `fresh <split>` section of `page` with the scoring of a fresh test split (`out/<split>/`, its
+    record `stamp_name`): when it was scored, the comparison table, the paired tests and accuracy by path length."""
+    stamp = json.loads((out / split / stamp_name).read_text())
     when = "; ".join(f"scored {s['when']}" for s in stamp["scorings"])
-    records = predictions_by_method(out, results, "test2")
-    body = (f"{when} (`{out.name}/test2/scored.json`), settings `{json.dumps(stamp['settings'])}`.\n\n"
-            f"{results_table(results, 'fresh test split test2')}\n\n{paired_table(out, results, 'test2')}\n\n"
-            f"Accuracy by shortest-path length (test2, pooled over seeds):\n\n{length_table(records)}\n")
-    replace_section(page, "fresh", body)
+    records = predictions_by_method(out, results, split)
+    body = (f"{when} (`{out.name}/{split}/{stamp_name}`), settings `{json.dumps(stamp['settings'])}`.\n\n"
+            f"{results_table(results, f'fresh test split {split}')}\n\n{paired_table(out, results, split)}\n\n"
+            f"Accuracy by shortest-path length ({split}, pooled over seeds):\n\n{length_table(records)}\n")
+    replace_section(page, f"fresh {split}", body)

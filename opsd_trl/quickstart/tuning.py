@@ -13,19 +13,29 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from .levers import OLD_SHARE, folder_slug, validation_correct
+from .levers import OLD_SHARE, OLD_STEPS, OLD_STEPS_NAME, folder_slug, validation_correct
 from .pipeline import Settings, method_stage, option_start, run_dir
 from .report import LABELS, mcnemar_exact, paired_counts
 
-# name -> (method, Settings overrides). The defaults' own runs are "default"; the others change one thing each. The
-# candidates of the earlier defaults' warm-start (teacher share 0.85; the share was chosen last, over three seeds, by
-# "default (beta 1)" against "old default (beta 1, teacher share 0.85)") name that share, so they still reproduce.
+# name -> (method, Settings overrides). The defaults' own runs are "default (beta 1)"; the others change one thing
+# each. The candidates of the earlier defaults' warm-starts name them: the 600-step one (frozen in bd48e69; the
+# warm-start steps were chosen last, over three seeds, by the lever "warm-start to its plateau (1800 steps)") and,
+# before it, teacher share 0.85 (chosen against the 600-step 50/50 one by "600-step warm-start: default (beta 1)"
+# against "old default (beta 1, teacher share 0.85)"), so they still reproduce.
+OLD = f"{OLD_STEPS_NAME}: "
 CANDIDATES: dict[str, tuple[str, dict]] = {
     "default (beta 1)": ("visual_opsd", {}),
     "noise-VT control": ("noise_control", {}),
+    "beta 1, lr 2.5e-4": ("visual_opsd", {"opsd_lr": 2.5e-4}),
+    "beta 1, lr 1e-3": ("visual_opsd", {"opsd_lr": 1e-3}),
     "supervised, lr 5e-4": ("supervised", {"supervised_lr": 5e-4}),
     "supervised, lr 1e-3 (default)": ("supervised", {}),
     "supervised, lr 2e-3": ("supervised", {"supervised_lr": 2e-3}),
+    f"{OLD}default (beta 1)": ("visual_opsd", OLD_STEPS),
+    f"{OLD}noise-VT control": ("noise_control", OLD_STEPS),
+    f"{OLD}supervised, lr 5e-4": ("supervised", {"supervised_lr": 5e-4, **OLD_STEPS}),
+    f"{OLD}supervised, lr 1e-3": ("supervised", OLD_STEPS),
+    f"{OLD}supervised, lr 2e-3": ("supervised", {"supervised_lr": 2e-3, **OLD_STEPS}),
     "old default (beta 1, teacher share 0.85)": ("visual_opsd", OLD_SHARE),
     "teacher share 0.85: beta 0 (forward KL)": ("visual_opsd", {"beta": 0.0, **OLD_SHARE}),
     "teacher share 0.85: beta 0.5 (the paper's)": ("visual_opsd", {"beta": 0.5, **OLD_SHARE}),

@@ -24,7 +24,9 @@ from .report import LABELS, PAIRED_HEAD, paired_counts, paired_line
 # The defaults' warm-start before it was chosen on validation (docs/quickstart.md, "How the defaults were chosen"):
 # 600 steps (frozen in bd48e69), and before that also teacher share 0.85. The levers and candidates measured from those
 # starts name them, so their commands still reproduce them.
-OLD_STEPS = {"sft_steps": 600}
+# The learning rates chosen from those starts (re-chosen from the 1800-step one).
+OLD_LRS = {"opsd_lr": 5e-4, "supervised_lr": 1e-3}
+OLD_STEPS = {"sft_steps": 600, **OLD_LRS}
 OLD_SHARE = {"sft_teacher_share": 0.85, **OLD_STEPS}
 OLD_STEPS_NAME = "600-step warm-start"
 # name -> (methods, Settings overrides). Every lever keeps today's defaults for everything it does not name.
@@ -33,22 +35,24 @@ LEVERS: dict[str, tuple[tuple[str, ...], dict]] = {
     "leak-free noise control (3 noise VTs per maze)": (("noise_control",), {"noise_vt_count": 3}),
     "supervised to its plateau (900 steps)": (("supervised",), {"supervised_steps": 900}),
     "Visual-OPSD for 900 steps": (("visual_opsd",), {"opsd_steps": 900}),
+    # The 1800-step warm-start with the learning rates chosen from the 600-step one (the lever that chose that start).
+    "1800-step warm-start at the earlier learning rates": (("visual_opsd", "supervised", "noise_control"), OLD_LRS),
     f"{OLD_STEPS_NAME} (the defaults frozen in bd48e69)": (("visual_opsd", "supervised", "noise_control"), OLD_STEPS),
     f"leak-free noise control (3 noise VTs per maze, {OLD_STEPS_NAME})": (("noise_control",),
-                                                                         {"noise_vt_count": 3, **OLD_STEPS}),
-    f"supervised to its plateau (900 steps, {OLD_STEPS_NAME})": (("supervised",), {"supervised_steps": 900,
-                                                                                 **OLD_STEPS}),
-    f"Visual-OPSD for 900 steps ({OLD_STEPS_NAME})": (("visual_opsd",), {"opsd_steps": 900, **OLD_STEPS}),
+                                                                         {**OLD_STEPS, "noise_vt_count": 3}),
+    f"supervised to its plateau (900 steps, {OLD_STEPS_NAME})": (("supervised",), {**OLD_STEPS,
+                                                                                 "supervised_steps": 900}),
+    f"Visual-OPSD for 900 steps ({OLD_STEPS_NAME})": (("visual_opsd",), {**OLD_STEPS, "opsd_steps": 900}),
     "old default (teacher share 0.85)": (("visual_opsd", "supervised", "noise_control"), OLD_SHARE),
     "cells: after each move the cell it reaches (teacher share 0.85)": (
-        ("visual_opsd", "supervised"), {"answer_format": "cells", **OLD_SHARE}),
+        ("visual_opsd", "supervised"), {**OLD_SHARE, "answer_format": "cells"}),
     "policy map: one VT of shortest-way arrows, half the warm-start's teacher samples with a detour first "
-    "(teacher share 0.85)": (("visual_opsd", "supervised"), {"vts": "policy_map", "sft_detour_share": 0.5, **OLD_SHARE}),
+    "(teacher share 0.85)": (("visual_opsd", "supervised"), {**OLD_SHARE, "vts": "policy_map", "sft_detour_share": 0.5}),
     "leak-free noise control (3 noise VTs per maze, teacher share 0.85)": (("noise_control",),
-                                                                           {"noise_vt_count": 3, **OLD_SHARE}),
+                                                                           {**OLD_SHARE, "noise_vt_count": 3}),
     "supervised to its plateau (900 steps, teacher share 0.85)": (("supervised",),
-                                                                  {"supervised_steps": 900, **OLD_SHARE}),
-    "Visual-OPSD for 900 steps (teacher share 0.85)": (("visual_opsd",), {"opsd_steps": 900, **OLD_SHARE}),
+                                                                  {**OLD_SHARE, "supervised_steps": 900}),
+    "Visual-OPSD for 900 steps (teacher share 0.85)": (("visual_opsd",), {**OLD_SHARE, "opsd_steps": 900}),
 }
 # The supervised baseline run to its validation plateau from the defaults' start: the fresh test split scores it too,
 # so a reader sees whether Visual-OPSD wins only at equal budget.

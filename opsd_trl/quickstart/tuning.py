@@ -84,6 +84,8 @@ def run_tuning(out: Path, names: list[str] | None = None, progress: bool = True,
                 validation = [{k: v for k, v in p.items() if k != "correct"} for p in history["validation"]]
                 rows[name] = {"method": method, "overrides": overrides, "validation": validation}
         rows[name].update(final_by_seed=finals, correct_by_seed=correct)
+    # In `CANDIDATES` order (rows of earlier invocations first otherwise), which `paired_with` reads as "listed first".
+    rows = {n: rows[n] for n in CANDIDATES if n in rows} | {n: r for n, r in rows.items() if n not in CANDIDATES}
     record.write_text(json.dumps(rows, indent=1))
     seeded = seeds_table(rows, base)
     return tuning_table(rows, base) + (f"\n\n{seeded}" if seeded else "")

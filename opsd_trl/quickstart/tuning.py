@@ -31,8 +31,8 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
     "beta 1, lr 1.25e-4": ("visual_opsd", {"opsd_lr": 1.25e-4}),
     "beta 1, lr 5e-4": ("visual_opsd", {"opsd_lr": 5e-4}),
     "beta 1, lr 1e-3": ("visual_opsd", {"opsd_lr": 1e-3}),
-    "supervised, lr 2.5e-4": ("supervised", {"supervised_lr": 2.5e-4}),
     "supervised, lr 5e-4 (default)": ("supervised", {}),
+    "supervised, lr 2.5e-4": ("supervised", {"supervised_lr": 2.5e-4}),
     "supervised, lr 1e-3": ("supervised", {"supervised_lr": 1e-3}),
     "supervised, lr 2e-3": ("supervised", {"supervised_lr": 2e-3}),
     # Measured at lr 5e-4 before the learning rate was re-chosen (seed 0).

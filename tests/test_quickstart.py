@@ -188,7 +188,8 @@ def test_paired_table_pairs_by_seed_and_maze(tmp_path):
 
     rng = random.Random(0)
     outcomes = {(m, k): [rng.random() < p for _ in range(40)] for m, p in (("visual_opsd", 0.6), ("supervised", 0.4),
-                                                                            ("noise_control", 0.2)) for k in (0, 1)}
+                                                                            ("noise_control", 0.2),
+                                                                            ("supervised_plateau", 0.7)) for k in (0, 1)}
     (tmp_path / "test").mkdir()
     for (method, seed), correct in outcomes.items():
         order = list(range(40))
@@ -197,9 +198,11 @@ def test_paired_table_pairs_by_seed_and_maze(tmp_path):
         (tmp_path / "test" / f"{method}_seed{seed}.predictions.jsonl").write_text("\n".join(lines))
     results = {f"{m}_seed{k}": {} for m, k in outcomes}
     table = paired_table(tmp_path, results)
-    pairs = [xy for k in (0, 1) for xy in zip(outcomes["visual_opsd", k], outcomes["supervised", k], strict=True)]
-    a, b = sum(x and not y for x, y in pairs), sum(y and not x for x, y in pairs)
-    assert f"| Visual-OPSD vs supervised baseline | 80 | {a} | {b} | {mcnemar_exact(a, b):.2g} |" in table
+    for other, label in (("supervised", "supervised baseline"),
+                         ("supervised_plateau", "supervised baseline to its plateau (900 steps)")):
+        pairs = [xy for k in (0, 1) for xy in zip(outcomes["visual_opsd", k], outcomes[other, k], strict=True)]
+        a, b = sum(x and not y for x, y in pairs), sum(y and not x for x, y in pairs)
+        assert f"| Visual-OPSD vs {label} | 80 | {a} | {b} | {mcnemar_exact(a, b):.2g} |" in table
 
 
 def test_fresh_splits_are_new_layouts_each_and_the_current_one_is_scored_once(tmp_path):
@@ -345,6 +348,22 @@ def test_a_folder_made_with_other_settings_is_refused_before_anything_runs(tmp_p
     from opsd_trl.quickstart.pipeline import check_reuse
 
     check_reuse(tmp_path, replace(SMOKE, sft_teacher_share=0.85, seeds=3))  # the same run with more seeds
+
+
+def test_levers_and_tuning_refuse_a_folder_of_other_defaults_before_anything_runs(tmp_path):
+    """The levers' and tuning candidates' rows of today's defaults are trained from `out`'s warm-start and runs: a
+    folder made under other defaults (here the 600-step warm-start) would lend them its own, so both refuse it."""
+    from dataclasses import asdict, replace
+
+    from opsd_trl.quickstart.levers import run_levers
+    from opsd_trl.quickstart.tuning import run_tuning
+
+    (tmp_path / "report.json").write_text(json.dumps({"settings": asdict(replace(Settings(), sft_steps=600))}))
+    for run in (lambda: run_levers(tmp_path, ["Visual-OPSD for 900 steps"], progress=False),
+                lambda: run_tuning(tmp_path, ["beta 1, lr 1e-3"], progress=False)):
+        with pytest.raises(ValueError, match=r"other settings \(sft_steps 600 there, 1800 now\)"):
+            run()
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
 
 
 def test_an_interrupted_run_s_folder_is_refused_to_other_settings(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..eval import Contexts, evaluate
 from .advice import decision_accuracy
 from .model import TEACHER_INTRO, TEACHER_TRANSITION, load_weights
-from .pipeline import Settings, _contexts, datasets, method_stage, option_start, run_dir, warmstart_stage
+from .pipeline import Settings, _contexts, check_reuse, datasets, method_stage, option_start, run_dir, warmstart_stage
 from .report import LABELS, PAIRED_HEAD, paired_counts, paired_line
 
 # The defaults' warm-start before it was chosen on validation (docs/quickstart.md, "How the defaults were chosen"):
@@ -105,6 +105,7 @@ def run_levers(out: Path, names: list[str] | None = None, seeds: int = 1, progre
     """Train each named lever (all by default) for distillation seeds 0..seeds-1; returns every row recorded so far
     in `out/levers.json` (rows of earlier invocations are kept)."""
     base = Settings()
+    check_reuse(out, base)  # a folder of other defaults would lend its warm-start and runs to today's rows
     record = out / "levers.json"
     rows = json.loads(record.read_text()) if record.exists() else {}
     for name in names or list(LEVERS):

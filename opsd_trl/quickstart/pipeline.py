@@ -298,8 +298,8 @@ def fresh_split(s: Settings, data: dict, split: str = FRESH):
     """A fresh test split (`FRESH_SPLITS`): `n_test` new maze layouts that none of the run's train, validation and test
     splits nor any earlier fresh split contains. 3x3 mazes have ~370 layouts in the test part of the hash space and
     the test split holds 300 of them, so these come from the train part, from layouts the training split (`n_train`
-    draws, seed `seed`) never drew: unseen by every model, but on average rarer layouts than a random draw. The k-th
-    fresh split is drawn by its own random stream (data seed + k), deduplicated."""
+    draws, seed `seed`) never drew: unseen by every model, but on average rarer layouts than a random draw. Fresh
+    split k (1 for test2) is drawn by its own random stream (data seed + k), deduplicated."""
     k = FRESH_SPLITS.index(split)
     used = set().union(*(layouts(data[name]) for name in ("train", "validation", "test")))
     for earlier in FRESH_SPLITS[:k]:

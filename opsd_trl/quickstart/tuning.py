@@ -14,14 +14,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from .levers import OLD_SHARE, OLD_STEPS, OLD_STEPS_NAME, folder_slug, validation_correct
-from .pipeline import Settings, method_stage, option_start, run_dir
+from .pipeline import Settings, check_reuse, method_stage, option_start, run_dir
 from .report import LABELS, mcnemar_exact, paired_counts
 
 # name -> (method, Settings overrides). The defaults' own runs are "default (beta 1)"; the others change one thing
-# each. The candidates of the earlier defaults' warm-starts name them: the 600-step one (frozen in bd48e69; the
-# warm-start steps were chosen last, over three seeds, by the lever "warm-start to its plateau (1800 steps)") and,
-# before it, teacher share 0.85 (chosen against the 600-step 50/50 one by "600-step warm-start: default (beta 1)"
-# against "old default (beta 1, teacher share 0.85)"), so they still reproduce.
+# each. The candidates of the earlier defaults' warm-starts name them, so they still reproduce: the 600-step one
+# (frozen in bd48e69; the 1800 steps were chosen over it by the lever "1800-step warm-start at the earlier learning
+# rates" against "600-step warm-start (the defaults frozen in bd48e69)", three seeds, and the learning rates chosen
+# again from it after that) and, before it, teacher share 0.85 (the 50/50 share was chosen by "600-step warm-start:
+# default (beta 1)" against "old default (beta 1, teacher share 0.85)").
 OLD = f"{OLD_STEPS_NAME}: "
 CANDIDATES: dict[str, tuple[str, dict]] = {
     "default (beta 1)": ("visual_opsd", {}),
@@ -61,6 +62,7 @@ def run_tuning(out: Path, names: list[str] | None = None, progress: bool = True,
     the markdown tables (seed 0 per candidate; with more seeds, the final accuracy per seed and its mean).
     `out/tuning.json` keeps the rows of earlier invocations."""
     base = Settings()
+    check_reuse(out, base)  # a folder of other defaults would lend its warm-start and runs to today's rows
     record = out / "tuning.json"
     rows = json.loads(record.read_text()) if record.exists() else {}
     for name in names or list(CANDIDATES):

@@ -334,6 +334,13 @@ def test_one_seed_headline_quotes_the_docs_mean_of_the_same_settings(tmp_path):
         text = headline(results, one, page)
         assert text.startswith("Visual-OPSD (distillation seed 0, one seed; ") and "student 40.0% -> 50.0%" in text
         assert (text.splitlines()[-1] == docs_line) == quoted and ("3-seed mean and range are in" in text) != quoted
+    # The fresh splits' headlines follow, each only when that split was scored with the same settings.
+    fresh = {"test8": replace(Settings(), seeds=3), "test9": replace(Settings(), seeds=3, beta=0.5)}
+    sections = "".join(f"{markers(f'fresh {split}')[0]}\nOn {split}, mazes ...: Visual-OPSD 1.0%\n\nscored x, settings "
+                       f"`{json.dumps(asdict(s))}`.\n{markers(f'fresh {split}')[1]}\n" for split, s in fresh.items())
+    made_with = json.dumps(asdict(replace(Settings(), seeds=3)))
+    page.write_text(f"{start}\n{docs_line}\n\nSettings: `{made_with}`. Wall\n{end}\n{sections}")
+    assert headline(results, one, page).splitlines()[1:] == [docs_line, "On test8, mazes ...: Visual-OPSD 1.0%"]
 
 
 def test_a_folder_made_with_other_settings_is_refused_before_anything_runs(tmp_path):

@@ -230,24 +230,40 @@ def plot_curves(histories: dict, path: Path) -> None:
 DOCS_PAGE = Path(__file__).resolve().parents[2] / "docs" / "quickstart.md"
 
 
+def _section(text: str, section: str) -> str | None:
+    """The body of a generated section of a page's text, or None when the page has no such section."""
+    start, end = markers(section)
+    if start not in text or end not in text:
+        return None
+    return text[text.index(start) + len(start):text.index(end)].strip()
+
+
+def _made_with(body: str, pattern: str, settings: dict) -> bool:
+    """Whether a generated section records `settings` (its `seeds` aside) over several seeds."""
+    found = re.search(pattern, body, re.M)
+    if found is None:
+        return False
+    theirs = json.loads(found.group(1))
+    return theirs.get("seeds", 1) >= 2 and {**theirs, "seeds": None} == {**settings, "seeds": None}
+
+
 def docs_headline(settings: dict, page: Path = DOCS_PAGE) -> str | None:
     """The headline of `page`'s generated results when they were made with `settings` over several seeds (the same
-    settings but `seeds`), else None: what a one-seed run is read beside."""
+    settings but `seeds`), followed by the headline of each fresh test split scored with them: what a one-seed run
+    is read beside. None when the results were not made with them."""
     try:
         text = page.read_text()
     except OSError:
         return None
-    start, end = markers("results")
-    if start not in text or end not in text:
+    body = _section(text, "results")
+    if not body or not _made_with(body, r"^Settings: `(\{.*?\})`", settings):
         return None
-    body = text[text.index(start) + len(start):text.index(end)].strip()
-    found = re.search(r"^Settings: `(\{.*?\})`", body, re.M)
-    if not body or found is None:
-        return None
-    theirs = json.loads(found.group(1))
-    if theirs.get("seeds", 1) < 2 or {**theirs, "seeds": None} != {**settings, "seeds": None}:
-        return None
-    return body.splitlines()[0]
+    lines = [body.splitlines()[0]]
+    for split in re.findall(r"\(fresh (\S+)\): start -->", text):
+        fresh = _section(text, f"fresh {split}")
+        if fresh and fresh.startswith("On ") and _made_with(fresh, r"settings `(\{.*?\})`", settings):
+            lines.append(fresh.splitlines()[0])
+    return "\n".join(lines)
 
 
 def headline(results: dict, settings: dict | None = None, page: Path = DOCS_PAGE) -> str:
@@ -305,13 +321,31 @@ def write_docs(out: Path, page: Path, results: dict) -> None:
     (page.parent / "quickstart_curves.png").write_bytes((out / "curves.png").read_bytes())
 
 
+def fresh_headline(out: Path, results: dict, split: str) -> str:
+    """One line for a fresh test split: each system's mean accuracy over seeds, with Visual-OPSD's paired test against
+    each supervised baseline scored there (the line a one-seed run quotes beside its own, `docs_headline`)."""
+    groups = by_method(results)
+    acc = {m: statistics.mean(r["accuracy"] for r in runs) for m, runs in groups.items()}
+    parts = [f"{LABELS['visual_opsd']} {_pct(acc['visual_opsd'])}"]
+    for other in ("supervised", "supervised_plateau"):
+        if other in acc:
+            counts = paired_counts(_seed_correct(out, results, "visual_opsd", split),
+                                   _seed_correct(out, results, other, split))
+            p = mcnemar_exact(counts["only_a"], counts["only_b"])
+            parts.append(f"{LABELS[other]} {_pct(acc[other])} (Visual-OPSD vs it: paired p = {p:.2g})")
+    parts += [f"{LABELS[m]} {_pct(acc[m])}" for m in ("noise_control", "student_before") if m in acc]
+    return (f"On {split}, mazes no choice was made on (scored once, mean of {len(groups['visual_opsd'])} distillation "
+            f"seeds): " + ", ".join(parts))
+
+
 def write_fresh_docs(out: Path, page: Path, results: dict, split: str, stamp_name: str) -> None:
     """Replace the `fresh <split>` section of `page` with the scoring of a fresh test split (`out/<split>/`, its
     record `stamp_name`): when it was scored, the comparison table, the paired tests and accuracy by path length."""
     stamp = json.loads((out / split / stamp_name).read_text())
     when = "; ".join(f"scored {s['when']}" for s in stamp["scorings"])
     records = predictions_by_method(out, results, split)
-    body = (f"{when} (`{out.name}/{split}/{stamp_name}`), settings `{json.dumps(stamp['settings'])}`.\n\n"
+    body = (f"{fresh_headline(out, results, split)}\n\n"
+            f"{when} (`{out.name}/{split}/{stamp_name}`), settings `{json.dumps(stamp['settings'])}`.\n\n"
             f"{results_table(results, f'fresh test split {split}')}\n\n{paired_table(out, results, split)}\n\n"
             f"Accuracy by shortest-path length ({split}, pooled over seeds):\n\n{length_table(records)}\n")
     replace_section(page, f"fresh {split}", body)

@@ -35,6 +35,8 @@ LEVERS: dict[str, tuple[tuple[str, ...], dict]] = {
     "leak-free noise control (3 noise VTs per maze)": (("noise_control",), {"noise_vt_count": 3}),
     "supervised to its plateau (900 steps)": (("supervised",), {"supervised_steps": 900}),
     "Visual-OPSD for 900 steps": (("visual_opsd",), {"opsd_steps": 900}),
+    # The paper's regime on this task: intermediate tokens the VTs make easy to write (its own warm-start).
+    "cells: after each move the cell it reaches": (("visual_opsd", "supervised"), {"answer_format": "cells"}),
     # The 1800-step warm-start with the learning rates chosen from the 600-step one (the lever that chose that start).
     "1800-step warm-start at the earlier learning rates": (("visual_opsd", "supervised", "noise_control"), OLD_LRS),
     f"{OLD_STEPS_NAME} (the defaults frozen in bd48e69)": (("visual_opsd", "supervised", "noise_control"), OLD_STEPS),

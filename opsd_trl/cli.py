@@ -271,8 +271,8 @@ def _add_quickstart(sub) -> None:
                    "against the default")
     p.add_argument("--tune-only", nargs="+", default=None, metavar="NAME", help="with --tune: these candidates only")
     p.add_argument("--score-fresh", action="store_true",
-                   help="instead: score the --out folder's models (--seeds, default 3) and the supervised baseline run to its "
-                   "plateau (the lever of that name, trained when missing) on the fresh test split test3, "
+                   help="instead: score the --out folder's models (--seeds, default 3) and the supervised baseline "
+                   "run to its plateau (the lever of that name, trained when missing) on the fresh test split test3, "
                    "once, after the defaults are frozen (docs/quickstart.md)")
     p.add_argument("--force-fresh", action="store_true", help="with --score-fresh: score test3 again (recorded)")
     p.add_argument("--levers", nargs="*", default=None, metavar="NAME",

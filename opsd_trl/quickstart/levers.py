@@ -21,10 +21,10 @@ from .model import TEACHER_INTRO, TEACHER_TRANSITION, load_weights
 from .pipeline import Settings, _contexts, check_reuse, datasets, method_stage, option_start, run_dir, warmstart_stage
 from .report import LABELS, PAIRED_HEAD, paired_counts, paired_line
 
-# The defaults' warm-start before it was chosen on validation (docs/quickstart.md, "How the defaults were chosen"):
-# 600 steps (frozen in bd48e69), and before that also teacher share 0.85. The levers and candidates measured from those
-# starts name them, so their commands still reproduce them.
-# The learning rates chosen from those starts (re-chosen from the 1800-step one).
+# The defaults before they were chosen on validation (docs/quickstart.md, "How the defaults were chosen"): the
+# learning rates chosen from the earlier warm-starts (re-chosen from the 1800-step one), the 600-step warm-start
+# (frozen in bd48e69) and, before it, teacher share 0.85. The levers and candidates measured from those starts name
+# them, so their commands still reproduce them.
 OLD_LRS = {"opsd_lr": 5e-4, "supervised_lr": 1e-3}
 OLD_STEPS = {"sft_steps": 600, **OLD_LRS}
 OLD_SHARE = {"sft_teacher_share": 0.85, **OLD_STEPS}
@@ -49,7 +49,8 @@ LEVERS: dict[str, tuple[tuple[str, ...], dict]] = {
     "cells: after each move the cell it reaches (teacher share 0.85)": (
         ("visual_opsd", "supervised"), {**OLD_SHARE, "answer_format": "cells"}),
     "policy map: one VT of shortest-way arrows, half the warm-start's teacher samples with a detour first "
-    "(teacher share 0.85)": (("visual_opsd", "supervised"), {**OLD_SHARE, "vts": "policy_map", "sft_detour_share": 0.5}),
+    "(teacher share 0.85)": (("visual_opsd", "supervised"),
+                             {**OLD_SHARE, "vts": "policy_map", "sft_detour_share": 0.5}),
     "leak-free noise control (3 noise VTs per maze, teacher share 0.85)": (("noise_control",),
                                                                            {**OLD_SHARE, "noise_vt_count": 3}),
     "supervised to its plateau (900 steps, teacher share 0.85)": (("supervised",),

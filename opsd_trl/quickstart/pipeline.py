@@ -244,8 +244,8 @@ def method_stage(method: str, s: Settings, data: dict, warm: Path, out: Path, ca
 
 def eval_stage(data: dict, warm: Path, runs: dict[str, Path], out: Path, seed: int, progress: bool,
                split: str = "test") -> dict:
-    """Metrics on `split` (the held-out test split; or a fresh one, `FRESH_SPLITS`), once per model: the teacher with VTs,
-    the student before, and each trained student. Each model's per-sample predictions go to
+    """Metrics on `split` (the held-out test split; or a fresh one, `FRESH_SPLITS`), once per model: the teacher with
+    VTs, the student before, and each trained student. Each model's per-sample predictions go to
     `out/<split>/<name>.predictions.jsonl`; metrics to `<name>.json`, with, for the students, what the reference
     teacher advises on their own answers (`advice.py`)."""
     folder = out / split
@@ -320,8 +320,9 @@ def score_fresh(out: str | os.PathLike, *, seeds: int = 3, force: bool = False, 
                 extra_runs: Callable[[], dict[str, Path]] | None = None) -> dict:
     """Score every model of a finished quickstart folder (the defaults' `seeds` distillation seeds; missing stages
     are trained first; `extra_runs`: returns more models by `<method>_seed<k>` name, called after the once-only
-    check, e.g. the supervised baseline run to its plateau) on the current fresh test split (`FRESH`), once: `out/<FRESH>/scored.json` records when, and
-    a second scoring is refused unless `force`. With `docs`, writes that page's `fresh <FRESH>` section."""
+    check, e.g. the supervised baseline run to its plateau) on the current fresh test split (`FRESH`), once:
+    `out/<FRESH>/scored.json` records when, and a second scoring is refused unless `force`. With `docs`, writes that
+    page's `fresh <FRESH>` section."""
     out = Path(out)
     stamp = out / FRESH / FRESH_STAMP
     if stamp.exists() and not force:

@@ -49,6 +49,11 @@ def method_of(name: str) -> str:
     return re.sub(r"_seed\d+$", "", name)
 
 
+def mean_accuracy(results: dict) -> dict[str, float]:
+    """Each method's accuracy, the mean over its seeds (`by_method`)."""
+    return {m: statistics.mean(r["accuracy"] for r in runs) for m, runs in by_method(results).items()}
+
+
 def by_method(results: dict) -> dict[str, list[dict]]:
     """Test metrics grouped by method: `{"visual_opsd": [seed0, seed1, ...], "student_before": [...], ...}`."""
     groups = defaultdict(list)
@@ -114,11 +119,16 @@ def _seed_correct(out: Path, results: dict, method: str, split: str) -> dict[tup
     return correct
 
 
+def method_pairs(out: Path, results: dict, a: str, b: str, split: str) -> dict:
+    """`paired_counts` of methods `a` and `b` on `split`, pooled over seeds (each maze of each seed one pair)."""
+    return paired_counts(_seed_correct(out, results, a, split), _seed_correct(out, results, b, split))
+
+
 def paired_table(out: Path, results: dict, split: str = "test") -> str:
     """The paired tests of the test table (`PAIRED`), on the pooled per-maze predictions on `split`."""
     lines = [PAIRED_HEAD]
     for a, b in PAIRED:
-        counts = paired_counts(_seed_correct(out, results, a, split), _seed_correct(out, results, b, split))
+        counts = method_pairs(out, results, a, b, split)
         if counts["pairs"]:
             lines.append(paired_line(LABELS[a], LABELS[b], counts))
     return "\n".join(lines)
@@ -270,8 +280,7 @@ def headline(results: dict, settings: dict | None = None, page: Path = DOCS_PAGE
     """One line: the student's accuracy before and after Visual-OPSD, and against the supervised baseline. It names
     the distillation seeds it averages; a one-seed run (seeds differ by several points) adds, on a second line, the
     docs' multi-seed headline when `page` holds one made with the same `settings`, else says where it is."""
-    g = by_method(results)
-    acc = {m: statistics.mean(r["accuracy"] for r in runs) for m, runs in g.items()}
+    acc = mean_accuracy(results)
     seeds = sorted(int(re.search(r"_seed(\d+)$", name).group(1)) for name in results if method_of(name) == "visual_opsd")
     docs = docs_headline(settings, page) if len(seeds) == 1 and settings is not None else None
     which = (f"mean of distillation seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else
@@ -324,18 +333,17 @@ def write_docs(out: Path, page: Path, results: dict) -> None:
 def fresh_headline(out: Path, results: dict, split: str) -> str:
     """One line for a fresh test split: each system's mean accuracy over seeds, with Visual-OPSD's paired test against
     each supervised baseline scored there (the line a one-seed run quotes beside its own, `docs_headline`)."""
-    groups = by_method(results)
-    acc = {m: statistics.mean(r["accuracy"] for r in runs) for m, runs in groups.items()}
+    acc = mean_accuracy(results)
     parts = [f"{LABELS['visual_opsd']} {_pct(acc['visual_opsd'])}"]
     for other in ("supervised", "supervised_plateau"):
         if other in acc:
-            counts = paired_counts(_seed_correct(out, results, "visual_opsd", split),
-                                   _seed_correct(out, results, other, split))
+            counts = method_pairs(out, results, "visual_opsd", other, split)
             p = mcnemar_exact(counts["only_a"], counts["only_b"])
             parts.append(f"{LABELS[other]} {_pct(acc[other])} (Visual-OPSD vs it: paired p = {p:.2g})")
     parts += [f"{LABELS[m]} {_pct(acc[m])}" for m in ("noise_control", "student_before") if m in acc]
-    return (f"On {split}, mazes no choice was made on (scored once, mean of {len(groups['visual_opsd'])} distillation "
-            f"seeds): " + ", ".join(parts))
+    seeds = len(by_method(results)["visual_opsd"])
+    return (f"On {split}, mazes no choice was made on (scored once, mean of {seeds} distillation seeds): "
+            + ", ".join(parts))
 
 
 def write_fresh_docs(out: Path, page: Path, results: dict, split: str, stamp_name: str) -> None:
